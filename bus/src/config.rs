@@ -1,0 +1,153 @@
+//! Server configuration: a TOML file (unknown keys are errors), overridden by flags.
+//!
+//! ```toml
+//! data_dir = "./justizbus-data"
+//! listen = "127.0.0.1:50051"
+//! # log = "file://./justizbus-data"   (default: file://<data_dir>)
+//!
+//! [log_settings]
+//! segment_bytes = 134217728
+//!
+//! [delivery]
+//! ack_deadline_ms = 30000
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Everything `justizbus serve` needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Directory of the embedded log and state.
+    pub data_dir: PathBuf,
+    /// gRPC listen address.
+    pub listen: String,
+    /// Log URL; `file://<data_dir>` when absent.
+    pub log: Option<String>,
+    /// Storage settings.
+    pub log_settings: LogSettings,
+    /// Delivery defaults and limits.
+    pub delivery: DeliverySettings,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            data_dir: PathBuf::from("./justizbus-data"),
+            listen: "127.0.0.1:50051".into(),
+            log: None,
+            log_settings: LogSettings::default(),
+            delivery: DeliverySettings::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
+        toml::from_str(&text).map_err(|e| Error::invalid("config", format!("{}: {e}", path.display())))
+    }
+
+    /// The log URL in force.
+    pub fn log_url(&self) -> String {
+        self.log.clone().unwrap_or_else(|| format!("file://{}", self.data_dir.display()))
+    }
+}
+
+/// Settings of the log (embedded backend) and of publishing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A segment is rolled once it reaches this size.
+    pub segment_bytes: u64,
+    /// One sparse index entry per this many bytes of log.
+    pub index_interval_bytes: u64,
+    /// An event id appended again within this window is stored once.
+    pub dedup_window_ms: u64,
+    /// Largest accepted event (encoded envelope).
+    pub max_event_bytes: usize,
+    /// How often retention runs.
+    pub retention_check_ms: u64,
+    /// Memory sled may use as cache.
+    pub state_cache_bytes: u64,
+    /// Most bytes one group commit writes before it syncs.
+    pub max_batch_bytes: usize,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            segment_bytes: 128 * 1024 * 1024,
+            index_interval_bytes: 8 * 1024,
+            dedup_window_ms: 7 * 24 * 3600 * 1000,
+            max_event_bytes: 16 * 1024 * 1024,
+            retention_check_ms: 60_000,
+            state_cache_bytes: 32 * 1024 * 1024,
+            max_batch_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// Delivery defaults (a group may override the first four) and limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySettings {
+    /// Time a subscriber has to acknowledge a delivery before it is redelivered.
+    pub ack_deadline_ms: u32,
+    /// Failed deliveries (nack or expiry) before dead-lettering and quarantine.
+    pub max_attempts: u32,
+    /// First redelivery backoff; doubles per attempt.
+    pub min_backoff_ms: u32,
+    /// Longest redelivery backoff.
+    pub max_backoff_ms: u32,
+    /// Credit a subscriber gets when it asks for none.
+    pub default_max_unacked: u32,
+    /// Most credit a subscriber may ask for.
+    pub max_unacked_limit: u32,
+    /// Most events a group buffers (read but unacknowledged), bounding memory.
+    pub max_buffered_events: usize,
+    /// Most payload bytes a group buffers.
+    pub max_buffered_bytes: usize,
+    /// How often group cursors are persisted.
+    pub commit_interval_ms: u64,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        DeliverySettings {
+            ack_deadline_ms: 30_000,
+            max_attempts: 5,
+            min_backoff_ms: 200,
+            max_backoff_ms: 60_000,
+            default_max_unacked: 100,
+            max_unacked_limit: 10_000,
+            max_buffered_events: 20_000,
+            max_buffered_bytes: 64 * 1024 * 1024,
+            commit_interval_ms: 200,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = toml::from_str::<ServerConfig>("listen = 'x'\nbogus = 1\n").unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn partial_config_keeps_defaults() {
+        let c: ServerConfig = toml::from_str("[delivery]\nmax_attempts = 3\n").expect("parses");
+        assert_eq!(c.delivery.max_attempts, 3);
+        assert_eq!(c.delivery.ack_deadline_ms, 30_000);
+        assert_eq!(c.log_url(), "file://./justizbus-data");
+    }
+}

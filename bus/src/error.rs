@@ -1,0 +1,131 @@
+//! The one error type of the `justizbus` library, and its mapping to gRPC statuses.
+
+use tonic::Code;
+
+/// Result with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong inside the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request names a topic that was never created.
+    #[error("topic {0:?} does not exist (create it with `justizbus topics create`)")]
+    UnknownTopic(String),
+    /// A topic of this name exists already.
+    #[error("topic {name:?} already exists with {partitions} partitions")]
+    TopicExists {
+        /// Topic name.
+        name: String,
+        /// Its partition count.
+        partitions: u32,
+    },
+    /// A partition number outside the topic.
+    #[error("topic {topic:?} has {partitions} partitions; partition {partition} does not exist")]
+    UnknownPartition {
+        /// Topic name.
+        topic: String,
+        /// Requested partition.
+        partition: u32,
+        /// Partition count of the topic.
+        partitions: u32,
+    },
+    /// A field of a request is invalid.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The offending field, e.g. `event.subject`.
+        field: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// An event larger than the configured limit.
+    #[error("event of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Encoded size of the event.
+        size: usize,
+        /// The configured limit (`max_event_bytes`).
+        limit: usize,
+    },
+    /// An ack or nack for a delivery that this subscriber does not hold.
+    #[error("unknown delivery id {0} (never issued to this subscriber, already acknowledged, or expired and redelivered)")]
+    UnknownDelivery(u64),
+    /// The consumer group does not exist.
+    #[error("consumer group {group:?} on topic {topic:?} does not exist")]
+    UnknownGroup {
+        /// Topic name.
+        topic: String,
+        /// Group name.
+        group: String,
+    },
+    /// The key is not quarantined in this group.
+    #[error("key {key:?} is not quarantined in group {group:?}")]
+    NotQuarantined {
+        /// Group name.
+        group: String,
+        /// The key.
+        key: String,
+    },
+    /// A stored file is damaged beyond what recovery repairs.
+    #[error("corrupt log data in {path}: {reason}")]
+    Corrupt {
+        /// The damaged file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An I/O failure, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the bus was doing.
+        context: String,
+        /// The operating system error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The sled state store failed.
+    #[error("state store: {0}")]
+    State(#[from] sled::Error),
+    /// The log or the delivery engine has stopped (shutdown in progress).
+    #[error("the bus is shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument { field: field.into(), reason: reason.into() }
+    }
+
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+
+    /// The gRPC status code this error maps to.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::UnknownTopic(_) | Error::UnknownGroup { .. } | Error::UnknownDelivery(_) => Code::NotFound,
+            Error::UnknownPartition { .. } => Code::OutOfRange,
+            Error::TopicExists { .. } => Code::AlreadyExists,
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::TooLarge { .. } => Code::ResourceExhausted,
+            Error::NotQuarantined { .. } => Code::FailedPrecondition,
+            Error::Corrupt { .. } => Code::DataLoss,
+            Error::Io { .. } | Error::State(_) => Code::Internal,
+            Error::ShuttingDown => Code::Unavailable,
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(err: Error) -> Self {
+        use tonic_types::{ErrorDetails, StatusExt};
+        let message = err.to_string();
+        match &err {
+            Error::InvalidArgument { field, reason } => {
+                let details = ErrorDetails::with_bad_request_violation(field.clone(), reason.clone());
+                tonic::Status::with_error_details(err.code(), message, details)
+            }
+            _ => tonic::Status::new(err.code(), message),
+        }
+    }
+}

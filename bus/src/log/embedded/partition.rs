@@ -1,0 +1,316 @@
+//! One partition: its segments, its high watermark, and the writer task that group-commits.
+//!
+//! Appends go through a channel to one writer task per partition. The writer takes every job
+//! that is waiting, assigns offsets, drops ids already stored (dedup), writes all fresh records
+//! as one batch, `fdatasync`s once, and only then raises the high watermark and answers the
+//! jobs. Readers never see records above the high watermark, so nothing a consumer sees can be
+//! lost by a crash.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::dedup::DedupIndex;
+use super::format;
+use super::segment::{self, Segment, TornTail};
+use crate::config::LogSettings;
+use crate::log::{Appended, NewRecord, StoredRecord};
+use crate::{Error, Result};
+
+/// A request to the writer task.
+struct AppendJob {
+    records: Vec<NewRecord>,
+    reply: oneshot::Sender<Result<Vec<Appended>>>,
+}
+
+/// Messages to the writer task.
+enum WriterMsg {
+    Append(AppendJob),
+    /// Stop, dropping the writer's state (its handle on the state store), then answer.
+    Close(oneshot::Sender<()>),
+}
+
+/// State shared by the writer, readers and retention.
+#[derive(Debug)]
+pub struct Partition {
+    /// Topic name.
+    pub topic: String,
+    /// Partition number.
+    pub id: u32,
+    dir: PathBuf,
+    /// Segments in offset order; the last is active. Readers clone the `Arc`s they need, so
+    /// retention can drop a segment while a read of it finishes.
+    segments: RwLock<Vec<Arc<Segment>>>,
+    /// High watermark: the offset after the last durable record.
+    end: watch::Sender<u64>,
+    /// Jobs for the writer task.
+    writer: mpsc::Sender<WriterMsg>,
+}
+
+/// What only the writer task touches.
+struct WriterState {
+    index_file: File,
+    since_index: u64,
+    settings: LogSettings,
+    dedup: DedupIndex,
+    buf: Vec<u8>,
+}
+
+impl Partition {
+    /// Opens (or creates) a partition directory, recovering its active segment.
+    pub fn open(topic: &str, id: u32, dir: &Path, settings: &LogSettings, dedup: DedupIndex) -> Result<Arc<Partition>> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let mut bases: Vec<u64> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
+            .filter_map(|entry| {
+                let name = entry.ok()?.file_name().into_string().ok()?;
+                name.strip_suffix(".log")?.parse().ok()
+            })
+            .collect();
+        bases.sort_unstable();
+        let interval = settings.index_interval_bytes;
+        let mut segments = Vec::with_capacity(bases.len().max(1));
+        for &base in bases.iter().take(bases.len().saturating_sub(1)) {
+            segments.push(Arc::new(Segment::open_sealed(dir, base, interval)?));
+        }
+        let (active, index_file) = match bases.last() {
+            Some(&base) => {
+                let (seg, index_file, torn) = Segment::recover(dir, base, interval)?;
+                if let Some(TornTail { valid_bytes, truncated_bytes, reason }) = torn {
+                    tracing::warn!(topic, partition = id, segment = %seg.log_path.display(), valid_bytes, truncated_bytes,
+                        next_offset = seg.next_offset(), %reason, "recovered: truncated torn tail to the last whole batch");
+                }
+                (seg, index_file)
+            }
+            None => Segment::create(dir, 0)?,
+        };
+        let since_index = active.last_index_position().map_or(u64::MAX, |pos| active.size() - pos);
+        segments.push(Arc::new(active));
+        for pair in segments.windows(2) {
+            if pair[0].next_offset() != pair[1].base_offset {
+                return Err(Error::Corrupt {
+                    path: pair[1].log_path.display().to_string(),
+                    reason: format!("segment starts at offset {} but the previous one ends at {}", pair[1].base_offset, pair[0].next_offset()),
+                });
+            }
+        }
+        let end_offset = segments.last().map_or(0, |s| s.next_offset());
+        let (end, _) = watch::channel(end_offset);
+        let (tx, rx) = mpsc::channel(1024);
+        let partition = Arc::new(Partition { topic: topic.to_string(), id, dir: dir.to_path_buf(), segments: RwLock::new(segments), end, writer: tx });
+        let log_start = partition.start_offset();
+        dedup.recover(&partition, log_start, end_offset)?;
+        let state = WriterState { index_file, since_index, settings: settings.clone(), dedup, buf: Vec::new() };
+        tokio::spawn(run_writer(Arc::downgrade(&partition), state, rx));
+        Ok(partition)
+    }
+
+    /// Appends records durably (group commit).
+    pub async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>> {
+        let (reply, rx) = oneshot::channel();
+        self.writer.send(WriterMsg::Append(AppendJob { records, reply })).await.map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Stops the writer after the appends queued before this call; later appends fail.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.writer.send(WriterMsg::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// The high watermark.
+    pub fn end_offset(&self) -> u64 {
+        *self.end.borrow()
+    }
+
+    /// The first stored offset.
+    pub fn start_offset(&self) -> u64 {
+        self.segments.read().unwrap_or_else(|e| e.into_inner()).first().map_or(0, |s| s.base_offset)
+    }
+
+    /// A receiver of high-watermark changes.
+    pub fn watch_end(&self) -> watch::Receiver<u64> {
+        self.end.subscribe()
+    }
+
+    fn segments(&self) -> Vec<Arc<Segment>> {
+        self.segments.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads from `from` up to the high watermark within the limits.
+    pub fn read(&self, from: u64, max_records: usize, max_bytes: usize) -> Result<Vec<StoredRecord>> {
+        let upto = self.end_offset();
+        let segments = self.segments();
+        let from = from.max(segments.first().map_or(0, |s| s.base_offset));
+        let mut out = Vec::new();
+        if from >= upto || max_records == 0 {
+            return Ok(out);
+        }
+        let first = segments.partition_point(|s| s.base_offset <= from).saturating_sub(1);
+        let mut bytes = 0;
+        for seg in &segments[first..] {
+            if seg.base_offset >= upto || !seg.read(self.id, from, upto, max_records, max_bytes, &mut out, &mut bytes)? {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first offset at or after a time.
+    pub fn offset_for_time(&self, ts: i64) -> Result<u64> {
+        for seg in self.segments() {
+            if let Some(off) = seg.offset_for_time(self.id, ts)? {
+                return Ok(off.min(self.end_offset()));
+            }
+        }
+        Ok(self.end_offset())
+    }
+
+    /// Deletes sealed segments older than `retention_ms` or beyond `retention_bytes`.
+    pub fn apply_retention(&self, retention_ms: u64, retention_bytes: u64, now_ms: i64) -> Result<usize> {
+        let mut removed = Vec::new();
+        {
+            let mut segments = self.segments.write().unwrap_or_else(|e| e.into_inner());
+            let mut total: u64 = segments.iter().map(|s| s.size()).sum();
+            while segments.len() > 1 {
+                let first = &segments[0];
+                let too_old = retention_ms > 0 && first.max_timestamp() < now_ms.saturating_sub(retention_ms as i64);
+                let too_big = retention_bytes > 0 && total.saturating_sub(first.size()) >= retention_bytes;
+                if !(too_old || too_big) {
+                    break;
+                }
+                total -= first.size();
+                removed.push(segments.remove(0));
+            }
+        }
+        for seg in &removed {
+            tracing::info!(topic = %self.topic, partition = self.id, segment = %seg.log_path.display(), "retention: deleted segment");
+            seg.delete_files()?;
+        }
+        if !removed.is_empty() {
+            segment::sync_dir(&self.dir)?;
+        }
+        Ok(removed.len())
+    }
+}
+
+async fn run_writer(partition: std::sync::Weak<Partition>, mut state: WriterState, mut rx: mpsc::Receiver<WriterMsg>) {
+    let mut closing = None;
+    while let Some(msg) = rx.recv().await {
+        let first = match msg {
+            WriterMsg::Append(job) => job,
+            WriterMsg::Close(done) => {
+                closing = Some(done);
+                break;
+            }
+        };
+        let mut bytes: usize = first.records.iter().map(format::record_size).sum();
+        let mut jobs = vec![first];
+        while bytes < state.settings.max_batch_bytes && closing.is_none() {
+            match rx.try_recv() {
+                Ok(WriterMsg::Append(job)) => {
+                    bytes += job.records.iter().map(format::record_size).sum::<usize>();
+                    jobs.push(job);
+                }
+                Ok(WriterMsg::Close(done)) => closing = Some(done),
+                Err(_) => break,
+            }
+        }
+        // The writer holds the partition weakly, so dropping the last handle ends it.
+        let Some(p) = partition.upgrade() else { return };
+        let (topic, id) = (p.topic.clone(), p.id);
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = write_jobs(&p, &mut state, &jobs);
+            (state, jobs, result)
+        })
+        .await;
+        let Ok((s, jobs, result)) = joined else {
+            tracing::error!(topic, partition = id, "partition writer panicked; partition stops accepting appends");
+            return;
+        };
+        state = s;
+        match result {
+            Ok(results) => {
+                for (job, res) in jobs.into_iter().zip(results) {
+                    let _ = job.reply.send(Ok(res));
+                }
+            }
+            Err(err) => {
+                tracing::error!(topic, partition = id, error = %err, "append failed; nothing of this batch was acknowledged");
+                let message = err.to_string();
+                for job in jobs {
+                    let _ = job.reply.send(Err(Error::io("appending", std::io::Error::other(message.clone()))));
+                }
+            }
+        }
+        if closing.is_some() {
+            break;
+        }
+    }
+    rx.close();
+    drop(state);
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+/// One group commit: dedup, encode, roll if needed, write, sync, publish, record ids.
+fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result<Vec<Vec<Appended>>> {
+    let mut active = p.segments.read().unwrap_or_else(|e| e.into_inner()).last().cloned().ok_or(Error::ShuttingDown)?;
+    let base = active.next_offset();
+    let mut next = base;
+    let mut fresh: Vec<&NewRecord> = Vec::new();
+    let mut in_batch: HashMap<&str, u64> = HashMap::new();
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let mut res = Vec::with_capacity(job.records.len());
+        for r in &job.records {
+            if let Some(&offset) = in_batch.get(r.id.as_str()) {
+                res.push(Appended { partition: p.id, offset, duplicate: true });
+            } else if let Some(found) = st.dedup.lookup(&r.id)? {
+                res.push(Appended { partition: found.0, offset: found.1, duplicate: true });
+            } else {
+                in_batch.insert(&r.id, next);
+                res.push(Appended { partition: p.id, offset: next, duplicate: false });
+                fresh.push(r);
+                next += 1;
+            }
+        }
+        results.push(res);
+    }
+    if fresh.is_empty() {
+        return Ok(results);
+    }
+    st.buf.clear();
+    format::encode_batch(&mut st.buf, base, &fresh);
+    let len = st.buf.len() as u64;
+    if active.size() > 0 && active.size() + len > st.settings.segment_bytes {
+        st.index_file.sync_all().map_err(|e| Error::io(format!("syncing {}", active.index_path.display()), e))?;
+        let (seg, index_file) = Segment::create(&p.dir, base)?;
+        tracing::info!(topic = %p.topic, partition = p.id, base_offset = base, "rolled to a new segment");
+        active = Arc::new(seg);
+        p.segments.write().unwrap_or_else(|e| e.into_inner()).push(active.clone());
+        st.index_file = index_file;
+        st.since_index = u64::MAX;
+    }
+    let pos = active.write_batch(&st.buf).and_then(|pos| active.sync().map(|()| pos));
+    let pos = match pos {
+        Ok(pos) => pos,
+        Err(e) => {
+            active.discard_uncommitted();
+            return Err(e);
+        }
+    };
+    let max_ts = fresh.iter().map(|r| r.timestamp_ms).max().unwrap_or(i64::MIN);
+    let add_index = st.since_index >= st.settings.index_interval_bytes;
+    active.commit(pos, len, next, max_ts, add_index.then_some((&mut st.index_file, base)))?;
+    st.since_index = if add_index { len } else { st.since_index + len };
+    p.end.send_replace(next);
+    st.dedup.record(p.id, &fresh, base, next)?;
+    Ok(results)
+}

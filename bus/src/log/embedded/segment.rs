@@ -1,0 +1,396 @@
+//! One segment: an append-only `.log` file of batches and its sparse `.index`.
+//!
+//! Index entries (16 bytes each: `u32` offset relative to the segment base, `u32` file position,
+//! `i64` largest timestamp of all records *before* that position) point at batch starts, one
+//! per `index_interval_bytes` of log. The index of the active segment is rebuilt on recovery;
+//! a sealed segment's index is synced when the segment is rolled.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::RwLock;
+
+use bytes::Bytes;
+
+use super::format::{self, BadBatch, BatchHeader, BATCH_HEADER};
+use crate::log::StoredRecord;
+use crate::{Error, Result};
+
+/// Size of one index entry on disk.
+pub const INDEX_ENTRY: usize = 16;
+
+/// A sparse index entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// Offset of the batch at `position`, relative to the segment base.
+    pub rel_offset: u32,
+    /// File position of a batch start.
+    pub position: u32,
+    /// Largest timestamp of the records before `position` (i64::MIN if none).
+    pub max_ts_before: i64,
+}
+
+impl IndexEntry {
+    fn encode(&self) -> [u8; INDEX_ENTRY] {
+        let mut b = [0u8; INDEX_ENTRY];
+        b[0..4].copy_from_slice(&self.rel_offset.to_le_bytes());
+        b[4..8].copy_from_slice(&self.position.to_le_bytes());
+        b[8..16].copy_from_slice(&self.max_ts_before.to_le_bytes());
+        b
+    }
+    fn decode(b: &[u8]) -> Self {
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&b[8..16]);
+        IndexEntry {
+            rel_offset: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            position: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            max_ts_before: i64::from_le_bytes(ts),
+        }
+    }
+}
+
+/// What recovery found at the end of the active segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    /// File position where valid data ends.
+    pub valid_bytes: u64,
+    /// Bytes cut off.
+    pub truncated_bytes: u64,
+    /// Why the batch at `valid_bytes` was rejected.
+    pub reason: String,
+}
+
+/// A segment of a partition.
+#[derive(Debug)]
+pub struct Segment {
+    /// Offset of the first record.
+    pub base_offset: u64,
+    /// Path of the `.log` file.
+    pub log_path: PathBuf,
+    /// Path of the `.index` file.
+    pub index_path: PathBuf,
+    file: File,
+    /// Sparse index, in memory; only the partition writer appends to it.
+    index: RwLock<Vec<IndexEntry>>,
+    size: AtomicU64,
+    next_offset: AtomicU64,
+    max_ts: AtomicI64,
+}
+
+fn io(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> Error {
+    let context = format!("{what} {}", path.display());
+    move |e| Error::io(context, e)
+}
+
+/// File name stem of a segment: the zero-padded base offset.
+pub fn segment_stem(base_offset: u64) -> String {
+    format!("{base_offset:020}")
+}
+
+impl Segment {
+    fn paths(dir: &Path, base_offset: u64) -> (PathBuf, PathBuf) {
+        let stem = segment_stem(base_offset);
+        (dir.join(format!("{stem}.log")), dir.join(format!("{stem}.index")))
+    }
+
+    /// Creates an empty segment (files included).
+    pub fn create(dir: &Path, base_offset: u64) -> Result<(Segment, File)> {
+        let (log_path, index_path) = Self::paths(dir, base_offset);
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&log_path).map_err(io(&log_path, "creating"))?;
+        let index_file = OpenOptions::new().write(true).create(true).truncate(true).open(&index_path).map_err(io(&index_path, "creating"))?;
+        sync_dir(dir)?;
+        let seg = Segment {
+            base_offset,
+            log_path,
+            index_path,
+            file,
+            index: RwLock::new(Vec::new()),
+            size: AtomicU64::new(0),
+            next_offset: AtomicU64::new(base_offset),
+            max_ts: AtomicI64::new(i64::MIN),
+        };
+        Ok((seg, index_file))
+    }
+
+    fn open_file(dir: &Path, base_offset: u64) -> Result<Segment> {
+        let (log_path, index_path) = Self::paths(dir, base_offset);
+        let file = OpenOptions::new().read(true).write(true).open(&log_path).map_err(io(&log_path, "opening"))?;
+        let size = file.metadata().map_err(io(&log_path, "reading metadata of"))?.len();
+        Ok(Segment {
+            base_offset,
+            log_path,
+            index_path,
+            file,
+            index: RwLock::new(Vec::new()),
+            size: AtomicU64::new(size),
+            next_offset: AtomicU64::new(base_offset),
+            max_ts: AtomicI64::new(i64::MIN),
+        })
+    }
+
+    /// Opens a sealed segment: trusts its synced index and reads only the batches after the
+    /// last index entry (to learn the end offset and largest timestamp). A missing or damaged
+    /// index is rebuilt by a scan.
+    pub fn open_sealed(dir: &Path, base_offset: u64, interval: u64) -> Result<Segment> {
+        let seg = Self::open_file(dir, base_offset)?;
+        let size = seg.size();
+        let loaded = std::fs::read(&seg.index_path).ok().and_then(|bytes| {
+            if bytes.len() % INDEX_ENTRY != 0 {
+                return None;
+            }
+            let entries: Vec<IndexEntry> = bytes.chunks_exact(INDEX_ENTRY).map(IndexEntry::decode).collect();
+            let sane = entries.windows(2).all(|w| w[0].position < w[1].position && w[0].rel_offset < w[1].rel_offset)
+                && entries.last().map_or(size == 0, |e| u64::from(e.position) < size)
+                && entries.first().is_none_or(|e| e.position == 0 && e.rel_offset == 0);
+            sane.then_some(entries)
+        });
+        match loaded {
+            Some(entries) => {
+                let (pos, mut max_ts) = entries.last().map_or((0, i64::MIN), |e| (u64::from(e.position), e.max_ts_before));
+                let mut next = entries.last().map_or(base_offset, |e| base_offset + u64::from(e.rel_offset));
+                let (end, bad) = seg.scan(pos, next, false, |_, h| {
+                    next = h.next_offset();
+                    max_ts = max_ts.max(h.max_timestamp_ms);
+                })?;
+                if let Some(bad) = bad {
+                    return Err(Error::Corrupt { path: seg.log_path.display().to_string(), reason: format!("sealed segment at byte {end}: {bad}") });
+                }
+                *seg.index.write().unwrap_or_else(|e| e.into_inner()) = entries;
+                seg.next_offset.store(next, Ordering::Release);
+                seg.max_ts.store(max_ts, Ordering::Release);
+                Ok(seg)
+            }
+            None => {
+                tracing::warn!(segment = %seg.log_path.display(), "index missing or damaged; rebuilding");
+                let (seg, torn) = Self::recover_opened(seg, interval)?;
+                if let Some(t) = torn {
+                    return Err(Error::Corrupt { path: seg.log_path.display().to_string(), reason: format!("sealed segment at byte {}: {}", t.valid_bytes, t.reason) });
+                }
+                Ok(seg)
+            }
+        }
+    }
+
+    /// Opens the active segment: checks every batch's CRC, truncates a torn tail, rebuilds the
+    /// index. Returns the index file for appending and what was cut off, if anything.
+    pub fn recover(dir: &Path, base_offset: u64, interval: u64) -> Result<(Segment, File, Option<TornTail>)> {
+        let seg = Self::open_file(dir, base_offset)?;
+        let (seg, torn) = Self::recover_opened(seg, interval)?;
+        let index_file = OpenOptions::new().append(true).open(&seg.index_path).map_err(io(&seg.index_path, "opening"))?;
+        Ok((seg, index_file, torn))
+    }
+
+    fn recover_opened(seg: Segment, interval: u64) -> Result<(Segment, Option<TornTail>)> {
+        let mut entries = Vec::new();
+        let mut next = seg.base_offset;
+        let mut max_ts = i64::MIN;
+        let mut since_index = u64::MAX;
+        let (end, bad) = seg.scan(0, seg.base_offset, true, |pos, h| {
+            if since_index >= interval {
+                entries.push(IndexEntry { rel_offset: (h.base_offset - seg.base_offset) as u32, position: pos as u32, max_ts_before: max_ts });
+                since_index = 0;
+            }
+            since_index += h.total_len;
+            next = h.next_offset();
+            max_ts = max_ts.max(h.max_timestamp_ms);
+        })?;
+        let size = seg.size();
+        let torn = if end < size {
+            let reason = bad.map_or_else(|| "unexpected data".to_string(), |b| b.to_string());
+            seg.file.set_len(end).map_err(io(&seg.log_path, "truncating"))?;
+            seg.file.sync_all().map_err(io(&seg.log_path, "syncing"))?;
+            Some(TornTail { valid_bytes: end, truncated_bytes: size - end, reason })
+        } else {
+            None
+        };
+        let mut bytes = Vec::with_capacity(entries.len() * INDEX_ENTRY);
+        for e in &entries {
+            bytes.extend_from_slice(&e.encode());
+        }
+        std::fs::write(&seg.index_path, &bytes).map_err(io(&seg.index_path, "writing"))?;
+        seg.size.store(end, Ordering::Release);
+        seg.next_offset.store(next, Ordering::Release);
+        seg.max_ts.store(max_ts, Ordering::Release);
+        *seg.index.write().unwrap_or_else(|e| e.into_inner()) = entries;
+        Ok((seg, torn))
+    }
+
+    /// Walks batch headers from `pos`; with `crc`, also checks each batch whole. Stops at the
+    /// first bad batch or at the end. Returns the position after the last good batch and the
+    /// reason it stopped early, if it did.
+    fn scan(&self, mut pos: u64, first_offset: u64, crc: bool, mut visit: impl FnMut(u64, &BatchHeader)) -> Result<(u64, Option<BadBatch>)> {
+        let size = self.size();
+        let mut expected = first_offset;
+        let mut header = [0u8; BATCH_HEADER];
+        let mut buf = Vec::new();
+        while pos < size {
+            if size - pos < BATCH_HEADER as u64 {
+                return Ok((pos, Some(BadBatch::Short)));
+            }
+            self.file.read_exact_at(&mut header, pos).map_err(io(&self.log_path, "reading"))?;
+            let h = match format::decode_header(&header) {
+                Ok(h) => h,
+                Err(bad) => return Ok((pos, Some(bad))),
+            };
+            if pos + h.total_len > size {
+                return Ok((pos, Some(BadBatch::Short)));
+            }
+            if h.base_offset != expected {
+                return Ok((pos, Some(BadBatch::Malformed(format!("base offset {} where {expected} was expected", h.base_offset)))));
+            }
+            if crc {
+                buf.resize(h.total_len as usize, 0);
+                self.file.read_exact_at(&mut buf, pos).map_err(io(&self.log_path, "reading"))?;
+                if let Err(bad) = format::check_crc(&h, &buf) {
+                    return Ok((pos, Some(bad)));
+                }
+            }
+            visit(pos, &h);
+            expected = h.next_offset();
+            pos += h.total_len;
+        }
+        Ok((pos, None))
+    }
+
+    /// Bytes of valid data.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Offset after the last record.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset.load(Ordering::Acquire)
+    }
+
+    /// Largest record timestamp (i64::MIN when empty).
+    pub fn max_timestamp(&self) -> i64 {
+        self.max_ts.load(Ordering::Acquire)
+    }
+
+    /// Writes an encoded batch at the end. Not visible to readers until [`Segment::commit`].
+    pub fn write_batch(&self, bytes: &[u8]) -> Result<u64> {
+        let pos = self.size();
+        self.file.write_all_at(bytes, pos).map_err(io(&self.log_path, "writing"))?;
+        Ok(pos)
+    }
+
+    /// Makes written data durable (`fdatasync`).
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(io(&self.log_path, "syncing"))
+    }
+
+    /// Cuts the file back to its committed size after a failed write.
+    pub fn discard_uncommitted(&self) {
+        let _ = self.file.set_len(self.size());
+    }
+
+    /// Publishes a synced batch: size, end offset, largest timestamp and (maybe) an index entry.
+    pub fn commit(&self, pos: u64, len: u64, next_offset: u64, max_ts: i64, index: Option<(&mut File, u64)>) -> Result<()> {
+        if let Some((index_file, base)) = index {
+            let entry = IndexEntry { rel_offset: (base - self.base_offset) as u32, position: pos as u32, max_ts_before: self.max_timestamp() };
+            index_file.write_all(&entry.encode()).map_err(io(&self.index_path, "writing"))?;
+            self.index.write().unwrap_or_else(|e| e.into_inner()).push(entry);
+        }
+        self.size.store(pos + len, Ordering::Release);
+        self.max_ts.fetch_max(max_ts, Ordering::AcqRel);
+        self.next_offset.store(next_offset, Ordering::Release);
+        Ok(())
+    }
+
+    /// File position of the last index entry.
+    pub fn last_index_position(&self) -> Option<u64> {
+        self.index.read().unwrap_or_else(|e| e.into_inner()).last().map(|e| u64::from(e.position))
+    }
+
+    /// Index entry at or before `offset`.
+    fn floor_entry(&self, offset: u64) -> (u64, i64) {
+        let rel = offset.saturating_sub(self.base_offset);
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        let i = index.partition_point(|e| u64::from(e.rel_offset) <= rel);
+        if i == 0 {
+            (0, i64::MIN)
+        } else {
+            (u64::from(index[i - 1].position), index[i - 1].max_ts_before)
+        }
+    }
+
+    /// Reads records with offsets in `[from, upto)` into `out`, up to the limits. Returns false
+    /// when a limit stopped it.
+    pub fn read(&self, partition: u32, from: u64, upto: u64, max_records: usize, max_bytes: usize, out: &mut Vec<StoredRecord>, bytes_read: &mut usize) -> Result<bool> {
+        let (mut pos, _) = self.floor_entry(from);
+        let size = self.size();
+        let mut header = [0u8; BATCH_HEADER];
+        while pos < size {
+            self.file.read_exact_at(&mut header, pos).map_err(io(&self.log_path, "reading"))?;
+            let h = format::decode_header(&header).map_err(|b| self.corrupt(pos, b))?;
+            if h.base_offset >= upto {
+                return Ok(true);
+            }
+            if h.next_offset() > from {
+                let mut buf = vec![0u8; h.total_len as usize];
+                self.file.read_exact_at(&mut buf, pos).map_err(io(&self.log_path, "reading"))?;
+                format::check_crc(&h, &buf).map_err(|b| self.corrupt(pos, b))?;
+                format::decode_records(&h, &Bytes::from(buf), partition, from, out).map_err(|b| self.corrupt(pos, b))?;
+                while out.last().is_some_and(|r| r.offset >= upto) {
+                    out.pop();
+                }
+                *bytes_read += h.total_len as usize;
+                if !out.is_empty() && (out.len() >= max_records || *bytes_read >= max_bytes) {
+                    out.truncate(max_records.max(1));
+                    return Ok(false);
+                }
+            }
+            pos += h.total_len;
+        }
+        Ok(true)
+    }
+
+    /// The first offset in this segment with a timestamp at or after `ts`, if any.
+    pub fn offset_for_time(&self, partition: u32, ts: i64) -> Result<Option<u64>> {
+        if self.max_timestamp() < ts {
+            return Ok(None);
+        }
+        // The last index entry all of whose predecessors are older than ts.
+        let start = {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            let i = index.partition_point(|e| e.max_ts_before < ts);
+            if i == 0 { 0 } else { u64::from(index[i - 1].position) }
+        };
+        let size = self.size();
+        let mut pos = start;
+        let mut header = [0u8; BATCH_HEADER];
+        while pos < size {
+            self.file.read_exact_at(&mut header, pos).map_err(io(&self.log_path, "reading"))?;
+            let h = format::decode_header(&header).map_err(|b| self.corrupt(pos, b))?;
+            if h.max_timestamp_ms >= ts {
+                let mut buf = vec![0u8; h.total_len as usize];
+                self.file.read_exact_at(&mut buf, pos).map_err(io(&self.log_path, "reading"))?;
+                let mut recs = Vec::new();
+                format::decode_records(&h, &Bytes::from(buf), partition, 0, &mut recs).map_err(|b| self.corrupt(pos, b))?;
+                if let Some(r) = recs.iter().find(|r| r.timestamp_ms >= ts) {
+                    return Ok(Some(r.offset));
+                }
+            }
+            pos += h.total_len;
+        }
+        Ok(None)
+    }
+
+    fn corrupt(&self, pos: u64, bad: BadBatch) -> Error {
+        Error::Corrupt { path: self.log_path.display().to_string(), reason: format!("batch at byte {pos}: {bad}") }
+    }
+
+    /// Deletes the segment's files (the open handle keeps serving readers that still hold it).
+    pub fn delete_files(&self) -> Result<()> {
+        std::fs::remove_file(&self.log_path).map_err(io(&self.log_path, "deleting"))?;
+        let _ = std::fs::remove_file(&self.index_path);
+        Ok(())
+    }
+}
+
+/// Syncs a directory so that created or deleted files survive a crash.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir, "syncing directory"))
+}

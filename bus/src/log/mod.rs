@@ -1,0 +1,185 @@
+//! The partitioned log: one trait, backends chosen by URL.
+//!
+//! - `file://DIR` (default): the embedded backend in [`embedded`]: segment files per partition
+//!   with a sparse index, group commit, torn-tail recovery, and `sled` for small mutable state.
+//! - `kafka://host:port,...`: Apache Kafka (a later backend).
+//!
+//! Besides records the trait stores the small mutable state of consumer groups (cursors and
+//! quarantined keys), because on Kafka that state lives in Kafka too: a bus node keeps none.
+//! The generic conformance suite in [`conformance`] runs against every backend.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::{Error, Result};
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+pub mod embedded;
+
+/// A record to append. The log assigns partition (from the key) and offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRecord {
+    /// Unique id: appending a second record with the same id within the dedup window stores
+    /// nothing and returns the first one's position.
+    pub id: String,
+    /// Partitioning and ordering key.
+    pub key: Bytes,
+    /// Milliseconds since the epoch.
+    pub timestamp_ms: i64,
+    /// The payload (an encoded envelope, for the bus).
+    pub value: Bytes,
+}
+
+/// A record as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Partition it is stored in.
+    pub partition: u32,
+    /// Its offset in the partition.
+    pub offset: u64,
+    /// Milliseconds since the epoch (as appended).
+    pub timestamp_ms: i64,
+    /// Unique id.
+    pub id: String,
+    /// Key.
+    pub key: Bytes,
+    /// Payload.
+    pub value: Bytes,
+}
+
+/// Where an appended record is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Appended {
+    /// Partition.
+    pub partition: u32,
+    /// Offset.
+    pub offset: u64,
+    /// True when the id was already stored: nothing was appended.
+    pub duplicate: bool,
+}
+
+/// Settings of a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    /// Fixed number of partitions.
+    pub partitions: u32,
+    /// Delete whole segments older than this (milliseconds); 0 keeps everything.
+    #[serde(default)]
+    pub retention_ms: u64,
+    /// Keep at most about this many bytes per partition; 0 is unlimited.
+    #[serde(default)]
+    pub retention_bytes: u64,
+}
+
+/// A topic with its per-partition offsets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// Name.
+    pub name: String,
+    /// Settings.
+    pub config: TopicConfig,
+    /// Offsets of each partition, index = partition.
+    pub partitions: Vec<PartitionOffsets>,
+}
+
+/// The stored range of a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PartitionOffsets {
+    /// First stored offset (log start; grows with retention).
+    pub start: u64,
+    /// The offset of the next record (high watermark): everything below is durable.
+    pub end: u64,
+}
+
+/// The persisted position of a consumer group in one partition.
+///
+/// `committed` is the lowest unacknowledged offset. Offsets at or above `scanned` were never
+/// handed out; below it, only those in `unacked` still need delivery. So a restart redelivers
+/// exactly what was not acknowledged, and never skips.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Cursor {
+    /// Lowest unacknowledged offset.
+    pub committed: u64,
+    /// First offset never read by the group.
+    pub scanned: u64,
+    /// Unacknowledged offsets in `[committed, scanned)`, ascending.
+    pub unacked: Vec<u64>,
+}
+
+/// A key whose event went to the dead-letter topic; its later events wait.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    /// The key (case).
+    pub key: Vec<u8>,
+    /// Partition of the dead-lettered event.
+    pub partition: u32,
+    /// Offset of the dead-lettered event.
+    pub offset: u64,
+    /// Id of the dead-lettered event.
+    pub event_id: String,
+    /// Delivery attempts made.
+    pub attempts: u32,
+    /// When it was quarantined (ms since epoch).
+    pub since_ms: i64,
+}
+
+/// The partitioned log: records, plus the small mutable state of consumer groups.
+#[async_trait]
+pub trait Log: Send + Sync + 'static {
+    /// Creates a topic. Fails with [`Error::TopicExists`] if it exists (whatever its settings).
+    async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicInfo>;
+    /// All topics, sorted by name.
+    async fn list_topics(&self) -> Result<Vec<TopicInfo>>;
+    /// One topic.
+    async fn describe_topic(&self, name: &str) -> Result<TopicInfo>;
+    /// Appends records (partition chosen by [`crate::partitioner`]) and returns only when they
+    /// are durable. Results are in input order.
+    async fn append(&self, topic: &str, records: Vec<NewRecord>) -> Result<Vec<Appended>>;
+    /// Reads up to `max_records` records (and about `max_bytes`) from `from`, up to the high
+    /// watermark. Starting below the log start yields records from the log start.
+    async fn read(&self, topic: &str, partition: u32, from: u64, max_records: usize, max_bytes: usize)
+        -> Result<Vec<StoredRecord>>;
+    /// The stored range of a partition.
+    async fn offsets(&self, topic: &str, partition: u32) -> Result<PartitionOffsets>;
+    /// The first offset whose record has a timestamp at or after `timestamp_ms` (the end if none).
+    async fn offset_for_time(&self, topic: &str, partition: u32, timestamp_ms: i64) -> Result<u64>;
+    /// A watch of the partition's high watermark, changed after each durable append.
+    fn watch_end(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>>;
+    /// Deletes whole segments past their topic's retention; returns how many.
+    async fn apply_retention(&self) -> Result<usize>;
+
+    /// Loads a group's cursor for one partition.
+    async fn load_cursor(&self, topic: &str, group: &str, partition: u32) -> Result<Option<Cursor>>;
+    /// Stores cursors of a group (atomically for the batch).
+    async fn store_cursors(&self, topic: &str, group: &str, cursors: &[(u32, Cursor)]) -> Result<()>;
+    /// All (topic, group) pairs with stored cursors.
+    async fn list_groups(&self) -> Result<Vec<(String, String)>>;
+    /// Records (or replaces) a quarantined key.
+    async fn put_quarantine(&self, topic: &str, group: &str, entry: &Quarantine) -> Result<()>;
+    /// Removes a quarantined key; returns it if it was there.
+    async fn remove_quarantine(&self, topic: &str, group: &str, key: &[u8]) -> Result<Option<Quarantine>>;
+    /// All quarantined keys of a group.
+    async fn list_quarantine(&self, topic: &str, group: &str) -> Result<Vec<Quarantine>>;
+
+    /// Finishes queued appends, stops accepting new ones and flushes state. Called on shutdown;
+    /// afterwards the same storage may be opened again.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Opens the backend a URL names: `file://DIR` (embedded).
+pub async fn open(url: &str, settings: &crate::config::LogSettings) -> Result<Arc<dyn Log>> {
+    if let Some(dir) = url.strip_prefix("file://") {
+        let log = embedded::EmbeddedLog::open(dir.as_ref(), settings.clone()).await?;
+        Ok(Arc::new(log))
+    } else if url.starts_with("kafka://") {
+        Err(Error::invalid("log", "the Kafka backend is not built into this version yet; use file://DIR"))
+    } else {
+        Err(Error::invalid("log", format!("unsupported log URL {url:?}: expected file://DIR or kafka://host:port")))
+    }
+}

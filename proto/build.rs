@@ -1,0 +1,19 @@
+//! Compiles `justizbus/v1/*.proto` with the `protoc` shipped in the
+//! `protoc-bin-vendored` crate, so a fresh machine needs no system protoc.
+
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // prost-build finds protoc through this variable.
+    env::set_var("PROTOC", protoc);
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    let protos = ["justizbus/v1/event.proto", "justizbus/v1/bus.proto"];
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("justizbus_v1_descriptor.bin"))
+        .compile_protos(&protos, &["."])?;
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    Ok(())
+}
