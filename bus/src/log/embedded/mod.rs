@@ -348,4 +348,96 @@ mod tests {
         let r = NewRecord { id: "id-new".into(), key: "k".into(), timestamp_ms: 9, value: "v".into() };
         assert_eq!(log.append("t", vec![r]).await.expect("append")[0].offset, 4);
     }
+
+    mod model {
+        use super::*;
+        use bytes::Bytes;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// Append records: (key index, value length, reuse an earlier id).
+            Append(Vec<(u8, u16, bool)>),
+            Read(u8, u16),
+            Restart,
+            /// Apply the topic's size retention (6000 bytes per partition).
+            Retention,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                6 => proptest::collection::vec((0u8..6, 0u16..600, proptest::bool::weighted(0.1)), 1..12).prop_map(Op::Append),
+                3 => (0u8..3, 0u16..200).prop_map(|(p, o)| Op::Read(p, o)),
+                1 => Just(Op::Restart),
+                1 => Just(Op::Retention),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+            /// The log behaves like a vector per partition whose front retention may cut.
+            #[test]
+            fn log_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
+                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+                rt.block_on(async move {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let mut log = open(dir.path()).await;
+                    log.create_topic("m", TopicConfig { partitions: 3, retention_ms: 0, retention_bytes: 6000 }).await.expect("create");
+                    let mut model: Vec<Vec<(String, Bytes)>> = vec![Vec::new(); 3];
+                    let mut start = [0u64; 3];
+                    let mut ids: Vec<(String, Bytes)> = Vec::new();
+                    for op in ops {
+                        match op {
+                            Op::Append(recs) => {
+                                let mut batch = Vec::new();
+                                for (k, len, reuse) in recs {
+                                    let key = Bytes::from(format!("key-{k}"));
+                                    let id = if reuse && !ids.is_empty() {
+                                        ids[len as usize % ids.len()].0.clone()
+                                    } else {
+                                        format!("id-{}", ids.len() + batch.len())
+                                    };
+                                    batch.push(NewRecord { id, key, timestamp_ms: 5, value: Bytes::from(vec![k; len as usize]) });
+                                }
+                                let res = log.append("m", batch.clone()).await.expect("append");
+                                for (r, a) in batch.into_iter().zip(res) {
+                                    let p = partition_for_key(&r.key, 3) as usize;
+                                    let known = ids.iter().any(|(i, _)| *i == r.id);
+                                    assert_eq!(a.duplicate, known, "duplicate flag of {}", r.id);
+                                    if !known {
+                                        assert_eq!(a.offset, model[p].len() as u64);
+                                        model[p].push((r.id.clone(), r.value.clone()));
+                                        ids.push((r.id, r.key));
+                                    }
+                                }
+                            }
+                            Op::Read(p, from) => {
+                                let got = log.read("m", u32::from(p), u64::from(from), 10_000, 1 << 30).await.expect("read");
+                                let first = u64::from(from).max(start[p as usize]) as usize;
+                                let want: Vec<_> = model[p as usize].iter().skip(first).collect();
+                                assert_eq!(got.len(), want.len());
+                                for (g, w) in got.iter().zip(want) {
+                                    assert_eq!((&g.id, &g.value), (&w.0, &w.1));
+                                }
+                            }
+                            Op::Restart => {
+                                log.close().await.expect("close");
+                                drop(log);
+                                log = open(dir.path()).await;
+                            }
+                            Op::Retention => {
+                                log.apply_retention().await.expect("retention");
+                            }
+                        }
+                        for p in 0..3u32 {
+                            let offs = log.offsets("m", p).await.expect("offsets");
+                            assert!(offs.start >= start[p as usize] && offs.start <= offs.end);
+                            assert_eq!(offs.end, model[p as usize].len() as u64);
+                            start[p as usize] = offs.start;
+                        }
+                    }
+                });
+            }
+        }
+    }
 }
