@@ -81,6 +81,21 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A requested offset is outside the stored range.
+    #[error("offset {offset} of partition {partition} is outside the stored range [{start}, {end})")]
+    OffsetOutOfRange {
+        /// Partition.
+        partition: u32,
+        /// Requested offset.
+        offset: u64,
+        /// Log start.
+        start: u64,
+        /// High watermark.
+        end: u64,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Serve(String),
     /// The sled state store failed.
     #[error("state store: {0}")]
     State(#[from] sled::Error),
@@ -104,13 +119,13 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::UnknownTopic(_) | Error::UnknownGroup { .. } | Error::UnknownDelivery(_) => Code::NotFound,
-            Error::UnknownPartition { .. } => Code::OutOfRange,
+            Error::UnknownPartition { .. } | Error::OffsetOutOfRange { .. } => Code::OutOfRange,
             Error::TopicExists { .. } => Code::AlreadyExists,
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::TooLarge { .. } => Code::ResourceExhausted,
             Error::NotQuarantined { .. } => Code::FailedPrecondition,
             Error::Corrupt { .. } => Code::DataLoss,
-            Error::Io { .. } | Error::State(_) => Code::Internal,
+            Error::Io { .. } | Error::State(_) | Error::Serve(_) => Code::Internal,
             Error::ShuttingDown => Code::Unavailable,
         }
     }

@@ -7,12 +7,19 @@
 //! - [`log`]: the partitioned log trait ([`log::Log`]) and its backends (embedded files by default);
 //! - [`delivery`]: consumer groups with per-key ordered, at-least-once delivery;
 //! - [`grpc`]: the gRPC services; [`server`]: wiring and `run(listener, shutdown)`;
-//! - [`cli`] and [`bench`]: the `justizbus` command line, used by the thin `main`.
+//! - [`cli`] and [`bench`]: the `justizbus` command line, used by the thin `main`;
+//! - [`process`]: a `justizbus serve` child process, for the benchmark and end-to-end tests.
 
+pub mod bench;
+pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod error;
 pub mod event;
+pub mod grpc;
 pub mod log;
 pub mod partitioner;
+pub mod process;
+pub mod server;
 
 pub use error::{Error, Result};

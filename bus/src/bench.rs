@@ -1,0 +1,378 @@
+//! `justizbus bench`: publish and delivery measured through a real gRPC server.
+//!
+//! Without `--server` it starts `justizbus serve` as a child process on a temporary data
+//! directory (so the server's peak RSS can be read from /proc) and runs, in order:
+//!
+//! 1. batched publish (client-streamed `PublishBatch`, several streams at once);
+//! 2. one-by-one publish (`Publish`, `--publishers` concurrent publishers);
+//! 3. delivery: one subscriber drains everything published, acknowledging as it goes;
+//! 4. latency: events published at a steady `--rate` while a subscriber measures
+//!    publish-to-delivery time (from the publisher's send time carried in a header);
+//! 5. optionally (`--large-log-gb`): fills the log to that size, reads the server's RSS while a
+//!    subscriber drains it, then kills the server with SIGKILL and times the restart.
+//!
+//! Every event is durable before it is acknowledged (group commit); nothing is relaxed for the
+//! benchmark. Client and server share the machine's cores.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::Args;
+use justizbus_proto::v1 as pb;
+use serde_json::json;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::cli::connect;
+use crate::process::ServerProcess;
+
+/// Options of `justizbus bench`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Benchmark an already running server instead of starting one.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Events for the batched publish phase.
+    #[arg(long, default_value_t = 300_000)]
+    pub events: u64,
+    /// Events for the one-by-one publish phase.
+    #[arg(long, default_value_t = 60_000)]
+    pub single_events: u64,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Distinct keys (cases).
+    #[arg(long, default_value_t = 64)]
+    pub keys: u32,
+    /// Partitions of the benchmark topics.
+    #[arg(long, default_value_t = 8)]
+    pub partitions: u32,
+    /// Concurrent one-by-one publishers.
+    #[arg(long, default_value_t = 64)]
+    pub publishers: usize,
+    /// Events per batch in the batched phase.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Concurrent batch streams.
+    #[arg(long, default_value_t = 4)]
+    pub streams: usize,
+    /// Steady publish rate (events/s) of the latency phase.
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// Duration of the latency phase in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub latency_secs: u64,
+    /// Also fill the log to this many GB and measure RSS and restart time.
+    #[arg(long)]
+    pub large_log_gb: Option<f64>,
+    /// Data directory of the started server (default: a temporary directory, removed after).
+    #[arg(long)]
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+fn payload(size: usize, i: u64) -> Vec<u8> {
+    let mut v = format!("{{\"n\":{i},\"pad\":\"").into_bytes();
+    while v.len() + 2 < size {
+        v.push(b'a' + (v.len() % 26) as u8);
+    }
+    v.extend_from_slice(b"\"}");
+    v
+}
+
+fn event(args: &BenchArgs, i: u64, sent_ns: Option<u128>) -> pb::Event {
+    let mut e = pb::Event {
+        id: format!("bench-{}-{i}", std::process::id()),
+        source: "justizbus-bench".into(),
+        r#type: "bench.event".into(),
+        subject: format!("case-{}", i % u64::from(args.keys.max(1))),
+        data: payload(args.size, i),
+        data_content_type: "application/json".into(),
+        ..Default::default()
+    };
+    if let Some(ns) = sent_ns {
+        e.headers.insert("bench.sent_ns".into(), ns.to_string());
+        e.id = format!("lat-{}-{i}", std::process::id());
+    }
+    e
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos()
+}
+
+fn per_sec(n: u64, d: Duration) -> f64 {
+    (n as f64 / d.as_secs_f64()).round()
+}
+
+/// Runs the benchmark and prints one JSON summary.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let tmp;
+    let mut server = None;
+    let url = match &args.server {
+        Some(url) => url.clone(),
+        None => {
+            let dir = match &args.data_dir {
+                Some(d) => d.clone(),
+                None => {
+                    tmp = tempfile_dir()?;
+                    tmp.clone()
+                }
+            };
+            let binary = std::env::current_exe().context("locating the justizbus binary")?;
+            let p = ServerProcess::start(&binary, &dir.join("data"), &[])?;
+            let url = p.url();
+            server = Some(p);
+            url
+        }
+    };
+    let channel = connect(&url).await?;
+    let mut admin = pb::admin_client::AdminClient::new(channel.clone());
+    let run_id = std::process::id();
+    let topic = format!("bench-{run_id}");
+    admin.create_topic(pb::CreateTopicRequest { topic: topic.clone(), partitions: args.partitions, ..Default::default() }).await?;
+
+    // 1. Batched publish.
+    let started = Instant::now();
+    let per_stream = args.events / args.streams.max(1) as u64;
+    let mut tasks = Vec::new();
+    for s in 0..args.streams.max(1) as u64 {
+        let (channel, args, topic) = (channel.clone(), args.clone(), topic.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = pb::publisher_client::PublisherClient::new(channel).max_encoding_message_size(usize::MAX);
+            let mut i = s * per_stream;
+            let end = i + per_stream;
+            while i < end {
+                let n = (args.batch as u64).min(end - i);
+                let reqs: Vec<pb::PublishRequest> = (i..i + n).map(|k| pb::PublishRequest { topic: topic.clone(), event: Some(event(&args, k, None)) }).collect();
+                client.publish_batch(tokio_stream::iter(reqs)).await?;
+                i += n;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let batched = per_stream * args.streams.max(1) as u64;
+    let batched_elapsed = started.elapsed();
+
+    // 2. One-by-one publish with concurrent publishers.
+    let started = Instant::now();
+    let per_publisher = args.single_events / args.publishers.max(1) as u64;
+    let mut tasks = Vec::new();
+    for p in 0..args.publishers.max(1) as u64 {
+        let (channel, args, topic) = (channel.clone(), args.clone(), topic.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = pb::publisher_client::PublisherClient::new(channel);
+            let base = batched + p * per_publisher;
+            for k in base..base + per_publisher {
+                client.publish(pb::PublishRequest { topic: topic.clone(), event: Some(event(&args, k, None)) }).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let single = per_publisher * args.publishers.max(1) as u64;
+    let single_elapsed = started.elapsed();
+
+    // 3. Delivery of everything published so far.
+    let total = batched + single;
+    let started = Instant::now();
+    let (delivered, _) = drain(channel.clone(), &topic, "bench-drain", total, Duration::from_secs(60), None).await?;
+    let delivery_elapsed = started.elapsed();
+
+    // 4. Latency at a steady rate.
+    let lat_topic = format!("bench-latency-{run_id}");
+    admin.create_topic(pb::CreateTopicRequest { topic: lat_topic.clone(), partitions: args.partitions, ..Default::default() }).await?;
+    let lat_events = args.rate * args.latency_secs;
+    let (lat_tx, mut lat_rx) = mpsc::unbounded_channel();
+    let consumer = {
+        let (channel, topic) = (channel.clone(), lat_topic.clone());
+        tokio::spawn(async move { drain(channel, &topic, "bench-latency", lat_events, Duration::from_secs(30), Some(lat_tx)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let in_flight = Arc::new(Semaphore::new(512));
+    let started = Instant::now();
+    let mut client = pb::publisher_client::PublisherClient::new(channel.clone());
+    for i in 0..lat_events {
+        let due = started + Duration::from_secs_f64(i as f64 / args.rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let permit = in_flight.clone().acquire_owned().await?;
+        let req = pb::PublishRequest { topic: lat_topic.clone(), event: Some(event(&args, i, Some(now_ns()))) };
+        let mut c = client.clone();
+        tokio::spawn(async move {
+            let r = c.publish(req).await;
+            drop(permit);
+            r
+        });
+    }
+    let publish_elapsed = started.elapsed();
+    let _ = client.publish(pb::PublishRequest { topic: lat_topic.clone(), event: Some(event(&args, lat_events + 1, Some(now_ns()))) }).await;
+    let (lat_delivered, _) = consumer.await??;
+    let mut latencies: Vec<u128> = Vec::with_capacity(lat_events as usize);
+    while let Ok(l) = lat_rx.try_recv() {
+        latencies.push(l);
+    }
+    latencies.sort_unstable();
+    let pct = |q: f64| -> f64 {
+        if latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
+        (latencies[i] as f64 / 1e6 * 100.0).round() / 100.0
+    };
+
+    let mut summary = json!({
+        "server": url,
+        "event_bytes": args.size,
+        "keys": args.keys,
+        "partitions": args.partitions,
+        "publish_batched": {"events": batched, "batch": args.batch, "streams": args.streams, "seconds": batched_elapsed.as_secs_f64(), "events_per_sec": per_sec(batched, batched_elapsed)},
+        "publish_single": {"events": single, "publishers": args.publishers, "seconds": single_elapsed.as_secs_f64(), "events_per_sec": per_sec(single, single_elapsed)},
+        "delivery": {"events": delivered, "seconds": delivery_elapsed.as_secs_f64(), "events_per_sec": per_sec(delivered, delivery_elapsed)},
+        "latency": {
+            "target_rate": args.rate,
+            "achieved_publish_rate": per_sec(lat_events, publish_elapsed),
+            "events": lat_delivered,
+            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "p999_ms": pct(0.999), "max_ms": pct(1.0),
+        },
+    });
+    if let Some(p) = &server {
+        if let Some((peak, rss)) = p.memory() {
+            summary["server_rss"] = json!({"peak_mib": peak / (1 << 20), "current_mib": rss / (1 << 20)});
+        }
+    }
+
+    // 5. Large log: RSS while serving it, and restart time.
+    if let (Some(gb), Some(p)) = (args.large_log_gb, server.as_mut()) {
+        summary["large_log"] = large_log(&args, p, gb).await?;
+    }
+    if let Some(mut p) = server {
+        p.stop()?;
+    }
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("justizbus-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Subscribes and acknowledges until `expected` events arrived or `idle` passed without one.
+/// With `latencies`, sends each event's publish-to-delivery time in nanoseconds.
+async fn drain(
+    channel: tonic::transport::Channel,
+    topic: &str,
+    group: &str,
+    expected: u64,
+    idle: Duration,
+    latencies: Option<mpsc::UnboundedSender<u128>>,
+) -> anyhow::Result<(u64, Duration)> {
+    let mut client = pb::subscriber_client::SubscriberClient::new(channel).max_decoding_message_size(usize::MAX);
+    let (tx, rx) = mpsc::channel(1024);
+    let init = pb::SubscribeInit { topic: topic.into(), group: group.into(), max_unacked: 2000, ..Default::default() };
+    tx.send(pb::SubscribeRequest { request: Some(pb::subscribe_request::Request::Init(init)) }).await?;
+    let mut stream = client.subscribe(ReceiverStream::new(rx)).await?.into_inner();
+    let started = Instant::now();
+    let mut got = 0u64;
+    let mut pending = Vec::with_capacity(64);
+    while got < expected {
+        let msg = match tokio::time::timeout(idle, stream.message()).await {
+            Ok(m) => m?,
+            Err(_) => break,
+        };
+        let Some(msg) = msg else { break };
+        if let Some(pb::subscribe_response::Response::Delivery(d)) = msg.response {
+            if let (Some(tx), Some(sent)) = (&latencies, d.event.as_ref().and_then(|e| e.headers.get("bench.sent_ns")).and_then(|s| s.parse::<u128>().ok())) {
+                let _ = tx.send(now_ns().saturating_sub(sent));
+            }
+            got += 1;
+            pending.push(d.delivery_id);
+            if pending.len() >= 64 || got >= expected {
+                let ack = pb::Ack { delivery_ids: std::mem::take(&mut pending) };
+                tx.send(pb::SubscribeRequest { request: Some(pb::subscribe_request::Request::Ack(ack)) }).await?;
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    if !pending.is_empty() {
+        let ack = pb::Ack { delivery_ids: pending };
+        tx.send(pb::SubscribeRequest { request: Some(pb::subscribe_request::Request::Ack(ack)) }).await?;
+    }
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(10), async { while let Ok(Some(_)) = stream.message().await {} }).await;
+    Ok((got, elapsed))
+}
+
+fn dir_size(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_size(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+async fn large_log(args: &BenchArgs, server: &mut ServerProcess, gb: f64) -> anyhow::Result<serde_json::Value> {
+    let target = (gb * 1e9) as u64;
+    let channel = connect(&server.url()).await?;
+    let mut admin = pb::admin_client::AdminClient::new(channel.clone());
+    let topic = format!("bench-large-{}", std::process::id());
+    admin.create_topic(pb::CreateTopicRequest { topic: topic.clone(), partitions: args.partitions, ..Default::default() }).await?;
+    let log_dir = server.data_dir.join("log");
+    let started = Instant::now();
+    let mut next = 0u64;
+    let mut tasks = Vec::new();
+    let written = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for s in 0..args.streams.max(1) as u64 {
+        let (channel, args, topic, done, log_dir) = (channel.clone(), args.clone(), topic.clone(), written.clone(), log_dir.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = pb::publisher_client::PublisherClient::new(channel).max_encoding_message_size(usize::MAX);
+            let mut i = s * 1_000_000_000;
+            let mut count = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let reqs: Vec<pb::PublishRequest> = (i..i + args.batch as u64).map(|k| pb::PublishRequest { topic: topic.clone(), event: Some(event(&args, k, None)) }).collect();
+                client.publish_batch(tokio_stream::iter(reqs)).await?;
+                i += args.batch as u64;
+                count += args.batch as u64;
+                if s == 0 && count % 50_000 == 0 && dir_size(&log_dir) >= target {
+                    done.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            anyhow::Ok(count)
+        }));
+    }
+    for t in tasks {
+        next += t.await??;
+    }
+    let fill_secs = started.elapsed().as_secs_f64();
+    let log_bytes = dir_size(&log_dir);
+    // Serve the whole log to a subscriber for a while, then read the server's memory.
+    let drained = drain(channel.clone(), &topic, "bench-large", 300_000, Duration::from_secs(20), None).await?.0;
+    let (peak, rss) = server.memory().unwrap_or((0, 0));
+    server.kill9();
+    let restart = server.restart()?;
+    let after = connect(&server.url()).await?;
+    let info = pb::admin_client::AdminClient::new(after).describe_topic(pb::DescribeTopicRequest { topic }).await?.into_inner();
+    let stored: u64 = info.partition_info.iter().map(|p| p.end_offset).sum();
+    Ok(json!({
+        "log_bytes": log_bytes,
+        "events": next,
+        "events_after_restart": stored,
+        "fill_seconds": fill_secs,
+        "drained_while_measuring": drained,
+        "server_peak_rss_mib": peak / (1 << 20),
+        "server_rss_mib": rss / (1 << 20),
+        "restart_after_kill9_seconds": restart.as_secs_f64(),
+    }))
+}

@@ -1,0 +1,684 @@
+//! The actor that owns one consumer group's delivery state.
+//!
+//! Per partition it keeps the events read but not yet acknowledged (`entries`) and, per key,
+//! the queue of their offsets (`keys`). Only the head of a key's queue is ever eligible, which
+//! is what orders delivery per key; the heads of all keys are eligible at once, which is what
+//! keeps one slow case from blocking the others. Eligible heads wait in `ready` until a
+//! subscriber has credit.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::{StreamExt, StreamMap};
+
+use super::{dead_letter_topic, Delivered, GroupOverrides, Outgoing, StartPosition};
+use crate::config::DeliverySettings;
+use crate::event::now_ms;
+use crate::log::{Cursor, Log, NewRecord, Quarantine, StoredRecord, TopicConfig};
+use crate::{Error, Result};
+
+/// Commands to a group actor.
+pub enum Command {
+    /// A subscriber joins; answered with the topic's partition count.
+    Join {
+        /// Subscriber id.
+        sub: u64,
+        /// Credit.
+        max_unacked: u32,
+        /// Group settings to apply.
+        overrides: GroupOverrides,
+        /// Where its messages go.
+        out: mpsc::Sender<Outgoing>,
+        /// Answer.
+        reply: oneshot::Sender<Result<u32>>,
+    },
+    /// A subscriber left (stream ended); its deliveries become redeliverable at once.
+    Leave {
+        /// Subscriber id.
+        sub: u64,
+    },
+    /// Acknowledgements.
+    Ack {
+        /// Subscriber id.
+        sub: u64,
+        /// Delivery ids.
+        ids: Vec<u64>,
+    },
+    /// Negative acknowledgements.
+    Nack {
+        /// Subscriber id.
+        sub: u64,
+        /// Delivery ids.
+        ids: Vec<u64>,
+    },
+    /// New credit.
+    Flow {
+        /// Subscriber id.
+        sub: u64,
+        /// Credit.
+        max_unacked: u32,
+    },
+    /// Report the group's state.
+    Describe {
+        /// Answer.
+        reply: oneshot::Sender<GroupStatus>,
+    },
+    /// Release or skip a quarantined key.
+    Resolve {
+        /// The key.
+        key: Bytes,
+        /// Skip (true) or release (false).
+        skip: bool,
+        /// Answer.
+        reply: oneshot::Sender<Result<Quarantine>>,
+    },
+    /// Persist and stop.
+    Shutdown {
+        /// Answered when stopped.
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A group's state as reported to admins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// Topic.
+    pub topic: String,
+    /// Group.
+    pub group: String,
+    /// Connected subscribers.
+    pub subscribers: u32,
+    /// Per partition.
+    pub partitions: Vec<PartitionStatus>,
+    /// Quarantined keys.
+    pub quarantined_keys: u32,
+    /// Dead-letter topic.
+    pub dead_letter_topic: String,
+}
+
+/// One partition of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionStatus {
+    /// Partition.
+    pub partition: u32,
+    /// Lowest unacknowledged offset.
+    pub committed: u64,
+    /// High watermark.
+    pub end: u64,
+    /// Unacknowledged events (read or not).
+    pub lag: u64,
+    /// Deliveries awaiting acknowledgement.
+    pub in_flight: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Behind an earlier event of its key.
+    Waiting,
+    /// In `ready`.
+    Ready,
+    /// Handed out under this delivery id.
+    InFlight(u64),
+    /// Redelivery after this time.
+    Backoff(Instant),
+    /// Dead-lettered; its key waits for an operator.
+    Quarantined,
+}
+
+struct Entry {
+    record: Arc<StoredRecord>,
+    /// Deliveries made so far.
+    attempts: u32,
+    state: State,
+}
+
+#[derive(Default)]
+struct Part {
+    next_read: u64,
+    end: u64,
+    entries: BTreeMap<u64, Entry>,
+    keys: HashMap<Bytes, VecDeque<u64>>,
+    dirty: bool,
+}
+
+struct Sub {
+    /// Where this subscriber's deliveries and ack errors go.
+    out: mpsc::Sender<Outgoing>,
+    max_unacked: u32,
+    outstanding: u32,
+}
+
+struct InFlight {
+    partition: u32,
+    offset: u64,
+    sub: u64,
+    deadline: Instant,
+}
+
+#[derive(Clone, Copy)]
+struct Settings {
+    ack_deadline: Duration,
+    max_attempts: u32,
+    min_backoff: Duration,
+    max_backoff: Duration,
+}
+
+struct Actor {
+    topic: String,
+    group: String,
+    dlq: String,
+    log: Arc<dyn Log>,
+    limits: DeliverySettings,
+    settings: Settings,
+    parts: Vec<Part>,
+    subs: BTreeMap<u64, Sub>,
+    /// Round-robin position among subscribers.
+    rr: u64,
+    inflight: HashMap<u64, InFlight>,
+    ready: VecDeque<(u32, u64)>,
+    backoff: BTreeSet<(Instant, u32, u64)>,
+    quarantined: HashMap<Bytes, Quarantine>,
+    next_delivery: u64,
+    buffered_events: usize,
+    buffered_bytes: usize,
+    last_commit: Instant,
+}
+
+/// Loads a group's state and starts its actor.
+pub async fn spawn(log: Arc<dyn Log>, topic: &str, group: &str, limits: DeliverySettings, start: StartPosition) -> Result<mpsc::Sender<Command>> {
+    let info = log.describe_topic(topic).await?;
+    let dlq = dead_letter_topic(topic, group);
+    match log.create_topic(&dlq, TopicConfig { partitions: info.config.partitions, retention_ms: 0, retention_bytes: 0 }).await {
+        Ok(_) | Err(Error::TopicExists { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    let mut actor = Actor {
+        topic: topic.to_string(),
+        group: group.to_string(),
+        dlq,
+        settings: Settings {
+            ack_deadline: Duration::from_millis(limits.ack_deadline_ms.into()),
+            max_attempts: limits.max_attempts.max(1),
+            min_backoff: Duration::from_millis(limits.min_backoff_ms.into()),
+            max_backoff: Duration::from_millis(limits.max_backoff_ms.into()),
+        },
+        limits,
+        log: log.clone(),
+        parts: Vec::new(),
+        subs: BTreeMap::new(),
+        rr: 0,
+        inflight: HashMap::new(),
+        ready: VecDeque::new(),
+        backoff: BTreeSet::new(),
+        quarantined: HashMap::new(),
+        next_delivery: 1,
+        buffered_events: 0,
+        buffered_bytes: 0,
+        last_commit: Instant::now(),
+    };
+    for q in log.list_quarantine(topic, group).await? {
+        actor.quarantined.insert(Bytes::from(q.key.clone()), q);
+    }
+    let mut ends = StreamMap::new();
+    for p in 0..info.config.partitions {
+        let offsets = info.partitions[p as usize];
+        let mut part = Part { end: offsets.end, ..Part::default() };
+        match log.load_cursor(topic, group, p).await? {
+            Some(cursor) => {
+                part.next_read = cursor.scanned.max(offsets.start);
+                actor.parts.push(part);
+                for off in cursor.unacked.into_iter().filter(|o| *o >= offsets.start) {
+                    if let Some(rec) = log.read(topic, p, off, 1, 1).await?.into_iter().next().filter(|r| r.offset == off) {
+                        actor.insert(Arc::new(rec));
+                    }
+                }
+            }
+            None => {
+                part.next_read = match start {
+                    StartPosition::Earliest => offsets.start,
+                    StartPosition::Latest => offsets.end,
+                };
+                part.dirty = true;
+                actor.parts.push(part);
+            }
+        }
+        ends.insert(p, WatchStream::new(log.watch_end(topic, p)?));
+    }
+    actor.commit().await;
+    tracing::info!(topic, group, partitions = info.config.partitions, quarantined = actor.quarantined.len(), "group loaded");
+    let (tx, rx) = mpsc::channel(4096);
+    tokio::spawn(actor.run(rx, ends));
+    Ok(tx)
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut ends: StreamMap<u32, WatchStream<u64>>) {
+        let far = Duration::from_secs(3600);
+        loop {
+            self.fill().await;
+            self.dispatch();
+            let tick = if self.inflight.is_empty() && self.backoff.is_empty() && !self.parts.iter().any(|p| p.dirty) {
+                far
+            } else {
+                Duration::from_millis(20)
+            };
+            tokio::select! {
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    if self.handle(cmd).await {
+                        return;
+                    }
+                    // Take what else is waiting before reading and dispatching again.
+                    for _ in 0..1024 {
+                        match rx.try_recv() {
+                            Ok(cmd) => if self.handle(cmd).await { return },
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some((p, end)) = ends.next() => {
+                    if let Some(part) = self.parts.get_mut(p as usize) {
+                        part.end = part.end.max(end);
+                    }
+                }
+                _ = tokio::time::sleep(tick) => {}
+            }
+            self.expire().await;
+            if self.last_commit.elapsed() >= Duration::from_millis(self.limits.commit_interval_ms) {
+                self.commit().await;
+            }
+        }
+        self.commit().await;
+    }
+
+    /// Returns true when the actor must stop.
+    async fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Join { sub, max_unacked, overrides, out, reply } => {
+                self.apply(overrides);
+                self.subs.insert(sub, Sub { out, max_unacked, outstanding: 0 });
+                tracing::debug!(topic = %self.topic, group = %self.group, sub, max_unacked, "subscriber joined");
+                let _ = reply.send(Ok(self.parts.len() as u32));
+            }
+            Command::Leave { sub } => self.leave(sub),
+            Command::Ack { sub, ids } => {
+                for id in ids {
+                    match self.take_inflight(sub, id) {
+                        Ok((p, off)) => self.acked(p, off),
+                        Err(e) => self.tell(sub, id, e),
+                    }
+                }
+            }
+            Command::Nack { sub, ids } => {
+                for id in ids {
+                    match self.take_inflight(sub, id) {
+                        Ok((p, off)) => self.failed(p, off, "negative acknowledgement").await,
+                        Err(e) => self.tell(sub, id, e),
+                    }
+                }
+            }
+            Command::Flow { sub, max_unacked } => {
+                if let Some(s) = self.subs.get_mut(&sub) {
+                    s.max_unacked = max_unacked;
+                }
+            }
+            Command::Describe { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Command::Resolve { key, skip, reply } => {
+                let _ = reply.send(self.resolve(key, skip).await);
+            }
+            Command::Shutdown { reply } => {
+                self.commit().await;
+                let _ = reply.send(());
+                return true;
+            }
+        }
+        false
+    }
+
+    fn apply(&mut self, o: GroupOverrides) {
+        let ms = |v: u32| Duration::from_millis(v.into());
+        if let Some(v) = o.ack_deadline_ms.filter(|v| *v > 0) {
+            self.settings.ack_deadline = ms(v);
+        }
+        if let Some(v) = o.max_attempts.filter(|v| *v > 0) {
+            self.settings.max_attempts = v;
+        }
+        if let Some(v) = o.min_backoff_ms.filter(|v| *v > 0) {
+            self.settings.min_backoff = ms(v);
+        }
+        if let Some(v) = o.max_backoff_ms.filter(|v| *v > 0) {
+            self.settings.max_backoff = ms(v);
+        }
+    }
+
+    fn tell(&mut self, sub: u64, delivery_id: u64, error: Error) {
+        if let Some(s) = self.subs.get(&sub) {
+            // Full means the subscriber does not read; an ack error is then not worth waiting for.
+            let _ = s.out.try_send(Outgoing::AckError { delivery_id, error });
+        }
+    }
+
+    /// Reads more events while the buffer has room.
+    async fn fill(&mut self) {
+        let (max_events, max_bytes) = (self.limits.max_buffered_events, self.limits.max_buffered_bytes);
+        for p in 0..self.parts.len() {
+            while self.buffered_events < max_events && self.buffered_bytes < max_bytes {
+                let part = &self.parts[p];
+                if part.next_read >= part.end {
+                    break;
+                }
+                let room = (max_events - self.buffered_events).min(1024);
+                let from = part.next_read;
+                let records = match self.log.read(&self.topic, p as u32, from, room, 1 << 20).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(topic = %self.topic, group = %self.group, partition = p, from, error = %e, "reading for delivery failed");
+                        break;
+                    }
+                };
+                let Some(last) = records.last() else {
+                    // Nothing below the end: retention moved the start past us, or a race.
+                    match self.log.offsets(&self.topic, p as u32).await {
+                        Ok(o) if o.start > from => {
+                            tracing::warn!(topic = %self.topic, group = %self.group, partition = p, from, start = o.start, "events before the log start were deleted by retention before delivery");
+                            self.parts[p].next_read = o.start;
+                            continue;
+                        }
+                        _ => break,
+                    }
+                };
+                let next = last.offset + 1;
+                for r in records {
+                    self.insert(Arc::new(r));
+                }
+                let part = &mut self.parts[p];
+                part.next_read = next;
+                part.dirty = true;
+            }
+        }
+    }
+
+    /// Adds a read event behind the earlier events of its key.
+    fn insert(&mut self, record: Arc<StoredRecord>) {
+        let (p, off) = (record.partition, record.offset);
+        self.buffered_events += 1;
+        self.buffered_bytes += record.value.len() + record.key.len();
+        let key = record.key.clone();
+        let part = &mut self.parts[p as usize];
+        part.entries.insert(off, Entry { record, attempts: 0, state: State::Waiting });
+        let queue = part.keys.entry(key).or_default();
+        queue.push_back(off);
+        if queue.len() == 1 {
+            self.make_head_eligible(p, off);
+        }
+    }
+
+    /// A key's new head becomes ready, unless its key is quarantined.
+    fn make_head_eligible(&mut self, p: u32, off: u64) {
+        let Some(entry) = self.parts[p as usize].entries.get_mut(&off) else { return };
+        match self.quarantined.get(&entry.record.key) {
+            Some(q) if q.offset == off && q.partition == p => entry.state = State::Quarantined,
+            Some(q) if q.partition == p && off > q.offset => entry.state = State::Waiting,
+            _ => {
+                entry.state = State::Ready;
+                self.ready.push_back((p, off));
+            }
+        }
+    }
+
+    /// Hands ready events to subscribers with credit, round robin.
+    fn dispatch(&mut self) {
+        while let Some(&(p, off)) = self.ready.front() {
+            let Some(sub_id) = self.pick_subscriber() else { return };
+            self.ready.pop_front();
+            let Some(entry) = self.parts[p as usize].entries.get_mut(&off) else { continue };
+            if entry.state != State::Ready {
+                continue;
+            }
+            let delivery_id = self.next_delivery;
+            self.next_delivery += 1;
+            entry.attempts += 1;
+            let delivered = Delivered { delivery_id, record: entry.record.clone(), attempt: entry.attempts };
+            let Some(sub) = self.subs.get_mut(&sub_id) else { continue };
+            if sub.out.try_send(Outgoing::Delivery(delivered)).is_err() {
+                // The subscriber is gone (its Leave is on the way): put the event back and
+                // release what it holds now.
+                entry.attempts -= 1;
+                self.ready.push_front((p, off));
+                self.leave(sub_id);
+                continue;
+            }
+            entry.state = State::InFlight(delivery_id);
+            sub.outstanding += 1;
+            self.inflight.insert(delivery_id, InFlight { partition: p, offset: off, sub: sub_id, deadline: Instant::now() + self.settings.ack_deadline });
+        }
+    }
+
+    fn pick_subscriber(&mut self) -> Option<u64> {
+        let has_room = |s: &Sub| s.outstanding < s.max_unacked;
+        let found = self.subs.range(self.rr + 1..).find(|(_, s)| has_room(s)).or_else(|| self.subs.range(..=self.rr).find(|(_, s)| has_room(s))).map(|(id, _)| *id);
+        if let Some(id) = found {
+            self.rr = id;
+        }
+        found
+    }
+
+    fn take_inflight(&mut self, sub: u64, id: u64) -> Result<(u32, u64)> {
+        match self.inflight.get(&id) {
+            Some(f) if f.sub == sub => {}
+            _ => return Err(Error::UnknownDelivery(id)),
+        }
+        let f = self.inflight.remove(&id).ok_or(Error::UnknownDelivery(id))?;
+        if let Some(s) = self.subs.get_mut(&sub) {
+            s.outstanding = s.outstanding.saturating_sub(1);
+        }
+        Ok((f.partition, f.offset))
+    }
+
+    /// Removes an acknowledged (or skipped) event; the next event of its key becomes eligible.
+    fn acked(&mut self, p: u32, off: u64) {
+        let part = &mut self.parts[p as usize];
+        let Some(entry) = part.entries.remove(&off) else { return };
+        part.dirty = true;
+        self.buffered_events -= 1;
+        self.buffered_bytes -= entry.record.value.len() + entry.record.key.len();
+        let key = entry.record.key.clone();
+        let next = match part.keys.get_mut(&key) {
+            Some(queue) => {
+                queue.retain(|o| *o != off);
+                let next = queue.front().copied();
+                if next.is_none() {
+                    part.keys.remove(&key);
+                }
+                next
+            }
+            None => None,
+        };
+        if let Some(next) = next {
+            if part.entries.get(&next).is_some_and(|e| e.state == State::Waiting) {
+                self.make_head_eligible(p, next);
+            }
+        }
+    }
+
+    /// A delivery failed (nack or deadline): back off, or dead-letter after the last attempt.
+    async fn failed(&mut self, p: u32, off: u64, reason: &str) {
+        let Some(entry) = self.parts[p as usize].entries.get_mut(&off) else { return };
+        if entry.attempts >= self.settings.max_attempts {
+            self.dead_letter(p, off, reason).await;
+            return;
+        }
+        let exp = entry.attempts.saturating_sub(1).min(20);
+        let delay = self.settings.min_backoff.saturating_mul(1 << exp).min(self.settings.max_backoff);
+        let until = Instant::now() + delay;
+        entry.state = State::Backoff(until);
+        tracing::debug!(topic = %self.topic, group = %self.group, partition = p, offset = off, attempts = entry.attempts, ?delay, reason, "redelivery scheduled");
+        self.backoff.insert((until, p, off));
+    }
+
+    /// Moves an event that failed its last attempt to the dead-letter topic and quarantines
+    /// its key. If the dead-letter append fails, the event is retried later instead.
+    async fn dead_letter(&mut self, p: u32, off: u64, reason: &str) {
+        let Some(entry) = self.parts[p as usize].entries.get(&off) else { return };
+        let record = entry.record.clone();
+        let attempts = entry.attempts;
+        let mut event = crate::event::Event::decode(&record.value).unwrap_or_default();
+        let h = &mut event.headers;
+        h.insert("justizbus.dlq.topic".into(), self.topic.clone());
+        h.insert("justizbus.dlq.group".into(), self.group.clone());
+        h.insert("justizbus.dlq.partition".into(), p.to_string());
+        h.insert("justizbus.dlq.offset".into(), off.to_string());
+        h.insert("justizbus.dlq.attempts".into(), attempts.to_string());
+        h.insert("justizbus.dlq.reason".into(), reason.to_string());
+        h.insert("justizbus.dlq.event_id".into(), record.id.clone());
+        let now = now_ms();
+        let dlq_record = NewRecord {
+            id: format!("{}#dlq@{}:{}:{}", record.id, p, off, now),
+            key: record.key.clone(),
+            timestamp_ms: now,
+            value: event.encode_to_vec().into(),
+        };
+        let q = Quarantine { key: record.key.to_vec(), partition: p, offset: off, event_id: record.id.clone(), attempts, since_ms: now };
+        let stored = match self.log.append(&self.dlq, vec![dlq_record]).await {
+            Ok(_) => self.log.put_quarantine(&self.topic, &self.group, &q).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
+            tracing::error!(topic = %self.topic, group = %self.group, partition = p, offset = off, error = %e, "dead-lettering failed; retrying later");
+            let until = Instant::now() + self.settings.max_backoff;
+            if let Some(entry) = self.parts[p as usize].entries.get_mut(&off) {
+                entry.state = State::Backoff(until);
+            }
+            self.backoff.insert((until, p, off));
+            return;
+        }
+        tracing::warn!(topic = %self.topic, group = %self.group, partition = p, offset = off, event_id = %record.id,
+            key = %String::from_utf8_lossy(&record.key), attempts, reason, dead_letter_topic = %self.dlq, "event dead-lettered; its key is quarantined");
+        if let Some(entry) = self.parts[p as usize].entries.get_mut(&off) {
+            entry.state = State::Quarantined;
+        }
+        self.quarantined.insert(record.key.clone(), q);
+    }
+
+    async fn resolve(&mut self, key: Bytes, skip: bool) -> Result<Quarantine> {
+        let Some(q) = self.quarantined.get(&key).cloned() else {
+            return Err(Error::NotQuarantined { group: self.group.clone(), key: String::from_utf8_lossy(&key).into_owned() });
+        };
+        self.log.remove_quarantine(&self.topic, &self.group, &key).await?;
+        self.quarantined.remove(&key);
+        let (p, off) = (q.partition, q.offset);
+        let is_quarantined = self.parts.get(p as usize).and_then(|part| part.entries.get(&off)).is_some_and(|e| e.state == State::Quarantined);
+        tracing::info!(topic = %self.topic, group = %self.group, key = %String::from_utf8_lossy(&key), partition = p, offset = off, skip, "quarantine resolved");
+        if is_quarantined && skip {
+            self.acked(p, off);
+        } else if is_quarantined {
+            if let Some(e) = self.parts[p as usize].entries.get_mut(&off) {
+                e.attempts = 0;
+            }
+            self.make_head_eligible(p, off);
+        } else if let Some(head) = self.parts.get(p as usize).and_then(|part| part.keys.get(&key)).and_then(|q| q.front().copied()) {
+            // The quarantined event was not buffered; wake whatever heads the key now.
+            if self.parts[p as usize].entries.get(&head).is_some_and(|e| e.state == State::Waiting) {
+                self.make_head_eligible(p, head);
+            }
+        }
+        Ok(q)
+    }
+
+    fn leave(&mut self, sub: u64) {
+        if self.subs.remove(&sub).is_none() {
+            return;
+        }
+        let mine: Vec<u64> = self.inflight.iter().filter(|(_, f)| f.sub == sub).map(|(id, _)| *id).collect();
+        for id in mine {
+            if let Some(f) = self.inflight.remove(&id) {
+                if let Some(e) = self.parts[f.partition as usize].entries.get_mut(&f.offset) {
+                    e.state = State::Ready;
+                    self.ready.push_front((f.partition, f.offset));
+                }
+            }
+        }
+        tracing::debug!(topic = %self.topic, group = %self.group, sub, "subscriber left");
+    }
+
+    /// Expired deliveries fail; backoffs that are over become ready.
+    async fn expire(&mut self) {
+        let now = Instant::now();
+        if !self.inflight.is_empty() {
+            let expired: Vec<u64> = self.inflight.iter().filter(|(_, f)| f.deadline <= now).map(|(id, _)| *id).collect();
+            for id in expired {
+                if let Some(f) = self.inflight.remove(&id) {
+                    if let Some(s) = self.subs.get_mut(&f.sub) {
+                        s.outstanding = s.outstanding.saturating_sub(1);
+                    }
+                    self.failed(f.partition, f.offset, "ack deadline expired").await;
+                }
+            }
+        }
+        while let Some(&(until, p, off)) = self.backoff.first() {
+            if until > now {
+                break;
+            }
+            self.backoff.pop_first();
+            if let Some(e) = self.parts[p as usize].entries.get_mut(&off) {
+                if e.state == State::Backoff(until) {
+                    e.state = State::Ready;
+                    self.ready.push_back((p, off));
+                }
+            }
+        }
+    }
+
+    /// Persists the cursors of changed partitions.
+    async fn commit(&mut self) {
+        self.last_commit = Instant::now();
+        let cursors: Vec<(u32, Cursor)> = self
+            .parts
+            .iter()
+            .enumerate()
+            .filter(|(_, part)| part.dirty)
+            .map(|(p, part)| {
+                let unacked: Vec<u64> = part.entries.keys().copied().collect();
+                let committed = unacked.first().copied().unwrap_or(part.next_read);
+                (p as u32, Cursor { committed, scanned: part.next_read, unacked })
+            })
+            .collect();
+        if cursors.is_empty() {
+            return;
+        }
+        match self.log.store_cursors(&self.topic, &self.group, &cursors).await {
+            Ok(()) => self.parts.iter_mut().for_each(|p| p.dirty = false),
+            Err(e) => tracing::error!(topic = %self.topic, group = %self.group, error = %e, "storing group position failed; will retry"),
+        }
+    }
+
+    fn status(&self) -> GroupStatus {
+        let partitions = self
+            .parts
+            .iter()
+            .enumerate()
+            .map(|(p, part)| {
+                let committed = part.entries.keys().next().copied().unwrap_or(part.next_read);
+                let in_flight = part.entries.values().filter(|e| matches!(e.state, State::InFlight(_))).count() as u32;
+                let lag = part.entries.len() as u64 + part.end.saturating_sub(part.next_read);
+                PartitionStatus { partition: p as u32, committed, end: part.end, lag, in_flight }
+            })
+            .collect();
+        GroupStatus {
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            subscribers: self.subs.len() as u32,
+            partitions,
+            quarantined_keys: self.quarantined.len() as u32,
+            dead_letter_topic: self.dlq.clone(),
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Delivery: consumer groups with per-key ordered, at-least-once delivery (DESIGN.md section 4).
+//!
+//! Each (topic, group) pair is served by one actor task ([`group`]) that owns all of the
+//! group's delivery state; subscribers talk to it through a channel. The [`Delivery`] manager
+//! finds or starts the actor for a group.
+//!
+//! Semantics, in short:
+//! - For one key, event n+1 is not handed out before event n is acknowledged (or skipped);
+//!   different keys of a partition flow in parallel.
+//! - Every delivery has an ack deadline; expiry or a nack redelivers after an exponential
+//!   backoff. After `max_attempts` failed deliveries the event goes to the group's dead-letter
+//!   topic and its key is quarantined until an operator releases or skips it.
+//! - A subscriber's credit (`max_unacked`) bounds what it holds; the group's read buffer is
+//!   bounded in events and bytes, so memory stays bounded however slow the subscribers are.
+//! - The persisted position of a partition is its lowest unacknowledged offset plus the set of
+//!   unacknowledged offsets above it, so a crash redelivers and never skips.
+
+pub mod group;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use crate::config::DeliverySettings;
+use crate::event::validate_name;
+use crate::log::{Log, Quarantine, StoredRecord};
+use crate::{Error, Result};
+
+pub use group::{GroupStatus, PartitionStatus};
+
+/// Where a group without a stored position starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartPosition {
+    /// At the log start.
+    #[default]
+    Earliest,
+    /// At the current end: only new events.
+    Latest,
+}
+
+/// Group settings a subscriber may set; `None` keeps the current value.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GroupOverrides {
+    /// Ack deadline in milliseconds.
+    pub ack_deadline_ms: Option<u32>,
+    /// Failed deliveries before dead-lettering.
+    pub max_attempts: Option<u32>,
+    /// First redelivery backoff.
+    pub min_backoff_ms: Option<u32>,
+    /// Longest redelivery backoff.
+    pub max_backoff_ms: Option<u32>,
+}
+
+/// What a subscriber asks for.
+#[derive(Debug, Clone)]
+pub struct SubscribeParams {
+    /// Topic.
+    pub topic: String,
+    /// Consumer group.
+    pub group: String,
+    /// Credit: most unacknowledged deliveries at once (0: server default).
+    pub max_unacked: u32,
+    /// Group settings to apply.
+    pub overrides: GroupOverrides,
+    /// Start of a new group.
+    pub start: StartPosition,
+}
+
+/// One event handed to a subscriber.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    /// Id to acknowledge with.
+    pub delivery_id: u64,
+    /// The record.
+    pub record: Arc<StoredRecord>,
+    /// 1 for the first delivery.
+    pub attempt: u32,
+}
+
+/// Messages from a group to one subscriber.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// An event.
+    Delivery(Delivered),
+    /// An ack or nack that could not be applied.
+    AckError {
+        /// The delivery id named.
+        delivery_id: u64,
+        /// Why.
+        error: Error,
+    },
+}
+
+/// A joined subscriber: receives [`Outgoing`] messages; acks through [`Subscription::control`].
+pub struct Subscription {
+    /// Partitions of the topic.
+    pub partitions: u32,
+    /// Credit in force.
+    pub max_unacked: u32,
+    /// Messages for this subscriber.
+    pub receiver: mpsc::Receiver<Outgoing>,
+    /// Sends acks, nacks, credit; leaves the group when dropped.
+    pub control: SubscriberControl,
+}
+
+/// Acks, nacks and credit of one subscriber. Leaves the group when dropped.
+pub struct SubscriberControl {
+    id: u64,
+    /// The group actor's command channel.
+    group: mpsc::Sender<group::Command>,
+    max_unacked_limit: u32,
+}
+
+impl SubscriberControl {
+    /// Acknowledges deliveries.
+    pub async fn ack(&self, delivery_ids: Vec<u64>) -> Result<()> {
+        self.send(group::Command::Ack { sub: self.id, ids: delivery_ids }).await
+    }
+
+    /// Rejects deliveries: they are redelivered after a backoff.
+    pub async fn nack(&self, delivery_ids: Vec<u64>) -> Result<()> {
+        self.send(group::Command::Nack { sub: self.id, ids: delivery_ids }).await
+    }
+
+    /// Changes the credit. More than the server limit is refused.
+    pub async fn set_credit(&self, max_unacked: u32) -> Result<()> {
+        check_credit(max_unacked, self.max_unacked_limit)?;
+        self.send(group::Command::Flow { sub: self.id, max_unacked }).await
+    }
+
+    async fn send(&self, cmd: group::Command) -> Result<()> {
+        self.group.send(cmd).await.map_err(|_| Error::ShuttingDown)
+    }
+}
+
+impl Drop for SubscriberControl {
+    fn drop(&mut self) {
+        let group = self.group.clone();
+        let sub = self.id;
+        // Leaving must not be lost when the channel is momentarily full.
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = group.try_send(group::Command::Leave { sub }) {
+            tokio::spawn(async move {
+                let _ = group.send(cmd).await;
+            });
+        }
+    }
+}
+
+fn check_credit(max_unacked: u32, limit: u32) -> Result<()> {
+    if max_unacked > limit {
+        return Err(Error::invalid("max_unacked", format!("{max_unacked} exceeds the server limit of {limit} unacknowledged deliveries per subscriber")));
+    }
+    Ok(())
+}
+
+/// Finds or starts group actors.
+pub struct Delivery {
+    log: Arc<dyn Log>,
+    settings: DeliverySettings,
+    /// (topic, group) -> the actor's command channel. Locked only to look up or start actors.
+    groups: Mutex<HashMap<(String, String), mpsc::Sender<group::Command>>>,
+    next_subscriber: AtomicU64,
+}
+
+/// Name of a group's dead-letter topic.
+pub fn dead_letter_topic(topic: &str, group: &str) -> String {
+    format!("{topic}.{group}.dlq")
+}
+
+impl Delivery {
+    /// A manager over a log.
+    pub fn new(log: Arc<dyn Log>, settings: DeliverySettings) -> Self {
+        Delivery { log, settings, groups: Mutex::new(HashMap::new()), next_subscriber: AtomicU64::new(1) }
+    }
+
+    async fn group(&self, topic: &str, group: &str, create: Option<StartPosition>) -> Result<mpsc::Sender<group::Command>> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        let mut groups = self.groups.lock().await;
+        if let Some(tx) = groups.get(&(topic.to_string(), group.to_string())) {
+            if !tx.is_closed() {
+                return Ok(tx.clone());
+            }
+        }
+        let start = match create {
+            Some(start) => start,
+            None => {
+                let known = self.log.list_groups().await?;
+                if !known.iter().any(|(t, g)| t == topic && g == group) {
+                    return Err(Error::UnknownGroup { topic: topic.into(), group: group.into() });
+                }
+                StartPosition::Earliest
+            }
+        };
+        let tx = group::spawn(self.log.clone(), topic, group, self.settings.clone(), start).await?;
+        groups.insert((topic.to_string(), group.to_string()), tx.clone());
+        Ok(tx)
+    }
+
+    /// Joins a subscriber to a group (creating the group if new).
+    pub async fn subscribe(&self, params: SubscribeParams) -> Result<Subscription> {
+        check_credit(params.max_unacked, self.settings.max_unacked_limit)?;
+        let max_unacked = if params.max_unacked == 0 { self.settings.default_max_unacked } else { params.max_unacked };
+        let tx = self.group(&params.topic, &params.group, Some(params.start)).await?;
+        let id = self.next_subscriber.fetch_add(1, Ordering::Relaxed);
+        // Room for every delivery the credit allows plus some ack errors.
+        let (out, receiver) = mpsc::channel(self.settings.max_unacked_limit as usize + 64);
+        let (reply, rx) = oneshot::channel();
+        tx.send(group::Command::Join { sub: id, max_unacked, overrides: params.overrides, out, reply }).await.map_err(|_| Error::ShuttingDown)?;
+        let partitions = rx.await.map_err(|_| Error::ShuttingDown)??;
+        Ok(Subscription {
+            partitions,
+            max_unacked,
+            receiver,
+            control: SubscriberControl { id, group: tx, max_unacked_limit: self.settings.max_unacked_limit },
+        })
+    }
+
+    /// State of a group.
+    pub async fn describe(&self, topic: &str, group: &str) -> Result<GroupStatus> {
+        let tx = self.group(topic, group, None).await?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(group::Command::Describe { reply }).await.map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// All groups, described.
+    pub async fn list(&self) -> Result<Vec<GroupStatus>> {
+        let mut pairs = self.log.list_groups().await?;
+        for (t, g) in self.groups.lock().await.keys() {
+            if !pairs.iter().any(|(pt, pg)| pt == t && pg == g) {
+                pairs.push((t.clone(), g.clone()));
+            }
+        }
+        pairs.sort();
+        let mut out = Vec::with_capacity(pairs.len());
+        for (t, g) in pairs {
+            out.push(self.describe(&t, &g).await?);
+        }
+        Ok(out)
+    }
+
+    /// Releases (redeliver from attempt 1) or skips a quarantined key.
+    pub async fn resolve_quarantine(&self, topic: &str, group: &str, key: Bytes, skip: bool) -> Result<Quarantine> {
+        let tx = self.group(topic, group, None).await?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(group::Command::Resolve { key, skip, reply }).await.map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Quarantined keys of a group.
+    pub async fn quarantine(&self, topic: &str, group: &str) -> Result<Vec<Quarantine>> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.log.list_quarantine(topic, group).await
+    }
+
+    /// Persists every group's position and stops the actors.
+    pub async fn shutdown(&self) {
+        let groups: Vec<_> = self.groups.lock().await.drain().collect();
+        for ((topic, group), tx) in groups {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(group::Command::Shutdown { reply }).await.is_ok() {
+                let _ = rx.await;
+            }
+            tracing::debug!(topic, group, "group stopped");
+        }
+    }
+}

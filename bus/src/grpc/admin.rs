@@ -1,0 +1,139 @@
+//! `Admin`: topics, groups, dead letters and quarantine.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use justizbus_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::{replay_record, Bus};
+use crate::delivery::{dead_letter_topic, GroupStatus};
+use crate::event::{ms_timestamp, validate_name};
+use crate::log::{Quarantine, TopicConfig, TopicInfo};
+use crate::Error;
+
+/// The `Admin` service.
+pub struct AdminService {
+    bus: Arc<Bus>,
+}
+
+impl AdminService {
+    /// A service over the bus.
+    pub fn new(bus: Arc<Bus>) -> Self {
+        AdminService { bus }
+    }
+}
+
+impl From<TopicInfo> for pb::TopicInfo {
+    fn from(t: TopicInfo) -> Self {
+        pb::TopicInfo {
+            name: t.name,
+            partitions: t.config.partitions,
+            retention_ms: t.config.retention_ms,
+            retention_bytes: t.config.retention_bytes,
+            partition_info: t
+                .partitions
+                .iter()
+                .enumerate()
+                .map(|(p, o)| pb::PartitionInfo { partition: p as u32, start_offset: o.start, end_offset: o.end })
+                .collect(),
+        }
+    }
+}
+
+impl From<GroupStatus> for pb::GroupInfo {
+    fn from(g: GroupStatus) -> Self {
+        pb::GroupInfo {
+            topic: g.topic,
+            group: g.group,
+            subscribers: g.subscribers,
+            partitions: g
+                .partitions
+                .into_iter()
+                .map(|p| pb::GroupPartition { partition: p.partition, committed_offset: p.committed, end_offset: p.end, lag: p.lag, in_flight: p.in_flight })
+                .collect(),
+            quarantined_keys: g.quarantined_keys,
+            dead_letter_topic: g.dead_letter_topic,
+        }
+    }
+}
+
+impl From<Quarantine> for pb::QuarantinedKey {
+    fn from(q: Quarantine) -> Self {
+        pb::QuarantinedKey {
+            key: String::from_utf8_lossy(&q.key).into_owned(),
+            partition: q.partition,
+            offset: q.offset,
+            event_id: q.event_id,
+            attempts: q.attempts,
+            since: Some(ms_timestamp(q.since_ms)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn create_topic(&self, request: Request<pb::CreateTopicRequest>) -> Result<Response<pb::TopicInfo>, Status> {
+        let r = request.into_inner();
+        let config = TopicConfig { partitions: r.partitions, retention_ms: r.retention_ms, retention_bytes: r.retention_bytes };
+        Ok(Response::new(self.bus.log.create_topic(&r.topic, config).await?.into()))
+    }
+
+    async fn list_topics(&self, _: Request<pb::ListTopicsRequest>) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let topics = self.bus.log.list_topics().await?.into_iter().map(Into::into).collect();
+        Ok(Response::new(pb::ListTopicsResponse { topics }))
+    }
+
+    async fn describe_topic(&self, request: Request<pb::DescribeTopicRequest>) -> Result<Response<pb::TopicInfo>, Status> {
+        Ok(Response::new(self.bus.log.describe_topic(&request.into_inner().topic).await?.into()))
+    }
+
+    async fn list_groups(&self, _: Request<pb::ListGroupsRequest>) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let groups = self.bus.delivery.list().await?.into_iter().map(Into::into).collect();
+        Ok(Response::new(pb::ListGroupsResponse { groups }))
+    }
+
+    async fn describe_group(&self, request: Request<pb::DescribeGroupRequest>) -> Result<Response<pb::GroupInfo>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(self.bus.delivery.describe(&r.topic, &r.group).await?.into()))
+    }
+
+    async fn list_dead_letters(&self, request: Request<pb::ListDeadLettersRequest>) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let r = request.into_inner();
+        validate_name("topic", &r.topic)?;
+        validate_name("group", &r.group)?;
+        let dlq = dead_letter_topic(&r.topic, &r.group);
+        let info = self.bus.log.describe_topic(&dlq).await.map_err(|e| match e {
+            Error::UnknownTopic(_) => Error::UnknownGroup { topic: r.topic.clone(), group: r.group.clone() },
+            other => other,
+        })?;
+        let max = if r.max == 0 { 100 } else { r.max as usize };
+        let mut records = Vec::new();
+        for (p, offs) in info.partitions.iter().enumerate() {
+            for rec in self.bus.log.read(&dlq, p as u32, offs.start, max, 64 << 20).await? {
+                records.push(replay_record(&dlq, &rec)?);
+            }
+        }
+        records.sort_by_key(|r| r.log_time.as_ref().map(crate::event::timestamp_ms));
+        records.truncate(max);
+        Ok(Response::new(pb::ListDeadLettersResponse { dead_letter_topic: dlq, records }))
+    }
+
+    async fn list_quarantine(&self, request: Request<pb::ListQuarantineRequest>) -> Result<Response<pb::ListQuarantineResponse>, Status> {
+        let r = request.into_inner();
+        let keys = self.bus.delivery.quarantine(&r.topic, &r.group).await?.into_iter().map(Into::into).collect();
+        Ok(Response::new(pb::ListQuarantineResponse { keys }))
+    }
+
+    async fn release_quarantine(&self, request: Request<pb::QuarantineActionRequest>) -> Result<Response<pb::QuarantineActionResponse>, Status> {
+        let r = request.into_inner();
+        let q = self.bus.delivery.resolve_quarantine(&r.topic, &r.group, Bytes::from(r.key.into_bytes()), false).await?;
+        Ok(Response::new(pb::QuarantineActionResponse { released: Some(q.into()) }))
+    }
+
+    async fn skip_quarantine(&self, request: Request<pb::QuarantineActionRequest>) -> Result<Response<pb::QuarantineActionResponse>, Status> {
+        let r = request.into_inner();
+        let q = self.bus.delivery.resolve_quarantine(&r.topic, &r.group, Bytes::from(r.key.into_bytes()), true).await?;
+        Ok(Response::new(pb::QuarantineActionResponse { released: Some(q.into()) }))
+    }
+}

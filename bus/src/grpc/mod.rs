@@ -1,0 +1,39 @@
+//! The gRPC services of `justizbus.v1`: thin adapters from the generated types to the log and
+//! the delivery engine. Conversions between generated and core types live here, at the edge.
+
+pub mod admin;
+pub mod publish;
+pub mod replay;
+pub mod subscribe;
+
+use std::sync::Arc;
+
+use justizbus_proto::v1 as pb;
+
+use crate::config::ServerConfig;
+use crate::delivery::Delivery;
+use crate::event::{ms_timestamp, Event};
+use crate::log::{Log, StoredRecord};
+use crate::Result;
+
+/// What every service shares.
+pub struct Bus {
+    /// The log backend.
+    pub log: Arc<dyn Log>,
+    /// Consumer groups.
+    pub delivery: Arc<Delivery>,
+    /// Server configuration.
+    pub config: ServerConfig,
+}
+
+/// A stored record as the wire type replay and admin calls return.
+pub fn replay_record(topic: &str, r: &StoredRecord) -> Result<pb::ReplayRecord> {
+    Ok(pb::ReplayRecord {
+        topic: topic.to_string(),
+        partition: r.partition,
+        offset: r.offset,
+        key: String::from_utf8_lossy(&r.key).into_owned(),
+        log_time: Some(ms_timestamp(r.timestamp_ms)),
+        event: Some(Event::decode(&r.value)?),
+    })
+}

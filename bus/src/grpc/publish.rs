@@ -1,0 +1,99 @@
+//! `Publisher`: unary and client-streamed batch publish.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use justizbus_proto::v1 as pb;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Bus;
+use crate::event::{now_ms, Event};
+use crate::log::NewRecord;
+use crate::Error;
+
+/// Most events in one `PublishBatch` stream.
+pub const MAX_BATCH_EVENTS: usize = 100_000;
+/// Most bytes in one `PublishBatch` stream.
+pub const MAX_BATCH_BYTES: usize = 256 * 1024 * 1024;
+
+/// The `Publisher` service.
+pub struct PublisherService {
+    bus: Arc<Bus>,
+}
+
+impl PublisherService {
+    /// A service over the bus.
+    pub fn new(bus: Arc<Bus>) -> Self {
+        PublisherService { bus }
+    }
+
+    /// Validates one request into (topic, record).
+    fn record(&self, req: pb::PublishRequest, index: Option<usize>) -> Result<(String, NewRecord), Error> {
+        let at = |field: &str| index.map_or_else(|| field.to_string(), |i| format!("events[{i}].{field}"));
+        if req.topic.is_empty() {
+            return Err(Error::invalid(at("topic"), "the topic is required"));
+        }
+        let wire = req.event.ok_or_else(|| Error::invalid(at("event"), "the event is required"))?;
+        let event = Event::from_wire(wire, self.bus.config.log_settings.max_event_bytes).map_err(|e| match e {
+            Error::InvalidArgument { field, reason } => Error::invalid(at(&field), reason),
+            other => other,
+        })?;
+        let record = NewRecord {
+            id: event.wire.id.clone(),
+            key: Bytes::from(event.wire.subject.clone().into_bytes()),
+            timestamp_ms: now_ms(),
+            value: Bytes::from(event.encode()),
+        };
+        Ok((req.topic, record))
+    }
+}
+
+fn response(id: String, a: crate::log::Appended) -> pb::PublishResponse {
+    pb::PublishResponse { id, partition: a.partition, offset: a.offset, duplicate: a.duplicate }
+}
+
+#[tonic::async_trait]
+impl pb::publisher_server::Publisher for PublisherService {
+    async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        let (topic, record) = self.record(request.into_inner(), None)?;
+        let id = record.id.clone();
+        let appended = self.bus.log.append(&topic, vec![record]).await?;
+        let a = appended.into_iter().next().ok_or_else(|| Status::internal("append returned no result"))?;
+        tracing::trace!(topic, id, partition = a.partition, offset = a.offset, duplicate = a.duplicate, "published");
+        Ok(Response::new(response(id, a)))
+    }
+
+    async fn publish_batch(&self, request: Request<Streaming<pb::PublishRequest>>) -> Result<Response<pb::PublishBatchResponse>, Status> {
+        let mut stream = request.into_inner();
+        // Validate the whole batch before storing any of it.
+        let mut by_topic: BTreeMap<String, (Vec<usize>, Vec<NewRecord>)> = BTreeMap::new();
+        let (mut count, mut bytes) = (0usize, 0usize);
+        while let Some(req) = stream.message().await? {
+            if count >= MAX_BATCH_EVENTS {
+                return Err(Error::invalid("events", format!("a batch holds at most {MAX_BATCH_EVENTS} events")).into());
+            }
+            let (topic, record) = self.record(req, Some(count))?;
+            bytes += record.value.len();
+            if bytes > MAX_BATCH_BYTES {
+                return Err(Error::invalid("events", format!("a batch holds at most {MAX_BATCH_BYTES} bytes")).into());
+            }
+            let entry = by_topic.entry(topic).or_default();
+            entry.0.push(count);
+            entry.1.push(record);
+            count += 1;
+        }
+        for topic in by_topic.keys() {
+            self.bus.log.describe_topic(topic).await?;
+        }
+        let mut results = vec![pb::PublishResponse::default(); count];
+        for (topic, (indexes, records)) in by_topic {
+            let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+            let appended = self.bus.log.append(&topic, records).await?;
+            for ((i, id), a) in indexes.into_iter().zip(ids).zip(appended) {
+                results[i] = response(id, a);
+            }
+        }
+        Ok(Response::new(pb::PublishBatchResponse { results }))
+    }
+}

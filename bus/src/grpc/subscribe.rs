@@ -1,0 +1,136 @@
+//! `Subscriber`: the bidirectional subscribe stream.
+//!
+//! The first client message is `init`; the server answers `subscribed`, then streams
+//! deliveries. Acks, nacks and credit changes from the client are forwarded to the group. A
+//! protocol violation (a second `init`, an empty message, credit above the limit, too many ids
+//! at once) ends the stream with `INVALID_ARGUMENT`; an ack the group cannot apply is answered
+//! in-band with an `ack_error` and the stream goes on.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use justizbus_proto::v1 as pb;
+use pb::subscribe_request::Request as Req;
+use pb::subscribe_response::Response as Resp;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Bus;
+use crate::delivery::{GroupOverrides, Outgoing, StartPosition, SubscribeParams, SubscriberControl};
+use crate::event::{ms_timestamp, Event};
+use crate::Error;
+
+/// Most delivery ids in one ack or nack message.
+pub const MAX_IDS_PER_MESSAGE: usize = 10_000;
+
+/// The `Subscriber` service.
+pub struct SubscriberService {
+    bus: Arc<Bus>,
+}
+
+impl SubscriberService {
+    /// A service over the bus.
+    pub fn new(bus: Arc<Bus>) -> Self {
+        SubscriberService { bus }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+fn nonzero(v: u32) -> Option<u32> {
+    (v > 0).then_some(v)
+}
+
+#[tonic::async_trait]
+impl pb::subscriber_server::Subscriber for SubscriberService {
+    type SubscribeStream = ResponseStream;
+
+    async fn subscribe(&self, request: Request<Streaming<pb::SubscribeRequest>>) -> Result<Response<ResponseStream>, Status> {
+        let mut inbound = request.into_inner();
+        let init = match inbound.message().await?.and_then(|m| m.request) {
+            Some(Req::Init(init)) => init,
+            _ => return Err(Error::invalid("request", "the first message of a subscription must be init").into()),
+        };
+        let params = SubscribeParams {
+            topic: init.topic.clone(),
+            group: init.group.clone(),
+            max_unacked: init.max_unacked,
+            overrides: GroupOverrides {
+                ack_deadline_ms: nonzero(init.ack_deadline_ms),
+                max_attempts: nonzero(init.max_attempts),
+                min_backoff_ms: nonzero(init.min_backoff_ms),
+                max_backoff_ms: nonzero(init.max_backoff_ms),
+            },
+            start: if init.start() == pb::StartPosition::Latest { StartPosition::Latest } else { StartPosition::Earliest },
+        };
+        let subscription = self.bus.delivery.subscribe(params).await?;
+        tracing::info!(topic = %init.topic, group = %init.group, max_unacked = subscription.max_unacked, "subscriber connected");
+        let subscribed = pb::SubscribeResponse {
+            response: Some(Resp::Subscribed(pb::Subscribed {
+                topic: init.topic.clone(),
+                group: init.group.clone(),
+                partitions: subscription.partitions,
+                max_unacked: subscription.max_unacked,
+            })),
+        };
+        let (violation_tx, violation_rx) = mpsc::channel(1);
+        tokio::spawn(forward_client_messages(inbound, subscription.control, violation_tx));
+        let topic = init.topic;
+        let deliveries = ReceiverStream::new(subscription.receiver).map(move |out| Ok(to_wire(&topic, out)));
+        let stream = tokio_stream::once(Ok(subscribed)).chain(deliveries.merge(ReceiverStream::new(violation_rx).map(Err)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn to_wire(topic: &str, out: Outgoing) -> pb::SubscribeResponse {
+    let response = match out {
+        Outgoing::Delivery(d) => {
+            let r = &d.record;
+            // A stored envelope that no longer decodes is delivered with its id so the
+            // subscriber can nack it; it then ends in the dead-letter topic.
+            let event = Event::decode(&r.value).unwrap_or_else(|_| pb::Event { id: r.id.clone(), ..Default::default() });
+            Resp::Delivery(pb::Delivery {
+                delivery_id: d.delivery_id,
+                topic: topic.to_string(),
+                partition: r.partition,
+                offset: r.offset,
+                key: String::from_utf8_lossy(&r.key).into_owned(),
+                attempt: d.attempt,
+                event: Some(event),
+                log_time: Some(ms_timestamp(r.timestamp_ms)),
+            })
+        }
+        Outgoing::AckError { delivery_id, error } => {
+            Resp::AckError(pb::AckError { delivery_id, code: error.code() as i32, message: error.to_string() })
+        }
+    };
+    pb::SubscribeResponse { response: Some(response) }
+}
+
+/// Applies the client's acks, nacks and credit until its stream ends; then the control is
+/// dropped, which leaves the group and frees what the subscriber held.
+async fn forward_client_messages(mut inbound: Streaming<pb::SubscribeRequest>, control: SubscriberControl, violations: mpsc::Sender<Status>) {
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) | Err(_) => break,
+        };
+        let result = match msg.request {
+            Some(Req::Ack(ack)) if ack.delivery_ids.len() <= MAX_IDS_PER_MESSAGE => control.ack(ack.delivery_ids).await,
+            Some(Req::Nack(nack)) if nack.delivery_ids.len() <= MAX_IDS_PER_MESSAGE => control.nack(nack.delivery_ids).await,
+            Some(Req::Ack(_) | Req::Nack(_)) => {
+                Err(Error::invalid("delivery_ids", format!("at most {MAX_IDS_PER_MESSAGE} delivery ids per message")))
+            }
+            Some(Req::Flow(flow)) => control.set_credit(flow.max_unacked).await,
+            Some(Req::Init(_)) => Err(Error::invalid("request", "init may be sent only once per stream")),
+            None => Err(Error::invalid("request", "empty subscribe request")),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "subscriber protocol violation; closing its stream");
+            let _ = violations.send(e.into()).await;
+            break;
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! A `justizbus serve` child process on a free loopback port: used by `justizbus bench` and by
+//! the end-to-end tests, which exercise the real binary rather than an in-process server.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Error, Result};
+
+/// A running server process.
+pub struct ServerProcess {
+    /// The binary.
+    pub binary: PathBuf,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Its listen address.
+    pub addr: String,
+    /// Extra arguments given to `serve`.
+    pub extra_args: Vec<String>,
+    /// File that receives its stderr (the log).
+    pub log_file: PathBuf,
+    child: Option<Child>,
+}
+
+/// A free loopback port (bound and released; the OS does not reuse it at once).
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("finding a free port", e))?;
+    Ok(l.local_addr().map_err(|e| Error::io("finding a free port", e))?.port())
+}
+
+impl ServerProcess {
+    /// Starts `binary serve --data-dir DIR --listen 127.0.0.1:PORT EXTRA...` and waits until it
+    /// accepts connections.
+    pub fn start(binary: &Path, data_dir: &Path, extra_args: &[String]) -> Result<Self> {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let mut p = ServerProcess {
+            binary: binary.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+            log_file: data_dir.with_extension("server.log"),
+            addr,
+            extra_args: extra_args.to_vec(),
+            child: None,
+        };
+        p.restart()?;
+        Ok(p)
+    }
+
+    /// The server URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts the process again (same directory and port) and waits until it is ready.
+    /// Returns how long it took until it accepted connections.
+    pub fn restart(&mut self) -> Result<Duration> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_file).map_err(|e| Error::io("opening the server log", e))?;
+        let started = Instant::now();
+        let child = Command::new(&self.binary)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen")
+            .arg(&self.addr)
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| Error::io(format!("starting {}", self.binary.display()), e))?;
+        self.child = Some(child);
+        let deadline = started + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(&self.addr).is_ok() {
+                return Ok(started.elapsed());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                return Err(Error::Serve(format!("server exited with {status}; log:\n{}", self.log())));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(Error::Serve(format!("server did not accept connections within 60 s; log:\n{}", self.log())))
+    }
+
+    /// Kills the process with SIGKILL (no chance to flush anything) and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the process with SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            return Err(Error::Serve("server did not stop within 30 s of SIGTERM".into()));
+        }
+        Ok(())
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// Peak and current resident memory in bytes (from /proc), while running.
+    pub fn memory(&self) -> Option<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let field = |name: &str| {
+            status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).map(|kb| kb * 1024)
+        };
+        Some((field("VmHWM:")?, field("VmRSS:")?))
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,79 @@
+//! Wiring: opens the log, starts delivery and retention, serves gRPC until shutdown.
+//!
+//! [`run`] takes a bound listener and a shutdown future (as in mini-redis), so tests and the
+//! benchmark can run the server on any port and stop it cleanly.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use justizbus_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::ServerConfig;
+use crate::delivery::Delivery;
+use crate::grpc::{admin::AdminService, publish::PublisherService, replay::ReplayerService, subscribe::SubscriberService, Bus};
+use crate::{log, Error, Result};
+
+/// Serves the bus on `listener` until `shutdown` completes; then stops accepting, persists
+/// group positions and closes the log.
+pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    let url = config.log_url();
+    let log = log::open(&url, &config.log_settings).await?;
+    let delivery = Arc::new(Delivery::new(log.clone(), config.delivery.clone()));
+    let bus = Arc::new(Bus { log: log.clone(), delivery: delivery.clone(), config: config.clone() });
+
+    let retention_log = log.clone();
+    let every = Duration::from_millis(config.log_settings.retention_check_ms.max(100));
+    let retention = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = retention_log.apply_retention().await {
+                tracing::error!(error = %e, "retention failed");
+            }
+        }
+    });
+
+    // Room for the largest event plus the envelope and request fields around it.
+    let max_message = config.log_settings.max_event_bytes + 1024 * 1024;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<pb::publisher_server::PublisherServer<PublisherService>>().await;
+    health_reporter.set_serving::<pb::subscriber_server::SubscriberServer<SubscriberService>>().await;
+    health_reporter.set_serving::<pb::replayer_server::ReplayerServer<ReplayerService>>().await;
+    health_reporter.set_serving::<pb::admin_server::AdminServer<AdminService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Serve(e.to_string()))?;
+
+    let addr = listener.local_addr().map_err(|e| Error::io("reading the listen address", e))?;
+    tracing::info!(%addr, log = %url, "justizbus listening");
+    if addr.ip().is_loopback() {
+        tracing::info!("no TLS configured: listening on loopback only");
+    }
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(pb::publisher_server::PublisherServer::new(PublisherService::new(bus.clone())).max_decoding_message_size(max_message))
+        .add_service(
+            pb::subscriber_server::SubscriberServer::new(SubscriberService::new(bus.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .add_service(pb::replayer_server::ReplayerServer::new(ReplayerService::new(bus.clone())).max_encoding_message_size(max_message))
+        .add_service(pb::admin_server::AdminServer::new(AdminService::new(bus.clone())).max_encoding_message_size(usize::MAX))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| Error::Serve(e.to_string()));
+    tracing::info!("shutting down");
+    retention.abort();
+    delivery.shutdown().await;
+    log.close().await?;
+    tracing::info!("stopped");
+    result
+}
