@@ -144,7 +144,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let end = i + per_stream;
             while i < end {
                 let n = (args.batch as u64).min(end - i);
-                let reqs: Vec<pb::PublishRequest> = (i..i + n).map(|k| pb::PublishRequest { topic: topic.clone(), event: Some(event(&args, k, None)) }).collect();
+                let reqs: Vec<pb::PublishRequest> =
+                    (i..i + n).map(|k| pb::PublishRequest { topic: topic.clone(), event: Some(event(&args, k, None)) }).collect();
                 client.publish_batch(tokio_stream::iter(reqs)).await?;
                 i += n;
             }
@@ -210,7 +211,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         });
     }
     let publish_elapsed = started.elapsed();
-    let _ = client.publish(pb::PublishRequest { topic: lat_topic.clone(), event: Some(event(&args, lat_events + 1, Some(now_ns()))) }).await;
+    let _ =
+        client.publish(pb::PublishRequest { topic: lat_topic.clone(), event: Some(event(&args, lat_events + 1, Some(now_ns()))) }).await;
     let (lat_delivered, _) = consumer.await??;
     let mut latencies: Vec<u128> = Vec::with_capacity(lat_events as usize);
     while let Ok(l) = lat_rx.try_recv() {
@@ -288,7 +290,9 @@ async fn drain(
         };
         let Some(msg) = msg else { break };
         if let Some(pb::subscribe_response::Response::Delivery(d)) = msg.response {
-            if let (Some(tx), Some(sent)) = (&latencies, d.event.as_ref().and_then(|e| e.headers.get("bench.sent_ns")).and_then(|s| s.parse::<u128>().ok())) {
+            if let (Some(tx), Some(sent)) =
+                (&latencies, d.event.as_ref().and_then(|e| e.headers.get("bench.sent_ns")).and_then(|s| s.parse::<u128>().ok()))
+            {
                 let _ = tx.send(now_ns().saturating_sub(sent));
             }
             got += 1;
@@ -341,11 +345,13 @@ async fn large_log(args: &BenchArgs, server: &mut ServerProcess, gb: f64) -> any
             let mut i = s * 1_000_000_000;
             let mut count = 0u64;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let reqs: Vec<pb::PublishRequest> = (i..i + args.batch as u64).map(|k| pb::PublishRequest { topic: topic.clone(), event: Some(event(&args, k, None)) }).collect();
+                let reqs: Vec<pb::PublishRequest> = (i..i + args.batch as u64)
+                    .map(|k| pb::PublishRequest { topic: topic.clone(), event: Some(event(&args, k, None)) })
+                    .collect();
                 client.publish_batch(tokio_stream::iter(reqs)).await?;
                 i += args.batch as u64;
                 count += args.batch as u64;
-                if s == 0 && count % 50_000 == 0 && dir_size(&log_dir) >= target {
+                if s == 0 && count.is_multiple_of(50_000) && dir_size(&log_dir) >= target {
                     done.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             }

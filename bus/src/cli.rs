@@ -488,31 +488,40 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                 line.insert("attempt".into(), json!(d.attempt));
                 print_json(&Value::Object(line))?;
                 let ids = vec![d.delivery_id];
-                let request = if args.nack { pb::subscribe_request::Request::Nack(pb::Nack { delivery_ids: ids }) } else { pb::subscribe_request::Request::Ack(pb::Ack { delivery_ids: ids }) };
+                let request = if args.nack {
+                    pb::subscribe_request::Request::Nack(pb::Nack { delivery_ids: ids })
+                } else {
+                    pb::subscribe_request::Request::Ack(pb::Ack { delivery_ids: ids })
+                };
                 tx.send(pb::SubscribeRequest { request: Some(request) }).await.context("the server closed the subscription")?;
                 received += 1;
                 if args.max.is_some_and(|m| received >= m) {
                     break;
                 }
             }
-            Some(pb::subscribe_response::Response::AckError(e)) => eprintln!("warning: ack of delivery {} failed: {}", e.delivery_id, e.message),
+            Some(pb::subscribe_response::Response::AckError(e)) => {
+                eprintln!("warning: ack of delivery {} failed: {}", e.delivery_id, e.message)
+            }
             Some(pb::subscribe_response::Response::Subscribed(_)) | None => {}
         }
     }
     // Half-close and wait for the server to end the stream: it applies every ack sent before
     // it lets the subscriber go, so nothing printed is delivered again.
     drop(tx);
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Ok(Some(_)) = stream.message().await {}
-    })
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), async { while let Ok(Some(_)) = stream.message().await {} }).await;
     Ok(())
 }
 
 async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let from_time = args.from_time.as_deref().map(parse_time).transpose()?;
     let mut client = pb::replayer_client::ReplayerClient::new(connect(&args.server.server).await?);
-    let request = pb::ReplayRequest { topic: args.topic, partition: args.partition, from_offset: args.from_offset, from_time, to_offset: args.to_offset };
+    let request = pb::ReplayRequest {
+        topic: args.topic,
+        partition: args.partition,
+        from_offset: args.from_offset,
+        from_time,
+        to_offset: args.to_offset,
+    };
     let mut stream = client.replay(request).await?.into_inner();
     while let Some(r) = stream.message().await? {
         let event = r.event.unwrap_or_default();

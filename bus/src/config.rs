@@ -139,7 +139,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let err = toml::from_str::<ServerConfig>("listen = 'x'\nbogus = 1\n").unwrap_err();
+        let err = toml::from_str::<ServerConfig>("listen = 'x'\nbogus = 1\n").expect_err("unknown key");
         assert!(err.to_string().contains("bogus"), "{err}");
     }
 

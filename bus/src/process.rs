@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use crate::{Error, Result};
 
+/// What the server logs once it serves.
+pub const READY_LINE: &str = "justizbus listening";
+
 /// A running server process.
 pub struct ServerProcess {
     /// The binary.
@@ -58,7 +61,14 @@ impl ServerProcess {
     /// Starts the process again (same directory and port) and waits until it is ready.
     /// Returns how long it took until it accepted connections.
     pub fn restart(&mut self) -> Result<Duration> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_file).map_err(|e| Error::io("opening the server log", e))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_file)
+            .map_err(|e| Error::io("opening the server log", e))?;
+        // Ready means: this start logged that it listens (after recovery), not merely that the
+        // port accepts (it is bound before the log is opened).
+        let ready_before = self.log().matches(READY_LINE).count();
         let started = Instant::now();
         let child = Command::new(&self.binary)
             .arg("serve")
@@ -75,7 +85,7 @@ impl ServerProcess {
         self.child = Some(child);
         let deadline = started + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(&self.addr).is_ok() {
+            if self.log().matches(READY_LINE).count() > ready_before && std::net::TcpStream::connect(&self.addr).is_ok() {
                 return Ok(started.elapsed());
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -121,7 +131,12 @@ impl ServerProcess {
     pub fn memory(&self) -> Option<(u64, u64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
         let field = |name: &str| {
-            status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).map(|kb| kb * 1024)
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(|kb| kb * 1024)
         };
         Some((field("VmHWM:")?, field("VmRSS:")?))
     }

@@ -191,7 +191,13 @@ struct Actor {
 }
 
 /// Loads a group's state and starts its actor.
-pub async fn spawn(log: Arc<dyn Log>, topic: &str, group: &str, limits: DeliverySettings, start: StartPosition) -> Result<mpsc::Sender<Command>> {
+pub async fn spawn(
+    log: Arc<dyn Log>,
+    topic: &str,
+    group: &str,
+    limits: DeliverySettings,
+    start: StartPosition,
+) -> Result<mpsc::Sender<Command>> {
     let info = log.describe_topic(topic).await?;
     let dlq = dead_letter_topic(topic, group);
     match log.create_topic(&dlq, TopicConfig { partitions: info.config.partitions, retention_ms: 0, retention_bytes: 0 }).await {
@@ -458,13 +464,21 @@ impl Actor {
             }
             entry.state = State::InFlight(delivery_id);
             sub.outstanding += 1;
-            self.inflight.insert(delivery_id, InFlight { partition: p, offset: off, sub: sub_id, deadline: Instant::now() + self.settings.ack_deadline });
+            self.inflight.insert(
+                delivery_id,
+                InFlight { partition: p, offset: off, sub: sub_id, deadline: Instant::now() + self.settings.ack_deadline },
+            );
         }
     }
 
     fn pick_subscriber(&mut self) -> Option<u64> {
         let has_room = |s: &Sub| s.outstanding < s.max_unacked;
-        let found = self.subs.range(self.rr + 1..).find(|(_, s)| has_room(s)).or_else(|| self.subs.range(..=self.rr).find(|(_, s)| has_room(s))).map(|(id, _)| *id);
+        let found = self
+            .subs
+            .range(self.rr + 1..)
+            .find(|(_, s)| has_room(s))
+            .or_else(|| self.subs.range(..=self.rr).find(|(_, s)| has_room(s)))
+            .map(|(id, _)| *id);
         if let Some(id) = found {
             self.rr = id;
         }
@@ -575,7 +589,8 @@ impl Actor {
         self.log.remove_quarantine(&self.topic, &self.group, &key).await?;
         self.quarantined.remove(&key);
         let (p, off) = (q.partition, q.offset);
-        let is_quarantined = self.parts.get(p as usize).and_then(|part| part.entries.get(&off)).is_some_and(|e| e.state == State::Quarantined);
+        let is_quarantined =
+            self.parts.get(p as usize).and_then(|part| part.entries.get(&off)).is_some_and(|e| e.state == State::Quarantined);
         tracing::info!(topic = %self.topic, group = %self.group, key = %String::from_utf8_lossy(&key), partition = p, offset = off, skip, "quarantine resolved");
         if is_quarantined && skip {
             self.acked(p, off);

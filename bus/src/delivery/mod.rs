@@ -151,7 +151,10 @@ impl Drop for SubscriberControl {
 
 fn check_credit(max_unacked: u32, limit: u32) -> Result<()> {
     if max_unacked > limit {
-        return Err(Error::invalid("max_unacked", format!("{max_unacked} exceeds the server limit of {limit} unacknowledged deliveries per subscriber")));
+        return Err(Error::invalid(
+            "max_unacked",
+            format!("{max_unacked} exceeds the server limit of {limit} unacknowledged deliveries per subscriber"),
+        ));
     }
     Ok(())
 }
@@ -209,7 +212,9 @@ impl Delivery {
         // Room for every delivery the credit allows plus some ack errors.
         let (out, receiver) = mpsc::channel(self.settings.max_unacked_limit as usize + 64);
         let (reply, rx) = oneshot::channel();
-        tx.send(group::Command::Join { sub: id, max_unacked, overrides: params.overrides, out, reply }).await.map_err(|_| Error::ShuttingDown)?;
+        tx.send(group::Command::Join { sub: id, max_unacked, overrides: params.overrides, out, reply })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
         let partitions = rx.await.map_err(|_| Error::ShuttingDown)??;
         Ok(Subscription {
             partitions,

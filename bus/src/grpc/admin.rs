@@ -50,7 +50,13 @@ impl From<GroupStatus> for pb::GroupInfo {
             partitions: g
                 .partitions
                 .into_iter()
-                .map(|p| pb::GroupPartition { partition: p.partition, committed_offset: p.committed, end_offset: p.end, lag: p.lag, in_flight: p.in_flight })
+                .map(|p| pb::GroupPartition {
+                    partition: p.partition,
+                    committed_offset: p.committed,
+                    end_offset: p.end,
+                    lag: p.lag,
+                    in_flight: p.in_flight,
+                })
                 .collect(),
             quarantined_keys: g.quarantined_keys,
             dead_letter_topic: g.dead_letter_topic,
@@ -98,7 +104,10 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(self.bus.delivery.describe(&r.topic, &r.group).await?.into()))
     }
 
-    async fn list_dead_letters(&self, request: Request<pb::ListDeadLettersRequest>) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
         let r = request.into_inner();
         validate_name("topic", &r.topic)?;
         validate_name("group", &r.group)?;
@@ -125,13 +134,19 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::ListQuarantineResponse { keys }))
     }
 
-    async fn release_quarantine(&self, request: Request<pb::QuarantineActionRequest>) -> Result<Response<pb::QuarantineActionResponse>, Status> {
+    async fn release_quarantine(
+        &self,
+        request: Request<pb::QuarantineActionRequest>,
+    ) -> Result<Response<pb::QuarantineActionResponse>, Status> {
         let r = request.into_inner();
         let q = self.bus.delivery.resolve_quarantine(&r.topic, &r.group, Bytes::from(r.key.into_bytes()), false).await?;
         Ok(Response::new(pb::QuarantineActionResponse { released: Some(q.into()) }))
     }
 
-    async fn skip_quarantine(&self, request: Request<pb::QuarantineActionRequest>) -> Result<Response<pb::QuarantineActionResponse>, Status> {
+    async fn skip_quarantine(
+        &self,
+        request: Request<pb::QuarantineActionRequest>,
+    ) -> Result<Response<pb::QuarantineActionResponse>, Status> {
         let r = request.into_inner();
         let q = self.bus.delivery.resolve_quarantine(&r.topic, &r.group, Bytes::from(r.key.into_bytes()), true).await?;
         Ok(Response::new(pb::QuarantineActionResponse { released: Some(q.into()) }))

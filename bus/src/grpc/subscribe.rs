@@ -111,7 +111,11 @@ fn to_wire(topic: &str, out: Outgoing) -> pb::SubscribeResponse {
 
 /// Applies the client's acks, nacks and credit until its stream ends; then the control is
 /// dropped, which leaves the group and frees what the subscriber held.
-async fn forward_client_messages(mut inbound: Streaming<pb::SubscribeRequest>, control: SubscriberControl, violations: mpsc::Sender<Status>) {
+async fn forward_client_messages(
+    mut inbound: Streaming<pb::SubscribeRequest>,
+    control: SubscriberControl,
+    violations: mpsc::Sender<Status>,
+) {
     loop {
         let msg = match inbound.message().await {
             Ok(Some(msg)) => msg,

@@ -143,8 +143,7 @@ pub trait Log: Send + Sync + 'static {
     async fn append(&self, topic: &str, records: Vec<NewRecord>) -> Result<Vec<Appended>>;
     /// Reads up to `max_records` records (and about `max_bytes`) from `from`, up to the high
     /// watermark. Starting below the log start yields records from the log start.
-    async fn read(&self, topic: &str, partition: u32, from: u64, max_records: usize, max_bytes: usize)
-        -> Result<Vec<StoredRecord>>;
+    async fn read(&self, topic: &str, partition: u32, from: u64, max_records: usize, max_bytes: usize) -> Result<Vec<StoredRecord>>;
     /// The stored range of a partition.
     async fn offsets(&self, topic: &str, partition: u32) -> Result<PartitionOffsets>;
     /// The first offset whose record has a timestamp at or after `timestamp_ms` (the end if none).

@@ -89,11 +89,8 @@ impl DedupIndex {
         if self.window_ms == 0 {
             return Ok(());
         }
-        let mark = self
-            .tree
-            .get(Self::mark_key(partition.id))?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map_or(0, u64::from_be_bytes);
+        let mark =
+            self.tree.get(Self::mark_key(partition.id))?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map_or(0, u64::from_be_bytes);
         let mut from = mark.max(log_start);
         let mut recovered = 0usize;
         while from < end {

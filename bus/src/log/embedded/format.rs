@@ -163,13 +163,7 @@ pub fn check_crc(header: &BatchHeader, batch: &[u8]) -> Result<(), BadBatch> {
 }
 
 /// Decodes the records of a whole, CRC-checked batch, keeping those at or after `from`.
-pub fn decode_records(
-    header: &BatchHeader,
-    batch: &Bytes,
-    partition: u32,
-    from: u64,
-    out: &mut Vec<StoredRecord>,
-) -> Result<(), BadBatch> {
+pub fn decode_records(header: &BatchHeader, batch: &Bytes, partition: u32, from: u64, out: &mut Vec<StoredRecord>) -> Result<(), BadBatch> {
     let mut at = BATCH_HEADER;
     let end = header.total_len as usize;
     for _ in 0..header.record_count {

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::dedup::DedupIndex;
 use super::format;
-use super::segment::{self, Segment, TornTail};
+use super::segment::{self, ReadBudget, Segment, TornTail};
 use crate::config::LogSettings;
 use crate::log::{Appended, NewRecord, StoredRecord};
 use crate::{Error, Result};
@@ -93,14 +93,19 @@ impl Partition {
             if pair[0].next_offset() != pair[1].base_offset {
                 return Err(Error::Corrupt {
                     path: pair[1].log_path.display().to_string(),
-                    reason: format!("segment starts at offset {} but the previous one ends at {}", pair[1].base_offset, pair[0].next_offset()),
+                    reason: format!(
+                        "segment starts at offset {} but the previous one ends at {}",
+                        pair[1].base_offset,
+                        pair[0].next_offset()
+                    ),
                 });
             }
         }
         let end_offset = segments.last().map_or(0, |s| s.next_offset());
         let (end, _) = watch::channel(end_offset);
         let (tx, rx) = mpsc::channel(1024);
-        let partition = Arc::new(Partition { topic: topic.to_string(), id, dir: dir.to_path_buf(), segments: RwLock::new(segments), end, writer: tx });
+        let partition =
+            Arc::new(Partition { topic: topic.to_string(), id, dir: dir.to_path_buf(), segments: RwLock::new(segments), end, writer: tx });
         let log_start = partition.start_offset();
         dedup.recover(&partition, log_start, end_offset)?;
         let state = WriterState { index_file, since_index, settings: settings.clone(), dedup, buf: Vec::new() };
@@ -152,9 +157,9 @@ impl Partition {
             return Ok(out);
         }
         let first = segments.partition_point(|s| s.base_offset <= from).saturating_sub(1);
-        let mut bytes = 0;
+        let mut budget = ReadBudget { upto, max_records, max_bytes, bytes_read: 0 };
         for seg in &segments[first..] {
-            if seg.base_offset >= upto || !seg.read(self.id, from, upto, max_records, max_bytes, &mut out, &mut bytes)? {
+            if seg.base_offset >= upto || !seg.read(self.id, from, &mut budget, &mut out)? {
                 break;
             }
         }
@@ -272,7 +277,9 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
         for r in &job.records {
             if let Some(&offset) = in_batch.get(r.id.as_str()) {
                 res.push(Appended { partition: p.id, offset, duplicate: true });
-            } else if let Some(found) = st.dedup.lookup(&r.id)? {
+            } else if let Some(found) = st.dedup.lookup(&r.id)?.filter(|&(fp, fo)| fp != p.id || fo < base) {
+                // (An entry at or past this partition's end points at a record that recovery
+                // cut off; that id is free again.)
                 res.push(Appended { partition: found.0, offset: found.1, duplicate: true });
             } else {
                 in_batch.insert(&r.id, next);

@@ -62,6 +62,19 @@ pub struct TornTail {
     pub reason: String,
 }
 
+/// Limits of one read across segments.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadBudget {
+    /// Exclusive end offset (the high watermark).
+    pub upto: u64,
+    /// Most records.
+    pub max_records: usize,
+    /// About this many bytes at most (at least one record is returned).
+    pub max_bytes: usize,
+    /// Bytes read so far.
+    pub bytes_read: usize,
+}
+
 /// A segment of a partition.
 #[derive(Debug)]
 pub struct Segment {
@@ -98,8 +111,10 @@ impl Segment {
     /// Creates an empty segment (files included).
     pub fn create(dir: &Path, base_offset: u64) -> Result<(Segment, File)> {
         let (log_path, index_path) = Self::paths(dir, base_offset);
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&log_path).map_err(io(&log_path, "creating"))?;
-        let index_file = OpenOptions::new().write(true).create(true).truncate(true).open(&index_path).map_err(io(&index_path, "creating"))?;
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&log_path).map_err(io(&log_path, "creating"))?;
+        let index_file =
+            OpenOptions::new().write(true).create(true).truncate(true).open(&index_path).map_err(io(&index_path, "creating"))?;
         sync_dir(dir)?;
         let seg = Segment {
             base_offset,
@@ -155,7 +170,10 @@ impl Segment {
                     max_ts = max_ts.max(h.max_timestamp_ms);
                 })?;
                 if let Some(bad) = bad {
-                    return Err(Error::Corrupt { path: seg.log_path.display().to_string(), reason: format!("sealed segment at byte {end}: {bad}") });
+                    return Err(Error::Corrupt {
+                        path: seg.log_path.display().to_string(),
+                        reason: format!("sealed segment at byte {end}: {bad}"),
+                    });
                 }
                 *seg.index.write().unwrap_or_else(|e| e.into_inner()) = entries;
                 seg.next_offset.store(next, Ordering::Release);
@@ -166,7 +184,10 @@ impl Segment {
                 tracing::warn!(segment = %seg.log_path.display(), "index missing or damaged; rebuilding");
                 let (seg, torn) = Self::recover_opened(seg, interval)?;
                 if let Some(t) = torn {
-                    return Err(Error::Corrupt { path: seg.log_path.display().to_string(), reason: format!("sealed segment at byte {}: {}", t.valid_bytes, t.reason) });
+                    return Err(Error::Corrupt {
+                        path: seg.log_path.display().to_string(),
+                        reason: format!("sealed segment at byte {}: {}", t.valid_bytes, t.reason),
+                    });
                 }
                 Ok(seg)
             }
@@ -189,7 +210,11 @@ impl Segment {
         let mut since_index = u64::MAX;
         let (end, bad) = seg.scan(0, seg.base_offset, true, |pos, h| {
             if since_index >= interval {
-                entries.push(IndexEntry { rel_offset: (h.base_offset - seg.base_offset) as u32, position: pos as u32, max_ts_before: max_ts });
+                entries.push(IndexEntry {
+                    rel_offset: (h.base_offset - seg.base_offset) as u32,
+                    position: pos as u32,
+                    max_ts_before: max_ts,
+                });
                 since_index = 0;
             }
             since_index += h.total_len;
@@ -220,7 +245,13 @@ impl Segment {
     /// Walks batch headers from `pos`; with `crc`, also checks each batch whole. Stops at the
     /// first bad batch or at the end. Returns the position after the last good batch and the
     /// reason it stopped early, if it did.
-    fn scan(&self, mut pos: u64, first_offset: u64, crc: bool, mut visit: impl FnMut(u64, &BatchHeader)) -> Result<(u64, Option<BadBatch>)> {
+    fn scan(
+        &self,
+        mut pos: u64,
+        first_offset: u64,
+        crc: bool,
+        mut visit: impl FnMut(u64, &BatchHeader),
+    ) -> Result<(u64, Option<BadBatch>)> {
         let size = self.size();
         let mut expected = first_offset;
         let mut header = [0u8; BATCH_HEADER];
@@ -289,7 +320,8 @@ impl Segment {
     /// Publishes a synced batch: size, end offset, largest timestamp and (maybe) an index entry.
     pub fn commit(&self, pos: u64, len: u64, next_offset: u64, max_ts: i64, index: Option<(&mut File, u64)>) -> Result<()> {
         if let Some((index_file, base)) = index {
-            let entry = IndexEntry { rel_offset: (base - self.base_offset) as u32, position: pos as u32, max_ts_before: self.max_timestamp() };
+            let entry =
+                IndexEntry { rel_offset: (base - self.base_offset) as u32, position: pos as u32, max_ts_before: self.max_timestamp() };
             index_file.write_all(&entry.encode()).map_err(io(&self.index_path, "writing"))?;
             self.index.write().unwrap_or_else(|e| e.into_inner()).push(entry);
         }
@@ -316,9 +348,10 @@ impl Segment {
         }
     }
 
-    /// Reads records with offsets in `[from, upto)` into `out`, up to the limits. Returns false
-    /// when a limit stopped it.
-    pub fn read(&self, partition: u32, from: u64, upto: u64, max_records: usize, max_bytes: usize, out: &mut Vec<StoredRecord>, bytes_read: &mut usize) -> Result<bool> {
+    /// Reads records with offsets in `[from, budget.upto)` into `out` until the budget is spent.
+    /// Returns false when the budget stopped it.
+    pub fn read(&self, partition: u32, from: u64, budget: &mut ReadBudget, out: &mut Vec<StoredRecord>) -> Result<bool> {
+        let ReadBudget { upto, max_records, max_bytes, .. } = *budget;
         let (mut pos, _) = self.floor_entry(from);
         let size = self.size();
         let mut header = [0u8; BATCH_HEADER];
@@ -336,8 +369,8 @@ impl Segment {
                 while out.last().is_some_and(|r| r.offset >= upto) {
                     out.pop();
                 }
-                *bytes_read += h.total_len as usize;
-                if !out.is_empty() && (out.len() >= max_records || *bytes_read >= max_bytes) {
+                budget.bytes_read += h.total_len as usize;
+                if !out.is_empty() && (out.len() >= max_records || budget.bytes_read >= max_bytes) {
                     out.truncate(max_records.max(1));
                     return Ok(false);
                 }
@@ -356,7 +389,11 @@ impl Segment {
         let start = {
             let index = self.index.read().unwrap_or_else(|e| e.into_inner());
             let i = index.partition_point(|e| e.max_ts_before < ts);
-            if i == 0 { 0 } else { u64::from(index[i - 1].position) }
+            if i == 0 {
+                0
+            } else {
+                u64::from(index[i - 1].position)
+            }
         };
         let size = self.size();
         let mut pos = start;

@@ -1,0 +1,109 @@
+//! The README walk-through, run with the real binary: topics, publish, subscribe, replay,
+//! groups, and clear errors with a non-zero exit on bad input.
+
+use justizbus_e2e::{run_cli, TestServer};
+
+#[test]
+fn walk_through() {
+    let server = TestServer::start(&[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let created = server.cli(&["topics", "create", "--topic", "ingest", "--partitions", "4"]);
+    assert!(created.ok, "{}", created.stderr);
+    assert_eq!(created.json_lines()[0]["partitions"], 4);
+
+    let file = dir.path().join("filing.json");
+    std::fs::write(&file, r#"{"court":"AG Köln","aktenzeichen":"12 C 345/26"}"#).expect("write");
+    let f = file.to_str().expect("utf8");
+    let mut published = Vec::new();
+    for i in 0..3 {
+        let id = format!("evt-{i}");
+        let out = server.cli(&["publish", "--topic", "ingest", "--key", "AG-Koeln/12C345-26", "--type", "test.filing", "--id", &id, f]);
+        assert!(out.ok, "{}", out.stderr);
+        let r = &out.json_lines()[0];
+        assert_eq!(r["id"], id.as_str());
+        published.push((r["partition"].as_u64().expect("partition"), r["offset"].as_u64().expect("offset")));
+    }
+    assert!(published.iter().all(|(p, _)| *p == published[0].0), "one key, one partition");
+    assert_eq!(published.iter().map(|(_, o)| *o).collect::<Vec<_>>(), [0, 1, 2]);
+
+    // Publishing the same id again stores nothing new.
+    let again = server.cli(&["publish", "--topic", "ingest", "--key", "AG-Koeln/12C345-26", "--id", "evt-0", f]);
+    assert!(again.ok);
+    assert_eq!(again.json_lines()[0]["duplicate"], true);
+    assert_eq!(again.json_lines()[0]["offset"], 0);
+
+    // Standard input, and a payload that is not JSON.
+    let stdin = run_cli(
+        &["publish".into(), "--server".into(), server.url(), "--topic".into(), "ingest".into(), "--key".into(), "other".into(), "-".into()],
+        Some(b"plain text"),
+    );
+    assert!(stdin.ok, "{}", stdin.stderr);
+
+    let sub = server.cli(&["subscribe", "--topic", "ingest", "--group", "court", "--max", "2", "--timeout", "10"]);
+    assert!(sub.ok, "{}", sub.stderr);
+    let lines = sub.json_lines();
+    assert_eq!(lines.len(), 2);
+    for key in ["topic", "partition", "offset", "key", "id", "type", "time", "attempt", "data"] {
+        assert!(lines[0].get(key).is_some(), "subscribe prints {key}: {}", lines[0]);
+    }
+    // The rest of the group's events, then nothing: printed events were acknowledged.
+    let rest = server.cli(&["subscribe", "--topic", "ingest", "--group", "court", "--timeout", "2"]);
+    assert!(rest.ok, "{}", rest.stderr);
+    let mut ids: Vec<String> = lines.iter().chain(rest.json_lines().iter()).map(|l| l["id"].as_str().expect("id").to_string()).collect();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 4, "no event twice");
+    let plain = rest.json_lines().into_iter().chain(lines).find(|l| l["key"] == "other").expect("stdin event");
+    assert_eq!(plain["data"], "plain text");
+
+    let replay = server.cli(&["replay", "--topic", "ingest", "--partition", &published[0].0.to_string(), "--from-offset", "1"]);
+    assert!(replay.ok, "{}", replay.stderr);
+    let r = replay.json_lines();
+    assert_eq!(r.iter().map(|l| l["offset"].as_u64().expect("offset")).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(r[0]["data"]["aktenzeichen"], "12 C 345/26");
+    let bounded = server.cli(&["replay", "--topic", "ingest", "--partition", &published[0].0.to_string(), "--to-offset", "1"]);
+    assert_eq!(bounded.json_lines().len(), 1);
+    let by_time = server.cli(&["replay", "--topic", "ingest", "--from-time", "2000-01-01T00:00:00Z"]);
+    assert_eq!(by_time.json_lines().len(), 4);
+
+    let groups = server.cli(&["groups", "describe", "--topic", "ingest", "--group", "court"]);
+    assert!(groups.ok, "{}", groups.stderr);
+    let g = &groups.json_lines()[0];
+    assert!(g["partitions"].as_array().expect("partitions").iter().all(|p| p["lag"] == 0), "{g}");
+    let topics = server.cli(&["topics", "list"]);
+    assert!(topics.json_lines().iter().any(|t| t["topic"] == "ingest"));
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_a_clear_error() {
+    let server = TestServer::start(&[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("e.json");
+    std::fs::write(&file, "{}").expect("write");
+    let f = file.to_str().expect("utf8");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["publish", "--topic", "missing", "--key", "k", f], "does not exist"),
+        (vec!["publish", "--topic", "missing", "--key", "k", "/no/such/file"], "cannot read"),
+        (vec!["subscribe", "--topic", "missing", "--group", "g", "--timeout", "1"], "does not exist"),
+        (vec!["replay", "--topic", "missing"], "does not exist"),
+        (vec!["topics", "create", "--topic", "bad/name", "--partitions", "1"], "topic"),
+        (vec!["replay", "--topic", "missing", "--from-time", "yesterday"], "RFC 3339"),
+    ];
+    for (args, needle) in cases {
+        let out = server.cli(&args);
+        assert!(!out.ok, "{args:?} must fail");
+        assert!(out.stderr.contains(needle), "{args:?}: stderr {:?} should mention {needle:?}", out.stderr);
+    }
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "").expect("write");
+    assert!(server.cli(&["topics", "create", "--topic", "t", "--partitions", "1"]).ok);
+    let out = server.cli(&["publish", "--topic", "t", "--key", "k", empty.to_str().expect("utf8")]);
+    assert!(!out.ok && out.stderr.contains("empty"), "{}", out.stderr);
+    let down = run_cli(&["topics".into(), "list".into(), "--server".into(), "http://127.0.0.1:1".into()], None);
+    assert!(!down.ok && down.stderr.contains("cannot connect"), "{}", down.stderr);
+    let bad_config = dir.path().join("bad.toml");
+    std::fs::write(&bad_config, "bogus_key = 1\n").expect("write");
+    let out = run_cli(&["serve".into(), "--config".into(), bad_config.to_str().expect("utf8").into()], None);
+    assert!(!out.ok && out.stderr.contains("bogus_key"), "{}", out.stderr);
+}
