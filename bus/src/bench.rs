@@ -282,7 +282,6 @@ async fn drain(
     let mut stream = client.subscribe(ReceiverStream::new(rx)).await?.into_inner();
     let started = Instant::now();
     let mut got = 0u64;
-    let mut pending = Vec::with_capacity(64);
     while got < expected {
         let msg = match tokio::time::timeout(idle, stream.message()).await {
             Ok(m) => m?,
@@ -296,18 +295,12 @@ async fn drain(
                 let _ = tx.send(now_ns().saturating_sub(sent));
             }
             got += 1;
-            pending.push(d.delivery_id);
-            if pending.len() >= 64 || got >= expected {
-                let ack = pb::Ack { delivery_ids: std::mem::take(&mut pending) };
-                tx.send(pb::SubscribeRequest { request: Some(pb::subscribe_request::Request::Ack(ack)) }).await?;
-            }
+            // Acknowledge at once: the next event of a case waits for this ack.
+            let ack = pb::Ack { delivery_ids: vec![d.delivery_id] };
+            tx.send(pb::SubscribeRequest { request: Some(pb::subscribe_request::Request::Ack(ack)) }).await?;
         }
     }
     let elapsed = started.elapsed();
-    if !pending.is_empty() {
-        let ack = pb::Ack { delivery_ids: pending };
-        tx.send(pb::SubscribeRequest { request: Some(pb::subscribe_request::Request::Ack(ack)) }).await?;
-    }
     drop(tx);
     let _ = tokio::time::timeout(Duration::from_secs(10), async { while let Ok(Some(_)) = stream.message().await {} }).await;
     Ok((got, elapsed))

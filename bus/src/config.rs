@@ -67,8 +67,10 @@ pub struct LogSettings {
     pub segment_bytes: u64,
     /// One sparse index entry per this many bytes of log.
     pub index_interval_bytes: u64,
-    /// An event id appended again within this window is stored once.
+    /// An event id appended again within this window is stored once (0 disables dedup).
     pub dedup_window_ms: u64,
+    /// At most this many recent ids are remembered per partition (about 30 bytes each).
+    pub dedup_max_ids: usize,
     /// Largest accepted event (encoded envelope).
     pub max_event_bytes: usize,
     /// How often retention runs.
@@ -85,6 +87,7 @@ impl Default for LogSettings {
             segment_bytes: 128 * 1024 * 1024,
             index_interval_bytes: 8 * 1024,
             dedup_window_ms: 7 * 24 * 3600 * 1000,
+            dedup_max_ids: 1_000_000,
             max_event_bytes: 16 * 1024 * 1024,
             retention_check_ms: 60_000,
             state_cache_bytes: 32 * 1024 * 1024,

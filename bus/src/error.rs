@@ -77,8 +77,7 @@ pub enum Error {
     Io {
         /// What the bus was doing.
         context: String,
-        /// The operating system error.
-        #[source]
+        /// The operating system error (shown in the message, so not chained again).
         source: std::io::Error,
     },
     /// A requested offset is outside the stored range.

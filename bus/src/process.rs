@@ -35,6 +35,7 @@ impl ServerProcess {
     /// Starts `binary serve --data-dir DIR --listen 127.0.0.1:PORT EXTRA...` and waits until it
     /// accepts connections.
     pub fn start(binary: &Path, data_dir: &Path, extra_args: &[String]) -> Result<Self> {
+        std::fs::create_dir_all(data_dir).map_err(|e| Error::io(format!("creating {}", data_dir.display()), e))?;
         let addr = format!("127.0.0.1:{}", free_port()?);
         let mut p = ServerProcess {
             binary: binary.to_path_buf(),

@@ -144,6 +144,8 @@ struct Part {
     end: u64,
     entries: BTreeMap<u64, Entry>,
     keys: HashMap<Bytes, VecDeque<u64>>,
+    /// Payload bytes of `entries`.
+    buffered_bytes: usize,
     dirty: bool,
 }
 
@@ -185,8 +187,6 @@ struct Actor {
     backoff: BTreeSet<(Instant, u32, u64)>,
     quarantined: HashMap<Bytes, Quarantine>,
     next_delivery: u64,
-    buffered_events: usize,
-    buffered_bytes: usize,
     last_commit: Instant,
 }
 
@@ -224,8 +224,6 @@ pub async fn spawn(
         backoff: BTreeSet::new(),
         quarantined: HashMap::new(),
         next_delivery: 1,
-        buffered_events: 0,
-        buffered_bytes: 0,
         last_commit: Instant::now(),
     };
     for q in log.list_quarantine(topic, group).await? {
@@ -372,16 +370,18 @@ impl Actor {
         }
     }
 
-    /// Reads more events while the buffer has room.
+    /// Reads more events while the buffer has room. Each partition gets an equal share of the
+    /// buffer, so one partition's backlog cannot crowd out the keys of the others.
     async fn fill(&mut self) {
-        let (max_events, max_bytes) = (self.limits.max_buffered_events, self.limits.max_buffered_bytes);
+        let share_events = (self.limits.max_buffered_events / self.parts.len().max(1)).max(64);
+        let share_bytes = (self.limits.max_buffered_bytes / self.parts.len().max(1)).max(1 << 20);
         for p in 0..self.parts.len() {
-            while self.buffered_events < max_events && self.buffered_bytes < max_bytes {
+            loop {
                 let part = &self.parts[p];
-                if part.next_read >= part.end {
+                if part.next_read >= part.end || part.entries.len() >= share_events || part.buffered_bytes >= share_bytes {
                     break;
                 }
-                let room = (max_events - self.buffered_events).min(1024);
+                let room = (share_events - part.entries.len()).min(1024);
                 let from = part.next_read;
                 let records = match self.log.read(&self.topic, p as u32, from, room, 1 << 20).await {
                     Ok(r) => r,
@@ -415,10 +415,9 @@ impl Actor {
     /// Adds a read event behind the earlier events of its key.
     fn insert(&mut self, record: Arc<StoredRecord>) {
         let (p, off) = (record.partition, record.offset);
-        self.buffered_events += 1;
-        self.buffered_bytes += record.value.len() + record.key.len();
         let key = record.key.clone();
         let part = &mut self.parts[p as usize];
+        part.buffered_bytes += record.value.len() + record.key.len();
         part.entries.insert(off, Entry { record, attempts: 0, state: State::Waiting });
         let queue = part.keys.entry(key).or_default();
         queue.push_back(off);
@@ -502,8 +501,7 @@ impl Actor {
         let part = &mut self.parts[p as usize];
         let Some(entry) = part.entries.remove(&off) else { return };
         part.dirty = true;
-        self.buffered_events -= 1;
-        self.buffered_bytes -= entry.record.value.len() + entry.record.key.len();
+        part.buffered_bytes -= entry.record.value.len() + entry.record.key.len();
         let key = entry.record.key.clone();
         let next = match part.keys.get_mut(&key) {
             Some(queue) => {

@@ -24,8 +24,8 @@ pub mod embedded;
 /// A record to append. The log assigns partition (from the key) and offset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRecord {
-    /// Unique id: appending a second record with the same id within the dedup window stores
-    /// nothing and returns the first one's position.
+    /// Unique id: appending a record again (same id, same key, as a retry does) within the dedup
+    /// window stores nothing and returns the first one's position.
     pub id: String,
     /// Partitioning and ordering key.
     pub key: Bytes,

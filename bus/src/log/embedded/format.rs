@@ -162,6 +162,28 @@ pub fn check_crc(header: &BatchHeader, batch: &[u8]) -> Result<(), BadBatch> {
     Ok(())
 }
 
+/// Calls `f` with the id of each record of a whole, CRC-checked batch, in offset order.
+pub fn for_each_id(header: &BatchHeader, batch: &[u8], mut f: impl FnMut(&[u8])) -> Result<(), BadBatch> {
+    let mut at = BATCH_HEADER;
+    let end = header.total_len as usize;
+    for _ in 0..header.record_count {
+        if at + RECORD_HEADER > end {
+            return Err(BadBatch::Malformed("record header past batch end".into()));
+        }
+        let id_len = u16::from_le_bytes([batch[at + 12], batch[at + 13]]) as usize;
+        let key_len = u32_at(batch, at + 14) as usize;
+        let value_len = u32_at(batch, at + 18) as usize;
+        let body = at + RECORD_HEADER;
+        let stop = body + id_len + key_len + value_len;
+        if stop > end {
+            return Err(BadBatch::Malformed("record body past batch end".into()));
+        }
+        f(&batch[body..body + id_len]);
+        at = stop;
+    }
+    Ok(())
+}
+
 /// Decodes the records of a whole, CRC-checked batch, keeping those at or after `from`.
 pub fn decode_records(header: &BatchHeader, batch: &Bytes, partition: u32, from: u64, out: &mut Vec<StoredRecord>) -> Result<(), BadBatch> {
     let mut at = BATCH_HEADER;

@@ -5,8 +5,9 @@
 //! ```text
 //! DIR/log/<topic>/<partition>/<base offset, 20 digits>.log     batches (see format)
 //! DIR/log/<topic>/<partition>/<base offset, 20 digits>.index   sparse offset/time index
+//! DIR/log/<topic>/<partition>/<base offset, 20 digits>.ids     id hashes for dedup
 //! DIR/state/                                                   sled: topics, cursors,
-//!                                                              quarantine, dedup ids
+//!                                                              quarantine
 //! ```
 //!
 //! # Invariants
@@ -18,7 +19,9 @@
 //!   its CRC and everything after it is cut off (a torn group commit was never acknowledged).
 //! - Retention deletes whole sealed segments, never the active one.
 //! - `sled` holds only small mutable state. Losing its last writes in a crash costs at most
-//!   redeliveries (cursors) and is repaired from the log (dedup ids); topic creation is flushed.
+//!   redeliveries (cursors); topic creation and quarantine changes are flushed.
+//! - The dedup index is in memory per partition, reloaded from the `.ids` sidecars (the active
+//!   segment's is rebuilt from its records), so no acknowledged id is forgotten by a crash.
 
 pub mod dedup;
 pub mod format;
@@ -32,7 +35,6 @@ use std::sync::{Arc, RwLock};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use self::dedup::DedupIndex;
 use self::partition::Partition;
 use crate::config::LogSettings;
 use crate::event::{now_ms, validate_name};
@@ -46,7 +48,6 @@ pub const MAX_PARTITIONS: u32 = 1024;
 struct Topic {
     config: TopicConfig,
     partitions: Vec<Arc<Partition>>,
-    dedup: DedupIndex,
 }
 
 /// The embedded, file-based log.
@@ -94,11 +95,10 @@ impl EmbeddedLog {
     }
 
     fn open_topic(&self, name: &str, config: TopicConfig) -> Result<Arc<Topic>> {
-        let dedup = DedupIndex::new(self.db.open_tree(format!("dedup/{name}"))?, self.settings.dedup_window_ms);
         let partitions = (0..config.partitions)
-            .map(|p| Partition::open(name, p, &self.dir.join("log").join(name).join(p.to_string()), &self.settings, dedup.clone()))
+            .map(|p| Partition::open(name, p, &self.dir.join("log").join(name).join(p.to_string()), &self.settings))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Arc::new(Topic { config, partitions, dedup }))
+        Ok(Arc::new(Topic { config, partitions }))
     }
 
     fn topic(&self, name: &str) -> Result<Arc<Topic>> {
@@ -218,7 +218,6 @@ impl Log for EmbeddedLog {
             for p in &t.partitions {
                 removed += p.apply_retention(t.config.retention_ms, t.config.retention_bytes, now)?;
             }
-            t.dedup.purge()?;
         }
         Ok(removed)
     }
@@ -385,29 +384,37 @@ mod tests {
                     log.create_topic("m", TopicConfig { partitions: 3, retention_ms: 0, retention_bytes: 6000 }).await.expect("create");
                     let mut model: Vec<Vec<(String, Bytes)>> = vec![Vec::new(); 3];
                     let mut start = [0u64; 3];
-                    let mut ids: Vec<(String, Bytes)> = Vec::new();
+                    // Every id appended: (id, key, partition, offset).
+                    let mut ids: Vec<(String, Bytes, usize, u64)> = Vec::new();
+                    let mut fresh_ids = 0u64;
                     for op in ops {
                         match op {
                             Op::Append(recs) => {
                                 let mut batch = Vec::new();
                                 for (k, len, reuse) in recs {
-                                    let key = Bytes::from(format!("key-{k}"));
-                                    let id = if reuse && !ids.is_empty() {
-                                        ids[len as usize % ids.len()].0.clone()
+                                    // A retry carries the same id and key.
+                                    let (id, key) = if reuse && !ids.is_empty() {
+                                        let (id, key, _, _) = &ids[len as usize % ids.len()];
+                                        (id.clone(), key.clone())
                                     } else {
-                                        format!("id-{}", ids.len() + batch.len())
+                                        fresh_ids += 1;
+                                        (format!("id-{fresh_ids}"), Bytes::from(format!("key-{k}")))
                                     };
                                     batch.push(NewRecord { id, key, timestamp_ms: 5, value: Bytes::from(vec![k; len as usize]) });
                                 }
                                 let res = log.append("m", batch.clone()).await.expect("append");
+                                let mut seen_in_batch: Vec<String> = Vec::new();
                                 for (r, a) in batch.into_iter().zip(res) {
                                     let p = partition_for_key(&r.key, 3) as usize;
-                                    let known = ids.iter().any(|(i, _)| *i == r.id);
+                                    // An id is remembered while its record is stored.
+                                    let stored = ids.iter().any(|(i, _, ip, io)| *i == r.id && *io >= start[*ip]);
+                                    let known = stored || seen_in_batch.contains(&r.id);
                                     assert_eq!(a.duplicate, known, "duplicate flag of {}", r.id);
                                     if !known {
                                         assert_eq!(a.offset, model[p].len() as u64);
                                         model[p].push((r.id.clone(), r.value.clone()));
-                                        ids.push((r.id, r.key));
+                                        seen_in_batch.push(r.id.clone());
+                                        ids.push((r.id, r.key, p, a.offset));
                                     }
                                 }
                             }

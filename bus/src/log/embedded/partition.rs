@@ -8,15 +8,17 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::dedup::DedupIndex;
+use super::dedup::{id_hash, DedupIndex};
 use super::format;
 use super::segment::{self, ReadBudget, Segment, TornTail};
 use crate::config::LogSettings;
+use crate::event::now_ms;
 use crate::log::{Appended, NewRecord, StoredRecord};
 use crate::{Error, Result};
 
@@ -53,6 +55,7 @@ pub struct Partition {
 /// What only the writer task touches.
 struct WriterState {
     index_file: File,
+    ids_file: File,
     since_index: u64,
     settings: LogSettings,
     dedup: DedupIndex,
@@ -61,7 +64,7 @@ struct WriterState {
 
 impl Partition {
     /// Opens (or creates) a partition directory, recovering its active segment.
-    pub fn open(topic: &str, id: u32, dir: &Path, settings: &LogSettings, dedup: DedupIndex) -> Result<Arc<Partition>> {
+    pub fn open(topic: &str, id: u32, dir: &Path, settings: &LogSettings) -> Result<Arc<Partition>> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let mut bases: Vec<u64> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
@@ -76,14 +79,14 @@ impl Partition {
         for &base in bases.iter().take(bases.len().saturating_sub(1)) {
             segments.push(Arc::new(Segment::open_sealed(dir, base, interval)?));
         }
-        let (active, index_file) = match bases.last() {
+        let (active, index_file, ids_file) = match bases.last() {
             Some(&base) => {
-                let (seg, index_file, torn) = Segment::recover(dir, base, interval)?;
+                let (seg, index_file, ids_file, torn) = Segment::recover(dir, base, interval)?;
                 if let Some(TornTail { valid_bytes, truncated_bytes, reason }) = torn {
                     tracing::warn!(topic, partition = id, segment = %seg.log_path.display(), valid_bytes, truncated_bytes,
                         next_offset = seg.next_offset(), %reason, "recovered: truncated torn tail to the last whole batch");
                 }
-                (seg, index_file)
+                (seg, index_file, ids_file)
             }
             None => Segment::create(dir, 0)?,
         };
@@ -106,11 +109,42 @@ impl Partition {
         let (tx, rx) = mpsc::channel(1024);
         let partition =
             Arc::new(Partition { topic: topic.to_string(), id, dir: dir.to_path_buf(), segments: RwLock::new(segments), end, writer: tx });
-        let log_start = partition.start_offset();
-        dedup.recover(&partition, log_start, end_offset)?;
-        let state = WriterState { index_file, since_index, settings: settings.clone(), dedup, buf: Vec::new() };
+        let dedup = partition.load_dedup(settings)?;
+        let state = WriterState { index_file, ids_file, since_index, settings: settings.clone(), dedup, buf: Vec::new() };
         tokio::spawn(run_writer(Arc::downgrade(&partition), state, rx));
         Ok(partition)
+    }
+
+    /// Loads the ids of the newest segments that are still within the dedup window.
+    fn load_dedup(&self, settings: &LogSettings) -> Result<DedupIndex> {
+        let segments = self.segments();
+        let now = now_ms();
+        let cutoff = now.saturating_sub(settings.dedup_window_ms.min(i64::MAX as u64) as i64);
+        let mut chosen = Vec::new();
+        let mut count = 0usize;
+        // A segment's last append time is its file's modification time.
+        let appended_at = |seg: &Segment| {
+            std::fs::metadata(&seg.log_path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(now, |d| d.as_millis() as i64)
+        };
+        for seg in segments.iter().rev() {
+            if settings.dedup_window_ms == 0 || count >= settings.dedup_max_ids || appended_at(seg) < cutoff {
+                break;
+            }
+            count += (seg.next_offset() - seg.base_offset) as usize;
+            chosen.push(seg.clone());
+        }
+        let first = chosen.last().map_or(self.end_offset(), |s| s.base_offset);
+        let mut dedup = DedupIndex::new(settings.dedup_window_ms, settings.dedup_max_ids, first);
+        for seg in chosen.iter().rev() {
+            // An id is kept while its segment's last append is in the window.
+            dedup.record(seg.base_offset, &seg.load_ids()?, appended_at(seg));
+        }
+        dedup.expire(now);
+        Ok(dedup)
     }
 
     /// Appends records durably (group commit).
@@ -126,6 +160,12 @@ impl Partition {
         if self.writer.send(WriterMsg::Close(tx)).await.is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// Confirms a dedup hash hit: the record at `offset` is still stored and has this id (an id
+    /// is remembered only while its record is stored).
+    fn record_has_id(&self, offset: u64, id: &str) -> bool {
+        matches!(self.read(offset, 1, 1).as_deref(), Ok([r]) if r.offset == offset && r.id == id)
     }
 
     /// The high watermark.
@@ -271,21 +311,25 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
     let mut next = base;
     let mut fresh: Vec<&NewRecord> = Vec::new();
     let mut in_batch: HashMap<&str, u64> = HashMap::new();
+    let mut hashes = Vec::new();
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
         let mut res = Vec::with_capacity(job.records.len());
         for r in &job.records {
-            if let Some(&offset) = in_batch.get(r.id.as_str()) {
-                res.push(Appended { partition: p.id, offset, duplicate: true });
-            } else if let Some(found) = st.dedup.lookup(&r.id)?.filter(|&(fp, fo)| fp != p.id || fo < base) {
-                // (An entry at or past this partition's end points at a record that recovery
-                // cut off; that id is free again.)
-                res.push(Appended { partition: found.0, offset: found.1, duplicate: true });
-            } else {
-                in_batch.insert(&r.id, next);
-                res.push(Appended { partition: p.id, offset: next, duplicate: false });
-                fresh.push(r);
-                next += 1;
+            let hash = id_hash(r.id.as_bytes());
+            let stored = match in_batch.get(r.id.as_str()) {
+                Some(&offset) => Some(offset),
+                None => st.dedup.candidate(hash).filter(|&offset| p.record_has_id(offset, &r.id)),
+            };
+            match stored {
+                Some(offset) => res.push(Appended { partition: p.id, offset, duplicate: true }),
+                None => {
+                    in_batch.insert(&r.id, next);
+                    res.push(Appended { partition: p.id, offset: next, duplicate: false });
+                    fresh.push(r);
+                    hashes.push(hash);
+                    next += 1;
+                }
             }
         }
         results.push(res);
@@ -298,11 +342,13 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
     let len = st.buf.len() as u64;
     if active.size() > 0 && active.size() + len > st.settings.segment_bytes {
         st.index_file.sync_all().map_err(|e| Error::io(format!("syncing {}", active.index_path.display()), e))?;
-        let (seg, index_file) = Segment::create(&p.dir, base)?;
+        st.ids_file.sync_all().map_err(|e| Error::io(format!("syncing {}", active.ids_path.display()), e))?;
+        let (seg, index_file, ids_file) = Segment::create(&p.dir, base)?;
         tracing::info!(topic = %p.topic, partition = p.id, base_offset = base, "rolled to a new segment");
         active = Arc::new(seg);
         p.segments.write().unwrap_or_else(|e| e.into_inner()).push(active.clone());
         st.index_file = index_file;
+        st.ids_file = ids_file;
         st.since_index = u64::MAX;
     }
     let pos = active.write_batch(&st.buf).and_then(|pos| active.sync().map(|()| pos));
@@ -318,6 +364,9 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
     active.commit(pos, len, next, max_ts, add_index.then_some((&mut st.index_file, base)))?;
     st.since_index = if add_index { len } else { st.since_index + len };
     p.end.send_replace(next);
-    st.dedup.record(p.id, &fresh, base, next)?;
+    // The sidecar is not synced: recovery rebuilds the active segment's from the records.
+    let bytes: Vec<u8> = hashes.iter().flat_map(|h| h.to_le_bytes()).collect();
+    st.ids_file.write_all(&bytes).map_err(|e| Error::io(format!("writing {}", active.ids_path.display()), e))?;
+    st.dedup.record(base, &hashes, now_ms());
     Ok(results)
 }

@@ -84,6 +84,8 @@ pub struct Segment {
     pub log_path: PathBuf,
     /// Path of the `.index` file.
     pub index_path: PathBuf,
+    /// Path of the `.ids` file (dedup id hashes, see `dedup`).
+    pub ids_path: PathBuf,
     file: File,
     /// Sparse index, in memory; only the partition writer appends to it.
     index: RwLock<Vec<IndexEntry>>,
@@ -103,40 +105,43 @@ pub fn segment_stem(base_offset: u64) -> String {
 }
 
 impl Segment {
-    fn paths(dir: &Path, base_offset: u64) -> (PathBuf, PathBuf) {
+    fn paths(dir: &Path, base_offset: u64) -> (PathBuf, PathBuf, PathBuf) {
         let stem = segment_stem(base_offset);
-        (dir.join(format!("{stem}.log")), dir.join(format!("{stem}.index")))
+        (dir.join(format!("{stem}.log")), dir.join(format!("{stem}.index")), dir.join(format!("{stem}.ids")))
     }
 
-    /// Creates an empty segment (files included).
-    pub fn create(dir: &Path, base_offset: u64) -> Result<(Segment, File)> {
-        let (log_path, index_path) = Self::paths(dir, base_offset);
+    /// Creates an empty segment (files included); returns it with its index and ids files.
+    pub fn create(dir: &Path, base_offset: u64) -> Result<(Segment, File, File)> {
+        let (log_path, index_path, ids_path) = Self::paths(dir, base_offset);
         let file =
             OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&log_path).map_err(io(&log_path, "creating"))?;
         let index_file =
             OpenOptions::new().write(true).create(true).truncate(true).open(&index_path).map_err(io(&index_path, "creating"))?;
+        let ids_file = OpenOptions::new().write(true).create(true).truncate(true).open(&ids_path).map_err(io(&ids_path, "creating"))?;
         sync_dir(dir)?;
         let seg = Segment {
             base_offset,
             log_path,
             index_path,
+            ids_path,
             file,
             index: RwLock::new(Vec::new()),
             size: AtomicU64::new(0),
             next_offset: AtomicU64::new(base_offset),
             max_ts: AtomicI64::new(i64::MIN),
         };
-        Ok((seg, index_file))
+        Ok((seg, index_file, ids_file))
     }
 
     fn open_file(dir: &Path, base_offset: u64) -> Result<Segment> {
-        let (log_path, index_path) = Self::paths(dir, base_offset);
+        let (log_path, index_path, ids_path) = Self::paths(dir, base_offset);
         let file = OpenOptions::new().read(true).write(true).open(&log_path).map_err(io(&log_path, "opening"))?;
         let size = file.metadata().map_err(io(&log_path, "reading metadata of"))?.len();
         Ok(Segment {
             base_offset,
             log_path,
             index_path,
+            ids_path,
             file,
             index: RwLock::new(Vec::new()),
             size: AtomicU64::new(size),
@@ -165,7 +170,7 @@ impl Segment {
             Some(entries) => {
                 let (pos, mut max_ts) = entries.last().map_or((0, i64::MIN), |e| (u64::from(e.position), e.max_ts_before));
                 let mut next = entries.last().map_or(base_offset, |e| base_offset + u64::from(e.rel_offset));
-                let (end, bad) = seg.scan(pos, next, false, |_, h| {
+                let (end, bad) = seg.scan(pos, next, false, |_, h, _| {
                     next = h.next_offset();
                     max_ts = max_ts.max(h.max_timestamp_ms);
                 })?;
@@ -178,6 +183,11 @@ impl Segment {
                 *seg.index.write().unwrap_or_else(|e| e.into_inner()) = entries;
                 seg.next_offset.store(next, Ordering::Release);
                 seg.max_ts.store(max_ts, Ordering::Release);
+                let ids_len = std::fs::metadata(&seg.ids_path).map(|m| m.len()).unwrap_or(u64::MAX);
+                if ids_len != (next - base_offset) * 8 {
+                    tracing::warn!(segment = %seg.log_path.display(), "dedup ids missing or incomplete; rebuilding");
+                    return Ok(Self::recover_opened(seg, interval)?.0);
+                }
                 Ok(seg)
             }
             None => {
@@ -195,20 +205,27 @@ impl Segment {
     }
 
     /// Opens the active segment: checks every batch's CRC, truncates a torn tail, rebuilds the
-    /// index. Returns the index file for appending and what was cut off, if anything.
-    pub fn recover(dir: &Path, base_offset: u64, interval: u64) -> Result<(Segment, File, Option<TornTail>)> {
+    /// index and the ids sidecar. Returns the segment, its index and ids files for appending,
+    /// and what was cut off, if anything.
+    pub fn recover(dir: &Path, base_offset: u64, interval: u64) -> Result<(Segment, File, File, Option<TornTail>)> {
         let seg = Self::open_file(dir, base_offset)?;
         let (seg, torn) = Self::recover_opened(seg, interval)?;
         let index_file = OpenOptions::new().append(true).open(&seg.index_path).map_err(io(&seg.index_path, "opening"))?;
-        Ok((seg, index_file, torn))
+        let ids_file = OpenOptions::new().append(true).open(&seg.ids_path).map_err(io(&seg.ids_path, "opening"))?;
+        Ok((seg, index_file, ids_file, torn))
     }
 
+    /// Scans every batch with its CRC; truncates a torn tail; rewrites index and ids files.
     fn recover_opened(seg: Segment, interval: u64) -> Result<(Segment, Option<TornTail>)> {
         let mut entries = Vec::new();
         let mut next = seg.base_offset;
         let mut max_ts = i64::MIN;
         let mut since_index = u64::MAX;
-        let (end, bad) = seg.scan(0, seg.base_offset, true, |pos, h| {
+        let mut ids = Vec::new();
+        let (end, bad) = seg.scan(0, seg.base_offset, true, |pos, h, batch| {
+            if let Some(batch) = batch {
+                let _ = format::for_each_id(h, batch, |id| ids.extend_from_slice(&super::dedup::id_hash(id).to_le_bytes()));
+            }
             if since_index >= interval {
                 entries.push(IndexEntry {
                     rel_offset: (h.base_offset - seg.base_offset) as u32,
@@ -235,6 +252,7 @@ impl Segment {
             bytes.extend_from_slice(&e.encode());
         }
         std::fs::write(&seg.index_path, &bytes).map_err(io(&seg.index_path, "writing"))?;
+        std::fs::write(&seg.ids_path, &ids).map_err(io(&seg.ids_path, "writing"))?;
         seg.size.store(end, Ordering::Release);
         seg.next_offset.store(next, Ordering::Release);
         seg.max_ts.store(max_ts, Ordering::Release);
@@ -250,7 +268,7 @@ impl Segment {
         mut pos: u64,
         first_offset: u64,
         crc: bool,
-        mut visit: impl FnMut(u64, &BatchHeader),
+        mut visit: impl FnMut(u64, &BatchHeader, Option<&[u8]>),
     ) -> Result<(u64, Option<BadBatch>)> {
         let size = self.size();
         let mut expected = first_offset;
@@ -278,7 +296,7 @@ impl Segment {
                     return Ok((pos, Some(bad)));
                 }
             }
-            visit(pos, &h);
+            visit(pos, &h, crc.then_some(&buf[..]));
             expected = h.next_offset();
             pos += h.total_len;
         }
@@ -329,6 +347,12 @@ impl Segment {
         self.max_ts.fetch_max(max_ts, Ordering::AcqRel);
         self.next_offset.store(next_offset, Ordering::Release);
         Ok(())
+    }
+
+    /// The id hashes of the segment's records, in offset order (from the `.ids` sidecar).
+    pub fn load_ids(&self) -> Result<Vec<u64>> {
+        let bytes = std::fs::read(&self.ids_path).map_err(io(&self.ids_path, "reading"))?;
+        Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect())
     }
 
     /// File position of the last index entry.
@@ -423,6 +447,7 @@ impl Segment {
     pub fn delete_files(&self) -> Result<()> {
         std::fs::remove_file(&self.log_path).map_err(io(&self.log_path, "deleting"))?;
         let _ = std::fs::remove_file(&self.index_path);
+        let _ = std::fs::remove_file(&self.ids_path);
         Ok(())
     }
 }
