@@ -158,12 +158,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let batched = per_stream * args.streams.max(1) as u64;
     let batched_elapsed = started.elapsed();
 
-    // 2. One-by-one publish with concurrent publishers.
-    let started = Instant::now();
+    // 2. One-by-one publish with concurrent publishers, each a client with its own connection
+    //    (as separate adapters or applications would be).
     let per_publisher = args.single_events / args.publishers.max(1) as u64;
+    let mut channels = Vec::new();
+    for _ in 0..args.publishers.max(1) {
+        channels.push(connect(&url).await?);
+    }
+    let started = Instant::now();
     let mut tasks = Vec::new();
-    for p in 0..args.publishers.max(1) as u64 {
-        let (channel, args, topic) = (channel.clone(), args.clone(), topic.clone());
+    for (p, channel) in channels.into_iter().enumerate() {
+        let p = p as u64;
+        let (args, topic) = (args.clone(), topic.clone());
         tasks.push(tokio::spawn(async move {
             let mut client = pb::publisher_client::PublisherClient::new(channel);
             let base = batched + p * per_publisher;
@@ -196,9 +202,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let in_flight = Arc::new(Semaphore::new(512));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(pb::publisher_client::PublisherClient::new(connect(&url).await?));
+    }
     let started = Instant::now();
-    let mut client = pb::publisher_client::PublisherClient::new(channel.clone());
     for i in 0..lat_events {
+        let client = &clients[i as usize % clients.len()];
         let due = started + Duration::from_secs_f64(i as f64 / args.rate as f64);
         tokio::time::sleep_until(due.into()).await;
         let permit = in_flight.clone().acquire_owned().await?;
@@ -211,8 +221,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         });
     }
     let publish_elapsed = started.elapsed();
-    let _ =
-        client.publish(pb::PublishRequest { topic: lat_topic.clone(), event: Some(event(&args, lat_events + 1, Some(now_ns()))) }).await;
     let (lat_delivered, _) = consumer.await??;
     let mut latencies: Vec<u128> = Vec::with_capacity(lat_events as usize);
     while let Ok(l) = lat_rx.try_recv() {

@@ -91,7 +91,7 @@ impl Default for LogSettings {
             max_event_bytes: 16 * 1024 * 1024,
             retention_check_ms: 60_000,
             state_cache_bytes: 32 * 1024 * 1024,
-            max_batch_bytes: 8 * 1024 * 1024,
+            max_batch_bytes: 1024 * 1024,
         }
     }
 }

@@ -184,8 +184,17 @@ pub fn for_each_id(header: &BatchHeader, batch: &[u8], mut f: impl FnMut(&[u8]))
     Ok(())
 }
 
-/// Decodes the records of a whole, CRC-checked batch, keeping those at or after `from`.
-pub fn decode_records(header: &BatchHeader, batch: &Bytes, partition: u32, from: u64, out: &mut Vec<StoredRecord>) -> Result<(), BadBatch> {
+/// Decodes the records of a whole, CRC-checked batch, keeping those at or after `from`, at most
+/// `max` of them.
+pub fn decode_records(
+    header: &BatchHeader,
+    batch: &[u8],
+    partition: u32,
+    from: u64,
+    max: usize,
+    out: &mut Vec<StoredRecord>,
+) -> Result<(), BadBatch> {
+    let limit = out.len().saturating_add(max);
     let mut at = BATCH_HEADER;
     let end = header.total_len as usize;
     for _ in 0..header.record_count {
@@ -203,15 +212,19 @@ pub fn decode_records(header: &BatchHeader, batch: &Bytes, partition: u32, from:
             return Err(BadBatch::Malformed("record body past batch end".into()));
         }
         let offset = header.base_offset + delta;
+        if out.len() >= limit {
+            break;
+        }
         if offset >= from {
             let id = String::from_utf8_lossy(&batch[body..body + id_len]).into_owned();
+            // Copies, so that a record kept in a delivery buffer does not pin its whole batch.
             out.push(StoredRecord {
                 partition,
                 offset,
                 timestamp_ms,
                 id,
-                key: batch.slice(body + id_len..body + id_len + key_len),
-                value: batch.slice(body + id_len + key_len..stop),
+                key: Bytes::copy_from_slice(&batch[body + id_len..body + id_len + key_len]),
+                value: Bytes::copy_from_slice(&batch[body + id_len + key_len..stop]),
             });
         }
         at = stop;
@@ -241,7 +254,7 @@ mod tests {
             prop_assert_eq!(header.total_len as usize, buf.len());
             check_crc(&header, &buf).expect("crc");
             let mut out = Vec::new();
-            decode_records(&header, &Bytes::from(buf.clone()), 3, 0, &mut out).expect("records");
+            decode_records(&header, &buf, 3, 0, usize::MAX, &mut out).expect("records");
             prop_assert_eq!(out.len(), recs.len());
             for (i, (o, r)) in out.iter().zip(&recs).enumerate() {
                 prop_assert_eq!(o.offset, base + i as u64);

@@ -351,7 +351,9 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
         st.ids_file = ids_file;
         st.since_index = u64::MAX;
     }
+    let started = std::time::Instant::now();
     let pos = active.write_batch(&st.buf).and_then(|pos| active.sync().map(|()| pos));
+    tracing::trace!(topic = %p.topic, partition = p.id, jobs = jobs.len(), records = fresh.len(), bytes = len, sync_us = started.elapsed().as_micros() as u64, "group commit");
     let pos = match pos {
         Ok(pos) => pos,
         Err(e) => {
