@@ -202,6 +202,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let in_flight = Arc::new(Semaphore::new(512));
+    let (rtt_tx, mut rtt_rx) = mpsc::unbounded_channel();
     let mut clients = Vec::new();
     for _ in 0..8 {
         clients.push(pb::publisher_client::PublisherClient::new(connect(&url).await?));
@@ -214,26 +215,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let permit = in_flight.clone().acquire_owned().await?;
         let req = pb::PublishRequest { topic: lat_topic.clone(), event: Some(event(&args, i, Some(now_ns()))) };
         let mut c = client.clone();
+        let rtt_tx = rtt_tx.clone();
         tokio::spawn(async move {
+            let sent = Instant::now();
             let r = c.publish(req).await;
+            let _ = rtt_tx.send(sent.elapsed().as_nanos());
             drop(permit);
             r
         });
     }
+    drop(rtt_tx);
     let publish_elapsed = started.elapsed();
     let (lat_delivered, _) = consumer.await??;
-    let mut latencies: Vec<u128> = Vec::with_capacity(lat_events as usize);
-    while let Ok(l) = lat_rx.try_recv() {
-        latencies.push(l);
-    }
-    latencies.sort_unstable();
-    let pct = |q: f64| -> f64 {
-        if latencies.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
-        (latencies[i] as f64 / 1e6 * 100.0).round() / 100.0
-    };
+    let latencies = sorted(&mut lat_rx);
+    let rtts = sorted(&mut rtt_rx);
+    let pct = |q: f64| percentile_ms(&latencies, q);
+    let rtt = |q: f64| percentile_ms(&rtts, q);
 
     let mut summary = json!({
         "server": url,
@@ -248,6 +245,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "achieved_publish_rate": per_sec(lat_events, publish_elapsed),
             "events": lat_delivered,
             "p50_ms": pct(0.50), "p99_ms": pct(0.99), "p999_ms": pct(0.999), "max_ms": pct(1.0),
+            "publish_ack_p50_ms": rtt(0.50), "publish_ack_p99_ms": rtt(0.99),
         },
     });
     if let Some(p) = &server {
@@ -265,6 +263,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
+}
+
+/// Drains a channel of nanosecond samples into a sorted vector.
+fn sorted(rx: &mut mpsc::UnboundedReceiver<u128>) -> Vec<u128> {
+    let mut v = Vec::new();
+    while let Ok(x) = rx.try_recv() {
+        v.push(x);
+    }
+    v.sort_unstable();
+    v
+}
+
+/// The `q` quantile of sorted nanosecond samples, in milliseconds (two decimals).
+fn percentile_ms(sorted: &[u128], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    (sorted[i] as f64 / 1e6 * 100.0).round() / 100.0
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::RwLock;
 
-
 use super::format::{self, BadBatch, BatchHeader, BATCH_HEADER};
 use crate::log::StoredRecord;
 use crate::{Error, Result};
@@ -388,7 +387,8 @@ impl Segment {
                 let mut buf = vec![0u8; h.total_len as usize];
                 self.file.read_exact_at(&mut buf, pos).map_err(io(&self.log_path, "reading"))?;
                 format::check_crc(&h, &buf).map_err(|b| self.corrupt(pos, b))?;
-                format::decode_records(&h, &buf, partition, from, max_records.saturating_sub(out.len()), out).map_err(|b| self.corrupt(pos, b))?;
+                format::decode_records(&h, &buf, partition, from, max_records.saturating_sub(out.len()), out)
+                    .map_err(|b| self.corrupt(pos, b))?;
                 while out.last().is_some_and(|r| r.offset >= upto) {
                     out.pop();
                 }
