@@ -23,6 +23,9 @@ use crate::event::now_ms;
 use crate::log::{Cursor, Log, NewRecord, Quarantine, StoredRecord, TopicConfig};
 use crate::{Error, Result};
 
+/// How often in-flight deliveries are checked against their ack deadline.
+const EXPIRY_SCAN: Duration = Duration::from_millis(10);
+
 /// Commands to a group actor.
 pub enum Command {
     /// A subscriber joins; answered with the topic's partition count.
@@ -188,6 +191,7 @@ struct Actor {
     quarantined: HashMap<Bytes, Quarantine>,
     next_delivery: u64,
     last_commit: Instant,
+    last_expiry_scan: Instant,
 }
 
 /// Loads a group's state and starts its actor.
@@ -224,6 +228,7 @@ pub async fn spawn(
         backoff: BTreeSet::new(),
         quarantined: HashMap::new(),
         next_delivery: 1,
+        last_expiry_scan: Instant::now(),
         last_commit: Instant::now(),
     };
     for q in log.list_quarantine(topic, group).await? {
@@ -625,7 +630,10 @@ impl Actor {
     /// Expired deliveries fail; backoffs that are over become ready.
     async fn expire(&mut self) {
         let now = Instant::now();
-        if !self.inflight.is_empty() {
+        // Scanning every in-flight delivery after every command would cost O(credit) per event;
+        // deadlines are checked every EXPIRY_SCAN instead (deadline precision: that much).
+        if !self.inflight.is_empty() && now.duration_since(self.last_expiry_scan) >= EXPIRY_SCAN {
+            self.last_expiry_scan = now;
             let expired: Vec<u64> = self.inflight.iter().filter(|(_, f)| f.deadline <= now).map(|(id, _)| *id).collect();
             for id in expired {
                 if let Some(f) = self.inflight.remove(&id) {
