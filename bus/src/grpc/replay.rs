@@ -50,12 +50,12 @@ impl ReplayerService {
         for p in partitions {
             let offs = info.partitions[p as usize];
             let from = match (&req.from_offset, &req.from_time) {
-                (Some(o), _) => {
-                    if *o < offs.start || *o > offs.end {
-                        return Err(Error::OffsetOutOfRange { partition: p, offset: *o, start: offs.start, end: offs.end });
-                    }
-                    *o
+                // For one partition an offset outside the stored range is an error; across all
+                // partitions it is clamped to each partition's range.
+                (Some(o), _) if req.partition.is_some() && (*o < offs.start || *o > offs.end) => {
+                    return Err(Error::OffsetOutOfRange { partition: p, offset: *o, start: offs.start, end: offs.end });
                 }
+                (Some(o), _) => (*o).clamp(offs.start, offs.end),
                 (None, Some(t)) => self.bus.log.offset_for_time(&req.topic, p, timestamp_ms(t)).await?,
                 (None, None) => offs.start,
             };

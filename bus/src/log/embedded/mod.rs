@@ -348,6 +348,29 @@ mod tests {
         assert_eq!(log.append("t", vec![r]).await.expect("append")[0].offset, 4);
     }
 
+    #[tokio::test]
+    async fn time_retention_deletes_whole_old_segments_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path()).await;
+        log.create_topic("old", TopicConfig { partitions: 1, retention_ms: 60_000, retention_bytes: 0 }).await.expect("create");
+        let now = now_ms();
+        // Old records fill sealed segments (4 KiB each); the last ones are recent.
+        for i in 0..40 {
+            let ts = if i < 30 { now - 3_600_000 } else { now };
+            let r = NewRecord { id: format!("r{i}"), key: "k".into(), timestamp_ms: ts, value: vec![b'v'; 400].into() };
+            log.append("old", vec![r]).await.expect("append");
+        }
+        let removed = log.apply_retention().await.expect("retention");
+        assert!(removed > 0, "old segments are deleted");
+        let offs = log.offsets("old", 0).await.expect("offsets");
+        assert!(offs.start > 0 && offs.start <= 30, "start {} moves past old segments only", offs.start);
+        assert_eq!(offs.end, 40);
+        let recs = log.read("old", 0, 0, 100, 1 << 20).await.expect("read");
+        assert_eq!(recs.first().map(|r| r.offset), Some(offs.start), "reading below the start begins at the start");
+        assert_eq!(recs.len() as u64, 40 - offs.start);
+        assert_eq!(log.apply_retention().await.expect("retention"), 0, "the active segment is never deleted");
+    }
+
     mod model {
         use super::*;
         use bytes::Bytes;
