@@ -157,13 +157,7 @@ enum Start {
 #[derive(Args, Debug)]
 struct SubscribeArgs {
     #[command(flatten)]
-    server: ServerArg,
-    /// Topic.
-    #[arg(long)]
-    topic: String,
-    /// Consumer group.
-    #[arg(long)]
-    group: String,
+    target: GroupArgs,
     /// Stop after this many events.
     #[arg(long)]
     max: Option<u64>,
@@ -454,11 +448,12 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     if args.max == Some(0) {
         return Ok(());
     }
-    let mut client = pb::subscriber_client::SubscriberClient::new(connect(&args.server.server).await?);
+    let GroupArgs { server, topic, group } = args.target;
+    let mut client = pb::subscriber_client::SubscriberClient::new(connect(&server.server).await?);
     let (tx, rx) = mpsc::channel(64);
     let init = pb::SubscribeInit {
-        topic: args.topic.clone(),
-        group: args.group,
+        topic,
+        group,
         max_unacked: args.max.map_or(args.max_unacked, |m| (m.min(u64::from(args.max_unacked))) as u32),
         ack_deadline_ms: args.ack_deadline_ms.unwrap_or(0),
         max_attempts: args.max_attempts.unwrap_or(0),

@@ -162,26 +162,55 @@ pub fn check_crc(header: &BatchHeader, batch: &[u8]) -> Result<(), BadBatch> {
     Ok(())
 }
 
-/// Calls `f` with the id of each record of a whole, CRC-checked batch, in offset order.
-pub fn for_each_id(header: &BatchHeader, batch: &[u8], mut f: impl FnMut(&[u8])) -> Result<(), BadBatch> {
+/// One record of a batch, borrowed from the batch bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    /// Offset (base offset plus delta).
+    pub offset: u64,
+    /// Milliseconds since the epoch.
+    pub timestamp_ms: i64,
+    /// Id bytes.
+    pub id: &'a [u8],
+    /// Key bytes.
+    pub key: &'a [u8],
+    /// Value bytes.
+    pub value: &'a [u8],
+}
+
+/// Walks the records of a whole, CRC-checked batch in offset order, stopping at the first
+/// record that does not fit in the batch.
+pub fn records<'a>(header: &BatchHeader, batch: &'a [u8]) -> impl Iterator<Item = Result<RecordView<'a>, BadBatch>> + 'a {
+    let (base, end, count) = (header.base_offset, (header.total_len as usize).min(batch.len()), header.record_count);
     let mut at = BATCH_HEADER;
-    let end = header.total_len as usize;
-    for _ in 0..header.record_count {
-        if at + RECORD_HEADER > end {
-            return Err(BadBatch::Malformed("record header past batch end".into()));
+    let mut failed = false;
+    (0..count).map_while(move |_| {
+        if failed {
+            return None;
         }
+        if at + RECORD_HEADER > end {
+            failed = true;
+            return Some(Err(BadBatch::Malformed("record header past batch end".into())));
+        }
+        let delta = u64::from(u32_at(batch, at));
+        let timestamp_ms = u64_at(batch, at + 4) as i64;
         let id_len = u16::from_le_bytes([batch[at + 12], batch[at + 13]]) as usize;
         let key_len = u32_at(batch, at + 14) as usize;
         let value_len = u32_at(batch, at + 18) as usize;
         let body = at + RECORD_HEADER;
         let stop = body + id_len + key_len + value_len;
         if stop > end {
-            return Err(BadBatch::Malformed("record body past batch end".into()));
+            failed = true;
+            return Some(Err(BadBatch::Malformed("record body past batch end".into())));
         }
-        f(&batch[body..body + id_len]);
         at = stop;
-    }
-    Ok(())
+        Some(Ok(RecordView {
+            offset: base + delta,
+            timestamp_ms,
+            id: &batch[body..body + id_len],
+            key: &batch[body + id_len..body + id_len + key_len],
+            value: &batch[body + id_len + key_len..stop],
+        }))
+    })
 }
 
 /// Decodes the records of a whole, CRC-checked batch, keeping those at or after `from`, at most
@@ -195,39 +224,22 @@ pub fn decode_records(
     out: &mut Vec<StoredRecord>,
 ) -> Result<(), BadBatch> {
     let limit = out.len().saturating_add(max);
-    let mut at = BATCH_HEADER;
-    let end = header.total_len as usize;
-    for _ in 0..header.record_count {
-        if at + RECORD_HEADER > end {
-            return Err(BadBatch::Malformed("record header past batch end".into()));
-        }
-        let delta = u64::from(u32_at(batch, at));
-        let timestamp_ms = u64_at(batch, at + 4) as i64;
-        let id_len = u16::from_le_bytes([batch[at + 12], batch[at + 13]]) as usize;
-        let key_len = u32_at(batch, at + 14) as usize;
-        let value_len = u32_at(batch, at + 18) as usize;
-        let body = at + RECORD_HEADER;
-        let stop = body + id_len + key_len + value_len;
-        if stop > end {
-            return Err(BadBatch::Malformed("record body past batch end".into()));
-        }
-        let offset = header.base_offset + delta;
+    for r in records(header, batch) {
+        let r = r?;
         if out.len() >= limit {
             break;
         }
-        if offset >= from {
-            let id = String::from_utf8_lossy(&batch[body..body + id_len]).into_owned();
+        if r.offset >= from {
             // Copies, so that a record kept in a delivery buffer does not pin its whole batch.
             out.push(StoredRecord {
                 partition,
-                offset,
-                timestamp_ms,
-                id,
-                key: Bytes::copy_from_slice(&batch[body + id_len..body + id_len + key_len]),
-                value: Bytes::copy_from_slice(&batch[body + id_len + key_len..stop]),
+                offset: r.offset,
+                timestamp_ms: r.timestamp_ms,
+                id: String::from_utf8_lossy(r.id).into_owned(),
+                key: Bytes::copy_from_slice(r.key),
+                value: Bytes::copy_from_slice(r.value),
             });
         }
-        at = stop;
     }
     Ok(())
 }

@@ -111,24 +111,19 @@ impl Segment {
     /// Creates an empty segment (files included); returns it with its index and ids files.
     pub fn create(dir: &Path, base_offset: u64) -> Result<(Segment, File, File)> {
         let (log_path, index_path, ids_path) = Self::paths(dir, base_offset);
-        let file =
-            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&log_path).map_err(io(&log_path, "creating"))?;
-        let index_file =
-            OpenOptions::new().write(true).create(true).truncate(true).open(&index_path).map_err(io(&index_path, "creating"))?;
-        let ids_file = OpenOptions::new().write(true).create(true).truncate(true).open(&ids_path).map_err(io(&ids_path, "creating"))?;
+        for path in [&log_path, &index_path, &ids_path] {
+            OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io(path, "creating"))?;
+        }
         sync_dir(dir)?;
-        let seg = Segment {
-            base_offset,
-            log_path,
-            index_path,
-            ids_path,
-            file,
-            index: RwLock::new(Vec::new()),
-            size: AtomicU64::new(0),
-            next_offset: AtomicU64::new(base_offset),
-            max_ts: AtomicI64::new(i64::MIN),
-        };
+        let seg = Self::open_file(dir, base_offset)?;
+        let (index_file, ids_file) = seg.append_files()?;
         Ok((seg, index_file, ids_file))
+    }
+
+    /// The index and ids files, opened for appending (only the partition writer appends).
+    fn append_files(&self) -> Result<(File, File)> {
+        let open = |path: &Path| OpenOptions::new().append(true).open(path).map_err(io(path, "opening"));
+        Ok((open(&self.index_path)?, open(&self.ids_path)?))
     }
 
     fn open_file(dir: &Path, base_offset: u64) -> Result<Segment> {
@@ -208,8 +203,7 @@ impl Segment {
     pub fn recover(dir: &Path, base_offset: u64, interval: u64) -> Result<(Segment, File, File, Option<TornTail>)> {
         let seg = Self::open_file(dir, base_offset)?;
         let (seg, torn) = Self::recover_opened(seg, interval)?;
-        let index_file = OpenOptions::new().append(true).open(&seg.index_path).map_err(io(&seg.index_path, "opening"))?;
-        let ids_file = OpenOptions::new().append(true).open(&seg.ids_path).map_err(io(&seg.ids_path, "opening"))?;
+        let (index_file, ids_file) = seg.append_files()?;
         Ok((seg, index_file, ids_file, torn))
     }
 
@@ -222,7 +216,9 @@ impl Segment {
         let mut ids = Vec::new();
         let (end, bad) = seg.scan(0, seg.base_offset, true, |pos, h, batch| {
             if let Some(batch) = batch {
-                let _ = format::for_each_id(h, batch, |id| ids.extend_from_slice(&super::dedup::id_hash(id).to_le_bytes()));
+                for r in format::records(h, batch).flatten() {
+                    ids.extend_from_slice(&super::dedup::id_hash(r.id).to_le_bytes());
+                }
             }
             if since_index >= interval {
                 entries.push(IndexEntry {
