@@ -102,10 +102,13 @@ pub fn validate_token(field: &str, value: &str, max_len: usize) -> Result<()> {
     Ok(())
 }
 
-/// Checks a topic or group name: 1-200 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
+/// Longest topic or group name (Kafka's limit for topics).
+pub const MAX_NAME_LEN: usize = 249;
+
+/// Checks a topic or group name: 1-249 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
 pub fn validate_name(field: &str, value: &str) -> Result<()> {
-    if value.is_empty() || value.len() > 200 {
-        return Err(Error::invalid(field, "must be 1 to 200 characters long"));
+    if value.is_empty() || value.len() > MAX_NAME_LEN {
+        return Err(Error::invalid(field, format!("must be 1 to {MAX_NAME_LEN} characters long")));
     }
     if value == "." || value == ".." {
         return Err(Error::invalid(field, "must not be '.' or '..'"));

@@ -16,6 +16,9 @@ use crate::delivery::Delivery;
 use crate::grpc::{admin::AdminService, publish::PublisherService, replay::ReplayerService, subscribe::SubscriberService, Bus};
 use crate::{log, Error, Result};
 
+/// How long a shutdown waits for clients to close their connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 /// Serves the bus on `listener` until `shutdown` completes; then stops accepting, persists
 /// group positions and closes the log.
 pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
@@ -50,12 +53,14 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
         .build_v1()
         .map_err(|e| Error::Serve(e.to_string()))?;
 
+    let stopping = delivery.clone();
     let addr = listener.local_addr().map_err(|e| Error::io("reading the listen address", e))?;
     tracing::info!(%addr, log = %url, "justizbus listening");
     if addr.ip().is_loopback() {
         tracing::info!("no TLS configured: listening on loopback only");
     }
-    let result = tonic::transport::Server::builder()
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(health)
         .add_service(reflection)
@@ -67,10 +72,28 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
         )
         .add_service(pb::replayer_server::ReplayerServer::new(ReplayerService::new(bus.clone())).max_encoding_message_size(max_message))
         .add_service(pb::admin_server::AdminServer::new(AdminService::new(bus.clone())).max_encoding_message_size(usize::MAX))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .map_err(|e| Error::Serve(e.to_string()));
-    tracing::info!("shutting down");
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            tracing::info!("shutting down: storing group positions, ending subscriptions");
+            // Subscriptions never end by themselves; stopping the groups ends them, so the
+            // graceful shutdown does not wait for subscribers to hang up.
+            stopping.shutdown().await;
+            let _ = stopping_tx.send(());
+        });
+    // A client that keeps its half of a stream open would hold the graceful shutdown forever;
+    // give connections a moment to close, then drop them.
+    let result = tokio::select! {
+        r = serve => r.map_err(|e| Error::Serve(e.to_string())),
+        _ = async {
+            match stopping_rx.await {
+                Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+                Err(_) => std::future::pending().await,
+            }
+        } => {
+            tracing::warn!(grace_ms = SHUTDOWN_GRACE.as_millis() as u64, "connections still open after the grace period; closing them");
+            Ok(())
+        }
+    };
     retention.abort();
     delivery.shutdown().await;
     log.close().await?;

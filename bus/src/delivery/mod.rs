@@ -182,6 +182,12 @@ impl Delivery {
     async fn group(&self, topic: &str, group: &str, create: Option<StartPosition>) -> Result<mpsc::Sender<group::Command>> {
         validate_name("topic", topic)?;
         validate_name("group", group)?;
+        if dead_letter_topic(topic, group).len() > crate::event::MAX_NAME_LEN {
+            return Err(Error::invalid(
+                "group",
+                "topic and group names together are too long to name the dead-letter topic <topic>.<group>.dlq",
+            ));
+        }
         let mut groups = self.groups.lock().await;
         if let Some(tx) = groups.get(&(topic.to_string(), group.to_string())) {
             if !tx.is_closed() {

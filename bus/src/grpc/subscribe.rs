@@ -78,8 +78,12 @@ impl pb::subscriber_server::Subscriber for SubscriberService {
         let (violation_tx, violation_rx) = mpsc::channel(1);
         tokio::spawn(forward_client_messages(inbound, subscription.control, violation_tx));
         let topic = init.topic;
-        let deliveries = ReceiverStream::new(subscription.receiver).map(move |out| Ok(to_wire(&topic, out)));
-        let stream = tokio_stream::once(Ok(subscribed)).chain(deliveries.merge(ReceiverStream::new(violation_rx).map(Err)));
+        // The stream ends when the group lets the subscriber go (it left, or the server shuts
+        // down: the `None` after the deliveries), or with a protocol violation.
+        let deliveries =
+            ReceiverStream::new(subscription.receiver).map(move |out| Some(Ok(to_wire(&topic, out)))).chain(tokio_stream::once(None));
+        let violations = ReceiverStream::new(violation_rx).map(|status| Some(Err(status)));
+        let stream = tokio_stream::once(Ok(subscribed)).chain(deliveries.merge(violations).map_while(|item| item));
         Ok(Response::new(Box::pin(stream)))
     }
 }
