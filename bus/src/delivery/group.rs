@@ -242,10 +242,15 @@ pub async fn spawn(
             Some(cursor) => {
                 part.next_read = cursor.scanned.max(offsets.start);
                 actor.parts.push(part);
-                for off in cursor.unacked.into_iter().filter(|o| *o >= offsets.start) {
-                    if let Some(rec) = log.read(topic, p, off, 1, 1).await?.into_iter().next().filter(|r| r.offset == off) {
+                // Read the unacknowledged events back in runs, not one read per offset.
+                let mut wanted: BTreeSet<u64> = cursor.unacked.into_iter().filter(|o| *o >= offsets.start).collect();
+                while let Some(&from) = wanted.first() {
+                    let records = log.read(topic, p, from, 1024, 4 << 20).await?;
+                    let Some(last) = records.last().map(|r| r.offset) else { break };
+                    for rec in records.into_iter().filter(|r| wanted.contains(&r.offset)) {
                         actor.insert(Arc::new(rec));
                     }
+                    wanted = wanted.split_off(&(last + 1));
                 }
             }
             None => {

@@ -138,6 +138,9 @@ async fn forward_client_messages(
         if let Err(e) = result {
             tracing::warn!(error = %e, "subscriber protocol violation; closing its stream");
             let _ = violations.send(e.into()).await;
+            // Stay in the group until the error has ended the response stream; leaving first
+            // could end it without the error.
+            violations.closed().await;
             break;
         }
     }

@@ -363,12 +363,15 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
     };
     let max_ts = fresh.iter().map(|r| r.timestamp_ms).max().unwrap_or(i64::MIN);
     let add_index = st.since_index >= st.settings.index_interval_bytes;
-    active.commit(pos, len, next, max_ts, add_index.then_some((&mut st.index_file, base)))?;
+    active.commit(pos, len, next, max_ts, add_index.then_some((&mut st.index_file, base)));
     st.since_index = if add_index { len } else { st.since_index + len };
     p.end.send_replace(next);
-    // The sidecar is not synced: recovery rebuilds the active segment's from the records.
+    // The sidecar is not synced, and a failed write is not fatal: opening the segment rebuilds a
+    // sidecar whose length does not match from the records.
     let bytes: Vec<u8> = hashes.iter().flat_map(|h| h.to_le_bytes()).collect();
-    st.ids_file.write_all(&bytes).map_err(|e| Error::io(format!("writing {}", active.ids_path.display()), e))?;
+    if let Err(e) = st.ids_file.write_all(&bytes) {
+        tracing::warn!(ids = %active.ids_path.display(), error = %e, "writing dedup ids failed");
+    }
     st.dedup.record(base, &hashes, now_ms());
     Ok(results)
 }

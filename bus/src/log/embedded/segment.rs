@@ -179,22 +179,20 @@ impl Segment {
                 let ids_len = std::fs::metadata(&seg.ids_path).map(|m| m.len()).unwrap_or(u64::MAX);
                 if ids_len != (next - base_offset) * 8 {
                     tracing::warn!(segment = %seg.log_path.display(), "dedup ids missing or incomplete; rebuilding");
-                    return Ok(Self::recover_opened(seg, interval)?.0);
+                    return Self::rebuild_sealed(seg, interval);
                 }
                 Ok(seg)
             }
             None => {
                 tracing::warn!(segment = %seg.log_path.display(), "index missing or damaged; rebuilding");
-                let (seg, torn) = Self::recover_opened(seg, interval)?;
-                if let Some(t) = torn {
-                    return Err(Error::Corrupt {
-                        path: seg.log_path.display().to_string(),
-                        reason: format!("sealed segment at byte {}: {}", t.valid_bytes, t.reason),
-                    });
-                }
-                Ok(seg)
+                Self::rebuild_sealed(seg, interval)
             }
         }
+    }
+
+    /// Rebuilds index and ids of a sealed segment; a bad batch in it is corruption, not a tail.
+    fn rebuild_sealed(seg: Segment, interval: u64) -> Result<Segment> {
+        Ok(Self::recover_opened(seg, interval, false)?.0)
     }
 
     /// Opens the active segment: checks every batch's CRC, truncates a torn tail, rebuilds the
@@ -202,13 +200,15 @@ impl Segment {
     /// and what was cut off, if anything.
     pub fn recover(dir: &Path, base_offset: u64, interval: u64) -> Result<(Segment, File, File, Option<TornTail>)> {
         let seg = Self::open_file(dir, base_offset)?;
-        let (seg, torn) = Self::recover_opened(seg, interval)?;
+        let (seg, torn) = Self::recover_opened(seg, interval, true)?;
         let (index_file, ids_file) = seg.append_files()?;
         Ok((seg, index_file, ids_file, torn))
     }
 
-    /// Scans every batch with its CRC; truncates a torn tail; rewrites index and ids files.
-    fn recover_opened(seg: Segment, interval: u64) -> Result<(Segment, Option<TornTail>)> {
+    /// Scans every batch with its CRC and rewrites index and ids files. A bad batch is a torn
+    /// tail that is cut off when `cut_tail` (the active segment); in a sealed segment it is
+    /// corruption, reported without changing the file.
+    fn recover_opened(seg: Segment, interval: u64, cut_tail: bool) -> Result<(Segment, Option<TornTail>)> {
         let mut entries = Vec::new();
         let mut next = seg.base_offset;
         let mut max_ts = i64::MIN;
@@ -235,6 +235,12 @@ impl Segment {
         let size = seg.size();
         let torn = if end < size {
             let reason = bad.map_or_else(|| "unexpected data".to_string(), |b| b.to_string());
+            if !cut_tail {
+                return Err(Error::Corrupt {
+                    path: seg.log_path.display().to_string(),
+                    reason: format!("sealed segment at byte {end}: {reason}"),
+                });
+            }
             seg.file.set_len(end).map_err(io(&seg.log_path, "truncating"))?;
             seg.file.sync_all().map_err(io(&seg.log_path, "syncing"))?;
             Some(TornTail { valid_bytes: end, truncated_bytes: size - end, reason })
@@ -330,17 +336,21 @@ impl Segment {
     }
 
     /// Publishes a synced batch: size, end offset, largest timestamp and (maybe) an index entry.
-    pub fn commit(&self, pos: u64, len: u64, next_offset: u64, max_ts: i64, index: Option<(&mut File, u64)>) -> Result<()> {
+    /// Cannot fail: the batch is durable, so from here on it is part of the log.
+    pub fn commit(&self, pos: u64, len: u64, next_offset: u64, max_ts: i64, index: Option<(&mut File, u64)>) {
         if let Some((index_file, base)) = index {
             let entry =
                 IndexEntry { rel_offset: (base - self.base_offset) as u32, position: pos as u32, max_ts_before: self.max_timestamp() };
-            index_file.write_all(&entry.encode()).map_err(io(&self.index_path, "writing"))?;
+            // The data is durable already; a lost index entry only makes reads scan further, and
+            // a damaged index file is rebuilt when the segment is opened.
+            if let Err(e) = index_file.write_all(&entry.encode()) {
+                tracing::warn!(index = %self.index_path.display(), error = %e, "writing an index entry failed");
+            }
             self.index.write().unwrap_or_else(|e| e.into_inner()).push(entry);
         }
         self.size.store(pos + len, Ordering::Release);
         self.max_ts.fetch_max(max_ts, Ordering::AcqRel);
         self.next_offset.store(next_offset, Ordering::Release);
-        Ok(())
     }
 
     /// The id hashes of the segment's records, in offset order (from the `.ids` sidecar).
