@@ -226,3 +226,44 @@ async fn sigterm_stops_cleanly_with_subscribers_connected_and_keeps_their_positi
     let lag: u64 = g.partitions.iter().map(|p| p.lag).sum();
     assert_eq!(lag, 3, "the three acknowledged events stay acknowledged across a clean restart: {g:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_attempts_survive_kill_9_so_a_poison_event_still_ends_in_the_dead_letter_topic() {
+    let mut server = TestServer::start(&[]);
+    server.create_topic("t", 1).await;
+    let ch = server.channel().await;
+    publish(&ch, "t", event("poison", "case", "P")).await.expect("publish");
+    let init = || pb::SubscribeInit {
+        topic: "t".into(),
+        group: "g".into(),
+        max_unacked: 5,
+        max_attempts: 3,
+        min_backoff_ms: 20,
+        ..Default::default()
+    };
+    let mut sub = Subscriber::open(&ch, init()).await.expect("subscribe");
+    for expected in [1, 2] {
+        let d = sub.next(Duration::from_secs(15)).await.expect("delivery");
+        assert_eq!(d.attempt, expected);
+        if expected == 1 {
+            sub.nack(&[d.delivery_id]).await;
+        }
+    }
+    // Attempt 2 is held (as by a consumer that crashes on it); the bus is killed too.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    server.process.kill9();
+    drop(sub);
+    server.process.restart().expect("restart");
+    let ch = server.channel().await;
+    let mut sub = Subscriber::open(&ch, init()).await.expect("subscribe again");
+    let d = sub.next(Duration::from_secs(15)).await.expect("redelivery");
+    assert_eq!(d.attempt, 3, "the attempt count survived the crash");
+    sub.nack(&[d.delivery_id]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let q = admin(ch)
+        .list_quarantine(pb::ListQuarantineRequest { topic: "t".into(), group: "g".into() })
+        .await
+        .expect("quarantine")
+        .into_inner();
+    assert_eq!(q.keys.len(), 1, "after max_attempts the case is quarantined");
+}

@@ -252,6 +252,11 @@ pub async fn spawn(
                     }
                     wanted = wanted.split_off(&(last + 1));
                 }
+                for (off, attempts) in cursor.attempts {
+                    if let Some(entry) = actor.parts[p as usize].entries.get_mut(&off) {
+                        entry.attempts = attempts;
+                    }
+                }
             }
             None => {
                 part.next_read = match start {
@@ -473,6 +478,8 @@ impl Actor {
             }
             entry.state = State::InFlight(delivery_id);
             sub.outstanding += 1;
+            // The attempt count is part of the stored position.
+            self.parts[p as usize].dirty = true;
             self.inflight.insert(
                 delivery_id,
                 InFlight { partition: p, offset: off, sub: sub_id, deadline: Instant::now() + self.settings.ack_deadline },
@@ -673,8 +680,9 @@ impl Actor {
             .filter(|(_, part)| part.dirty)
             .map(|(p, part)| {
                 let unacked: Vec<u64> = part.entries.keys().copied().collect();
+                let attempts = part.entries.iter().filter(|(_, e)| e.attempts > 0).map(|(o, e)| (*o, e.attempts)).collect();
                 let committed = unacked.first().copied().unwrap_or(part.next_read);
-                (p as u32, Cursor { committed, scanned: part.next_read, unacked })
+                (p as u32, Cursor { committed, scanned: part.next_read, unacked, attempts })
             })
             .collect();
         if cursors.is_empty() {

@@ -139,7 +139,7 @@ pub async fn watch_end(log: &dyn Log) {
 
 /// Cursors and quarantine entries are stored, listed and removed.
 pub async fn group_state(log: &dyn Log) {
-    let c = Cursor { committed: 3, scanned: 9, unacked: vec![3, 5, 8] };
+    let c = Cursor { committed: 3, scanned: 9, unacked: vec![3, 5, 8], attempts: vec![(3, 2)] };
     log.store_cursors("conf-order", "g1", &[(0, c.clone()), (1, Cursor::default())]).await.expect("store");
     assert_eq!(log.load_cursor("conf-order", "g1", 0).await.expect("load"), Some(c));
     assert_eq!(log.load_cursor("conf-order", "g1", 2).await.expect("load"), None);

@@ -110,6 +110,11 @@ pub struct Cursor {
     pub scanned: u64,
     /// Unacknowledged offsets in `[committed, scanned)`, ascending.
     pub unacked: Vec<u64>,
+    /// Deliveries made so far of unacknowledged offsets that were delivered: (offset, attempts).
+    /// Kept so that `max_attempts` holds across restarts (a poison event that crashes its
+    /// consumer and the bus alike still ends in the dead-letter topic).
+    #[serde(default)]
+    pub attempts: Vec<(u64, u32)>,
 }
 
 /// A key whose event went to the dead-letter topic; its later events wait.
