@@ -47,11 +47,14 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     health_reporter.set_serving::<pb::subscriber_server::SubscriberServer<SubscriberService>>().await;
     health_reporter.set_serving::<pb::replayer_server::ReplayerServer<ReplayerService>>().await;
     health_reporter.set_serving::<pb::admin_server::AdminServer<AdminService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Serve(e.to_string()))?;
+    // Reflection v1, and v1alpha for older clients (grpcurl before 1.9 asks only v1alpha).
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder().build_v1().map_err(|e| Error::Serve(e.to_string()))?;
+    let reflection_alpha = reflection_builder().build_v1alpha().map_err(|e| Error::Serve(e.to_string()))?;
 
     let stopping = delivery.clone();
     let addr = listener.local_addr().map_err(|e| Error::io("reading the listen address", e))?;
@@ -64,6 +67,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
         .tcp_nodelay(true)
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(pb::publisher_server::PublisherServer::new(PublisherService::new(bus.clone())).max_decoding_message_size(max_message))
         .add_service(
             pb::subscriber_server::SubscriberServer::new(SubscriberService::new(bus.clone()))
