@@ -228,7 +228,7 @@ async fn sigterm_stops_cleanly_with_subscribers_connected_and_keeps_their_positi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delivery_attempts_survive_kill_9_so_a_poison_event_still_ends_in_the_dead_letter_topic() {
+async fn attempts_and_group_settings_survive_kill_9_so_a_poison_event_still_ends_in_the_dead_letter_topic() {
     let mut server = TestServer::start(&[]);
     server.create_topic("t", 1).await;
     let ch = server.channel().await;
@@ -255,7 +255,9 @@ async fn delivery_attempts_survive_kill_9_so_a_poison_event_still_ends_in_the_de
     drop(sub);
     server.process.restart().expect("restart");
     let ch = server.channel().await;
-    let mut sub = Subscriber::open(&ch, init()).await.expect("subscribe again");
+    // Settings given by the first subscriber (max_attempts 3) are stored with the group.
+    let plain = pb::SubscribeInit { topic: "t".into(), group: "g".into(), max_unacked: 5, ..Default::default() };
+    let mut sub = Subscriber::open(&ch, plain).await.expect("subscribe again");
     let d = sub.next(Duration::from_secs(15)).await.expect("redelivery");
     assert_eq!(d.attempt, 3, "the attempt count survived the crash");
     sub.nack(&[d.delivery_id]).await;

@@ -20,7 +20,7 @@ use tokio_stream::{StreamExt, StreamMap};
 use super::{dead_letter_topic, Delivered, GroupOverrides, Outgoing, StartPosition};
 use crate::config::DeliverySettings;
 use crate::event::now_ms;
-use crate::log::{Cursor, Log, NewRecord, Quarantine, StoredRecord, TopicConfig};
+use crate::log::{Cursor, GroupConfig, Log, NewRecord, Quarantine, StoredRecord, TopicConfig};
 use crate::{Error, Result};
 
 /// How often in-flight deliveries are checked against their ack deadline.
@@ -174,12 +174,28 @@ struct Settings {
     max_backoff: Duration,
 }
 
+impl Settings {
+    /// The server defaults, overridden by the group's configuration.
+    fn from(defaults: &DeliverySettings, c: GroupConfig) -> Self {
+        let ms = |v: u32| Duration::from_millis(v.into());
+        Settings {
+            ack_deadline: ms(c.ack_deadline_ms.unwrap_or(defaults.ack_deadline_ms)),
+            max_attempts: c.max_attempts.unwrap_or(defaults.max_attempts).max(1),
+            min_backoff: ms(c.min_backoff_ms.unwrap_or(defaults.min_backoff_ms)),
+            max_backoff: ms(c.max_backoff_ms.unwrap_or(defaults.max_backoff_ms)),
+        }
+    }
+}
+
 struct Actor {
     topic: String,
     group: String,
     dlq: String,
     log: Arc<dyn Log>,
     limits: DeliverySettings,
+    /// Settings given by subscribers (stored).
+    config: GroupConfig,
+    /// `limits` overridden by `config`.
     settings: Settings,
     parts: Vec<Part>,
     subs: BTreeMap<u64, Sub>,
@@ -204,6 +220,7 @@ pub async fn spawn(
 ) -> Result<mpsc::Sender<Command>> {
     let info = log.describe_topic(topic).await?;
     let dlq = dead_letter_topic(topic, group);
+    let config = log.load_group_config(topic, group).await?.unwrap_or_default();
     match log.create_topic(&dlq, TopicConfig { partitions: info.config.partitions, retention_ms: 0, retention_bytes: 0 }).await {
         Ok(_) | Err(Error::TopicExists { .. }) => {}
         Err(e) => return Err(e),
@@ -212,12 +229,8 @@ pub async fn spawn(
         topic: topic.to_string(),
         group: group.to_string(),
         dlq,
-        settings: Settings {
-            ack_deadline: Duration::from_millis(limits.ack_deadline_ms.into()),
-            max_attempts: limits.max_attempts.max(1),
-            min_backoff: Duration::from_millis(limits.min_backoff_ms.into()),
-            max_backoff: Duration::from_millis(limits.max_backoff_ms.into()),
-        },
+        settings: Settings::from(&limits, config),
+        config,
         limits,
         log: log.clone(),
         parts: Vec::new(),
@@ -320,7 +333,10 @@ impl Actor {
     async fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Join { sub, max_unacked, overrides, out, reply } => {
-                self.apply(overrides);
+                if let Err(e) = self.apply(overrides).await {
+                    let _ = reply.send(Err(e));
+                    return false;
+                }
                 self.subs.insert(sub, Sub { out, max_unacked, outstanding: 0 });
                 tracing::debug!(topic = %self.topic, group = %self.group, sub, max_unacked, "subscriber joined");
                 let _ = reply.send(Ok(self.parts.len() as u32));
@@ -362,20 +378,23 @@ impl Actor {
         false
     }
 
-    fn apply(&mut self, o: GroupOverrides) {
-        let ms = |v: u32| Duration::from_millis(v.into());
-        if let Some(v) = o.ack_deadline_ms.filter(|v| *v > 0) {
-            self.settings.ack_deadline = ms(v);
+    /// Applies settings a subscriber gave (zero means unset), storing them when they change.
+    async fn apply(&mut self, o: GroupOverrides) -> Result<()> {
+        let nonzero = |v: Option<u32>| v.filter(|v| *v > 0);
+        let given = GroupConfig {
+            ack_deadline_ms: nonzero(o.ack_deadline_ms),
+            max_attempts: nonzero(o.max_attempts),
+            min_backoff_ms: nonzero(o.min_backoff_ms),
+            max_backoff_ms: nonzero(o.max_backoff_ms),
+        };
+        let merged = self.config.merged(given);
+        if merged != self.config {
+            self.log.store_group_config(&self.topic, &self.group, &merged).await?;
+            tracing::info!(topic = %self.topic, group = %self.group, config = ?merged, "group settings changed");
+            self.config = merged;
+            self.settings = Settings::from(&self.limits, merged);
         }
-        if let Some(v) = o.max_attempts.filter(|v| *v > 0) {
-            self.settings.max_attempts = v;
-        }
-        if let Some(v) = o.min_backoff_ms.filter(|v| *v > 0) {
-            self.settings.min_backoff = ms(v);
-        }
-        if let Some(v) = o.max_backoff_ms.filter(|v| *v > 0) {
-            self.settings.max_backoff = ms(v);
-        }
+        Ok(())
     }
 
     fn tell(&mut self, sub: u64, delivery_id: u64, error: Error) {

@@ -42,17 +42,7 @@ pub enum StartPosition {
 }
 
 /// Group settings a subscriber may set; `None` keeps the current value.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GroupOverrides {
-    /// Ack deadline in milliseconds.
-    pub ack_deadline_ms: Option<u32>,
-    /// Failed deliveries before dead-lettering.
-    pub max_attempts: Option<u32>,
-    /// First redelivery backoff.
-    pub min_backoff_ms: Option<u32>,
-    /// Longest redelivery backoff.
-    pub max_backoff_ms: Option<u32>,
-}
+pub type GroupOverrides = crate::log::GroupConfig;
 
 /// What a subscriber asks for.
 #[derive(Debug, Clone)]

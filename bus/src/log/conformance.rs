@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Cursor, Log, NewRecord, Quarantine, TopicConfig};
+use super::{Cursor, GroupConfig, Log, NewRecord, Quarantine, TopicConfig};
 use crate::partitioner::partition_for_key;
 use crate::Error;
 
@@ -150,9 +150,13 @@ pub async fn group_state(log: &dyn Log) {
     assert!(log.list_quarantine("conf-order", "g2").await.expect("list").is_empty());
     assert_eq!(log.remove_quarantine("conf-order", "g1", b"case-9").await.expect("remove"), Some(q.clone()));
     log.put_quarantine("conf-order", "g1", &q).await.expect("put");
+    assert_eq!(log.load_group_config("conf-order", "g1").await.expect("load"), None);
+    let config = GroupConfig { max_attempts: Some(7), ack_deadline_ms: Some(900), ..GroupConfig::default() };
+    log.store_group_config("conf-order", "g1", &config).await.expect("store");
+    assert_eq!(log.load_group_config("conf-order", "g1").await.expect("load"), Some(config));
 }
 
-/// After close and reopen: topics, records, dedup ids, cursors and quarantine are all there,
+/// After close and reopen: topics, records, dedup ids, cursors, quarantine and group settings are all there,
 /// and offsets continue.
 pub async fn survives_restart(log: &dyn Log) {
     assert_eq!(log.describe_topic("conf-topics").await.expect("describe").config.partitions, 3);
@@ -164,4 +168,5 @@ pub async fn survives_restart(log: &dyn Log) {
     assert!(dup.duplicate, "dedup ids survive a restart");
     assert_eq!(log.load_cursor("conf-order", "g1", 0).await.expect("load").map(|c| c.committed), Some(3));
     assert_eq!(log.list_quarantine("conf-order", "g1").await.expect("list").len(), 1);
+    assert_eq!(log.load_group_config("conf-order", "g1").await.expect("load").and_then(|c| c.max_attempts), Some(7));
 }

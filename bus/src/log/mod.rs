@@ -117,6 +117,33 @@ pub struct Cursor {
     pub attempts: Vec<(u64, u32)>,
 }
 
+/// Settings a group's subscribers gave it; unset fields use the server defaults. Stored, so a
+/// restarted bus keeps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GroupConfig {
+    /// Ack deadline in milliseconds.
+    pub ack_deadline_ms: Option<u32>,
+    /// Failed deliveries before dead-lettering.
+    pub max_attempts: Option<u32>,
+    /// First redelivery backoff in milliseconds.
+    pub min_backoff_ms: Option<u32>,
+    /// Longest redelivery backoff in milliseconds.
+    pub max_backoff_ms: Option<u32>,
+}
+
+impl GroupConfig {
+    /// This configuration with the set fields of `newer` taking precedence.
+    pub fn merged(self, newer: GroupConfig) -> GroupConfig {
+        GroupConfig {
+            ack_deadline_ms: newer.ack_deadline_ms.or(self.ack_deadline_ms),
+            max_attempts: newer.max_attempts.or(self.max_attempts),
+            min_backoff_ms: newer.min_backoff_ms.or(self.min_backoff_ms),
+            max_backoff_ms: newer.max_backoff_ms.or(self.max_backoff_ms),
+        }
+    }
+}
+
 /// A key whose event went to the dead-letter topic; its later events wait.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quarantine {
@@ -162,6 +189,10 @@ pub trait Log: Send + Sync + 'static {
     async fn load_cursor(&self, topic: &str, group: &str, partition: u32) -> Result<Option<Cursor>>;
     /// Stores cursors of a group (atomically for the batch).
     async fn store_cursors(&self, topic: &str, group: &str, cursors: &[(u32, Cursor)]) -> Result<()>;
+    /// Stores a group's configuration.
+    async fn store_group_config(&self, topic: &str, group: &str, config: &GroupConfig) -> Result<()>;
+    /// Loads a group's configuration.
+    async fn load_group_config(&self, topic: &str, group: &str) -> Result<Option<GroupConfig>>;
     /// All (topic, group) pairs with stored cursors.
     async fn list_groups(&self) -> Result<Vec<(String, String)>>;
     /// Records (or replaces) a quarantined key.

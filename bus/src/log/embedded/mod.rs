@@ -38,7 +38,7 @@ use tokio::sync::watch;
 use self::partition::Partition;
 use crate::config::LogSettings;
 use crate::event::{now_ms, validate_name};
-use crate::log::{Appended, Cursor, Log, NewRecord, PartitionOffsets, Quarantine, StoredRecord, TopicConfig, TopicInfo};
+use crate::log::{Appended, Cursor, GroupConfig, Log, NewRecord, PartitionOffsets, Quarantine, StoredRecord, TopicConfig, TopicInfo};
 use crate::partitioner::partition_for_key;
 use crate::{Error, Result};
 
@@ -61,6 +61,8 @@ pub struct EmbeddedLog {
     cursors: sled::Tree,
     /// `topic \0 group \0 key` -> JSON [`Quarantine`].
     quarantine: sled::Tree,
+    /// `topic \0 group \0` -> JSON [`GroupConfig`].
+    group_configs: sled::Tree,
     /// Open topics. Written only by `create_topic` (which serializes through the lock).
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
 }
@@ -75,6 +77,7 @@ impl EmbeddedLog {
             topic_configs: db.open_tree("topics")?,
             cursors: db.open_tree("cursors")?,
             quarantine: db.open_tree("quarantine")?,
+            group_configs: db.open_tree("group_configs")?,
             db,
             dir,
             settings,
@@ -242,6 +245,21 @@ impl Log for EmbeddedLog {
         }
         self.cursors.apply_batch(batch)?;
         Ok(())
+    }
+
+    async fn store_group_config(&self, topic: &str, group: &str, config: &GroupConfig) -> Result<()> {
+        self.group_configs.insert(group_key(topic, group), json(config))?;
+        self.group_configs.flush_async().await?;
+        Ok(())
+    }
+
+    async fn load_group_config(&self, topic: &str, group: &str) -> Result<Option<GroupConfig>> {
+        match self.group_configs.get(group_key(topic, group))? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| Error::Corrupt { path: format!("state/group_configs/{topic}/{group}"), reason: e.to_string() }),
+        }
     }
 
     async fn list_groups(&self) -> Result<Vec<(String, String)>> {
