@@ -102,6 +102,18 @@ fn bad_input_exits_non_zero_with_a_clear_error() {
     assert!(!out.ok && out.stderr.contains("empty"), "{}", out.stderr);
     let down = run_cli(&["topics".into(), "list".into(), "--server".into(), "http://127.0.0.1:1".into()], None);
     assert!(!down.ok && down.stderr.contains("cannot connect"), "{}", down.stderr);
+    let port = justizbus_e2e::process::free_port().expect("port");
+    let twice = run_cli(
+        &[
+            "serve".into(),
+            "--data-dir".into(),
+            server.process.data_dir.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ],
+        None,
+    );
+    assert!(!twice.ok && twice.stderr.contains("another justizbus"), "a second server on one data directory: {}", twice.stderr);
     let bad_config = dir.path().join("bad.toml");
     std::fs::write(&bad_config, "bogus_key = 1\n").expect("write");
     let out = run_cli(&["serve".into(), "--config".into(), bad_config.to_str().expect("utf8").into()], None);

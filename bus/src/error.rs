@@ -95,12 +95,18 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(String),
-    /// The sled state store failed.
+    /// The sled state store failed (the message says how; not chained again).
     #[error("state store: {0}")]
-    State(#[from] sled::Error),
+    State(String),
     /// The log or the delivery engine has stopped (shutdown in progress).
     #[error("the bus is shutting down")]
     ShuttingDown,
+}
+
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        Error::State(e.to_string())
+    }
 }
 
 impl Error {

@@ -72,7 +72,9 @@ impl EmbeddedLog {
     pub async fn open(dir: &Path, settings: LogSettings) -> Result<Self> {
         let dir = dir.to_path_buf();
         std::fs::create_dir_all(dir.join("log")).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let db = sled::Config::new().path(dir.join("state")).cache_capacity(settings.state_cache_bytes).open()?;
+        let db = sled::Config::new().path(dir.join("state")).cache_capacity(settings.state_cache_bytes).open().map_err(|e| {
+            Error::State(format!("opening {} (is another justizbus serving this data directory?): {e}", dir.join("state").display()))
+        })?;
         let log = EmbeddedLog {
             topic_configs: db.open_tree("topics")?,
             cursors: db.open_tree("cursors")?,
