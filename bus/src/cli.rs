@@ -319,6 +319,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(log) = args.log {
         config.log = Some(log);
     }
+    config.validate()?;
     let listener = tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     crate::server::run(config, listener, shutdown_signal()).await?;
     Ok(())

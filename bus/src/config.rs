@@ -53,6 +53,31 @@ impl ServerConfig {
         toml::from_str(&text).map_err(|e| Error::invalid("config", format!("{}: {e}", path.display())))
     }
 
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<()> {
+        let l = &self.log_settings;
+        if l.segment_bytes < 4096 || l.segment_bytes > u64::from(u32::MAX) {
+            return Err(Error::invalid("log_settings.segment_bytes", "must be between 4096 and 4294967295 (index positions are 32-bit)"));
+        }
+        if l.index_interval_bytes == 0 {
+            return Err(Error::invalid("log_settings.index_interval_bytes", "must be at least 1"));
+        }
+        if l.max_event_bytes == 0 || l.max_event_bytes as u64 >= l.segment_bytes {
+            return Err(Error::invalid("log_settings.max_event_bytes", "must be at least 1 and smaller than segment_bytes"));
+        }
+        let d = &self.delivery;
+        if d.default_max_unacked == 0 || d.default_max_unacked > d.max_unacked_limit {
+            return Err(Error::invalid("delivery.default_max_unacked", "must be between 1 and max_unacked_limit"));
+        }
+        if d.max_attempts == 0 || d.ack_deadline_ms == 0 || d.min_backoff_ms > d.max_backoff_ms {
+            return Err(Error::invalid(
+                "delivery",
+                "max_attempts and ack_deadline_ms must be positive, min_backoff_ms at most max_backoff_ms",
+            ));
+        }
+        Ok(())
+    }
+
     /// The log URL in force.
     pub fn log_url(&self) -> String {
         self.log.clone().unwrap_or_else(|| format!("file://{}", self.data_dir.display()))
@@ -144,6 +169,15 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let err = toml::from_str::<ServerConfig>("listen = 'x'\nbogus = 1\n").expect_err("unknown key");
         assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn impossible_values_are_rejected() {
+        assert!(ServerConfig::default().validate().is_ok());
+        let c: ServerConfig = toml::from_str("[log_settings]\nsegment_bytes = 10000000000\n").expect("parses");
+        assert!(c.validate().is_err());
+        let c: ServerConfig = toml::from_str("[delivery]\nmin_backoff_ms = 5000\nmax_backoff_ms = 10\n").expect("parses");
+        assert!(c.validate().is_err());
     }
 
     #[test]
