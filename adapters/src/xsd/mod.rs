@@ -6,8 +6,13 @@
 //! as parsed element trees ([`Node`]) with their QName-valued attributes already resolved
 //! against the namespaces in scope, so later stages need no prefix bookkeeping.
 
+mod model;
 mod parse;
 mod set;
 
+pub use model::{
+    AttributeUse, ComplexType, Content, ElementDecl, Facets, MaxOccurs, Model, Occurs, Particle, SimpleType, Term, TypeDef, TypeRef,
+    Variety,
+};
 pub use parse::{Node, QName};
 pub use set::{Component, ComponentKind, SchemaFile, SchemaSet, Unresolved, XS};
