@@ -174,6 +174,9 @@ impl Log for EmbeddedLog {
 
     async fn append(&self, topic: &str, records: Vec<NewRecord>) -> Result<Vec<Appended>> {
         let t = self.topic(topic)?;
+        if let Some(r) = records.iter().find(|r| r.id.is_empty() || r.id.len() > usize::from(u16::MAX)) {
+            return Err(Error::invalid("id", format!("a record id must have 1 to 65535 bytes, not {}", r.id.len())));
+        }
         let n = t.config.partitions;
         let mut per_partition: BTreeMap<u32, (Vec<usize>, Vec<NewRecord>)> = BTreeMap::new();
         for (i, r) in records.into_iter().enumerate() {
