@@ -604,14 +604,12 @@ fn add_facets(f: &mut Facets, restriction: &Node) {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
 
     const XJ: &str = "http://www.xjustiz.de";
 
     fn model(version: &str) -> Model {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/xjustiz").join(version).join("xsd");
+        let dir = crate::xsd::shared_xjustiz().join(version).join("xsd");
         let set = SchemaSet::load_dir(&dir).expect("loads");
         Model::build(&set).unwrap_or_else(|e| panic!("{version}: {e}"))
     }

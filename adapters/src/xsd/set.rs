@@ -288,7 +288,7 @@ mod tests {
     ];
 
     fn shared() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/xjustiz")
+        crate::xsd::shared_xjustiz()
     }
 
     #[test]
