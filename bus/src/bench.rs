@@ -108,17 +108,15 @@ fn per_sec(n: u64, d: Duration) -> f64 {
 
 /// Runs the benchmark and prints one JSON summary.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let tmp;
+    // A temporary data directory (when none is given) is removed after the run.
+    let mut temporary = None;
     let mut server = None;
     let url = match &args.server {
         Some(url) => url.clone(),
         None => {
             let dir = match &args.data_dir {
                 Some(d) => d.clone(),
-                None => {
-                    tmp = tempfile_dir()?;
-                    tmp.clone()
-                }
+                None => temporary.insert(tempfile_dir()?).clone(),
             };
             let binary = std::env::current_exe().context("locating the justizbus binary")?;
             let p = ServerProcess::start(&binary, &dir.join("data"), &[])?;
@@ -261,6 +259,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(mut p) = server {
         p.stop()?;
+    }
+    if let Some(dir) = temporary {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())

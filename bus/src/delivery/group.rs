@@ -378,15 +378,8 @@ impl Actor {
         false
     }
 
-    /// Applies settings a subscriber gave (zero means unset), storing them when they change.
-    async fn apply(&mut self, o: GroupOverrides) -> Result<()> {
-        let nonzero = |v: Option<u32>| v.filter(|v| *v > 0);
-        let given = GroupConfig {
-            ack_deadline_ms: nonzero(o.ack_deadline_ms),
-            max_attempts: nonzero(o.max_attempts),
-            min_backoff_ms: nonzero(o.min_backoff_ms),
-            max_backoff_ms: nonzero(o.max_backoff_ms),
-        };
+    /// Applies settings a subscriber gave, storing them when they change.
+    async fn apply(&mut self, given: GroupOverrides) -> Result<()> {
         let merged = self.config.merged(given);
         if merged != self.config {
             self.log.store_group_config(&self.topic, &self.group, &merged).await?;
@@ -521,9 +514,8 @@ impl Actor {
     }
 
     fn take_inflight(&mut self, sub: u64, id: u64) -> Result<(u32, u64)> {
-        match self.inflight.get(&id) {
-            Some(f) if f.sub == sub => {}
-            _ => return Err(Error::UnknownDelivery(id)),
+        if self.inflight.get(&id).is_none_or(|f| f.sub != sub) {
+            return Err(Error::UnknownDelivery(id));
         }
         let f = self.inflight.remove(&id).ok_or(Error::UnknownDelivery(id))?;
         if let Some(s) = self.subs.get_mut(&sub) {
@@ -541,7 +533,12 @@ impl Actor {
         let key = entry.record.key.clone();
         let next = match part.keys.get_mut(&key) {
             Some(queue) => {
-                queue.retain(|o| *o != off);
+                // Only a key's head is ever handed out, so it is almost always the front.
+                if queue.front() == Some(&off) {
+                    queue.pop_front();
+                } else {
+                    queue.retain(|o| *o != off);
+                }
                 let next = queue.front().copied();
                 if next.is_none() {
                     part.keys.remove(&key);

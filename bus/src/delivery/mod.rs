@@ -41,7 +41,8 @@ pub enum StartPosition {
     Latest,
 }
 
-/// Group settings a subscriber may set; `None` keeps the current value.
+/// Group settings a subscriber may set; `None` keeps the current value (the gRPC edge maps
+/// the wire's 0 to `None`).
 pub type GroupOverrides = crate::log::GroupConfig;
 
 /// What a subscriber asks for.

@@ -24,6 +24,14 @@ impl AdminService {
     }
 }
 
+impl AdminService {
+    /// Releases (`skip` false) or skips a quarantined key.
+    async fn resolve(&self, r: pb::QuarantineActionRequest, skip: bool) -> Result<Response<pb::QuarantineActionResponse>, Status> {
+        let q = self.bus.delivery.resolve_quarantine(&r.topic, &r.group, Bytes::from(r.key.into_bytes()), skip).await?;
+        Ok(Response::new(pb::QuarantineActionResponse { released: Some(q.into()) }))
+    }
+}
+
 impl From<TopicInfo> for pb::TopicInfo {
     fn from(t: TopicInfo) -> Self {
         pb::TopicInfo {
@@ -138,17 +146,13 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::QuarantineActionRequest>,
     ) -> Result<Response<pb::QuarantineActionResponse>, Status> {
-        let r = request.into_inner();
-        let q = self.bus.delivery.resolve_quarantine(&r.topic, &r.group, Bytes::from(r.key.into_bytes()), false).await?;
-        Ok(Response::new(pb::QuarantineActionResponse { released: Some(q.into()) }))
+        self.resolve(request.into_inner(), false).await
     }
 
     async fn skip_quarantine(
         &self,
         request: Request<pb::QuarantineActionRequest>,
     ) -> Result<Response<pb::QuarantineActionResponse>, Status> {
-        let r = request.into_inner();
-        let q = self.bus.delivery.resolve_quarantine(&r.topic, &r.group, Bytes::from(r.key.into_bytes()), true).await?;
-        Ok(Response::new(pb::QuarantineActionResponse { released: Some(q.into()) }))
+        self.resolve(request.into_inner(), true).await
     }
 }
