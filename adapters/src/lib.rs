@@ -11,6 +11,17 @@
 //! 25 MB/s for xml-rs and 167-383 MB/s for quick-xml, against a target of 80 MB/s per core.
 
 pub mod error;
+pub mod instance;
+pub mod metadata;
+pub mod registry;
+pub mod simple;
+pub mod translate;
+pub mod xml;
 pub mod xsd;
 
 pub use error::{Error, Result};
+pub use registry::{Message, Registry, Rejection};
+pub use translate::{Issue, Release};
+
+#[cfg(test)]
+mod samples_tests;

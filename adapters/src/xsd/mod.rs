@@ -11,16 +11,16 @@ mod parse;
 mod set;
 
 pub use model::{
-    AttributeUse, ComplexType, Content, ElementDecl, Facets, MaxOccurs, Model, Occurs, Particle, SimpleType, Term, TypeDef, TypeRef,
-    Variety,
+    assign_keys, AttributeUse, ComplexType, Content, ElementDecl, Facets, IdentityConstraint, IdentityKind, MaxOccurs, Model, NameTest,
+    Occurs, Particle, SimpleType, Term, TypeDef, TypeRef, Variety, XPath, ANY_KEY, BUILTIN_NAMES,
 };
 pub use parse::{Node, QName};
 pub use set::{Component, ComponentKind, SchemaFile, SchemaSet, Unresolved, XS};
 
 /// `../shared/xjustiz` beside the checkout (or `$JUSTIZBUS_SHARED/xjustiz`), where tests read
 /// the third-party XJustiz files from; they are never copied into the project.
-#[cfg(test)]
-pub(crate) fn shared_xjustiz() -> std::path::PathBuf {
+#[doc(hidden)]
+pub fn shared_xjustiz() -> std::path::PathBuf {
     let shared = std::env::var_os("JUSTIZBUS_SHARED")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));

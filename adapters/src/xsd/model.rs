@@ -9,12 +9,14 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 use super::parse::{Node, QName};
 use super::set::{ComponentKind, SchemaSet, XS};
 use crate::{Error, Result};
 
 /// Upper occurrence bound.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MaxOccurs {
     /// At most this many.
     Bounded(u32),
@@ -23,7 +25,7 @@ pub enum MaxOccurs {
 }
 
 /// How often a particle may occur.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Occurs {
     /// `minOccurs`.
     pub min: u32,
@@ -42,7 +44,7 @@ impl Occurs {
 }
 
 /// A type, by name or inline.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TypeRef {
     /// A global or built-in type (`xs:*`).
     Named(QName),
@@ -51,7 +53,7 @@ pub enum TypeRef {
 }
 
 /// A type definition.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TypeDef {
     /// A simple type.
     Simple(SimpleType),
@@ -60,7 +62,7 @@ pub enum TypeDef {
 }
 
 /// Atomic, list or union.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Variety {
     /// A single value of `SimpleType::builtin`.
     Atomic,
@@ -71,7 +73,7 @@ pub enum Variety {
 }
 
 /// Constraining facets, accumulated along the derivation chain.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Facets {
     /// Allowed values (of the nearest step that has any).
     pub enumeration: Vec<String>,
@@ -100,7 +102,7 @@ pub struct Facets {
 }
 
 /// A simple type.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SimpleType {
     /// The built-in type at the root of the derivation (local name in the XSD namespace).
     pub builtin: String,
@@ -111,7 +113,7 @@ pub struct SimpleType {
 }
 
 /// An attribute of a complex type.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttributeUse {
     /// Name (unqualified unless declared globally or with `form="qualified"`).
     pub name: QName,
@@ -126,7 +128,7 @@ pub struct AttributeUse {
 }
 
 /// What a complex type contains.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Content {
     /// Attributes only.
     Empty,
@@ -137,7 +139,7 @@ pub enum Content {
 }
 
 /// A complex type.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ComplexType {
     /// Attributes, base attributes included.
     pub attributes: Vec<AttributeUse>,
@@ -154,16 +156,23 @@ pub struct ComplexType {
 }
 
 /// A particle: a term with occurrence bounds.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Particle {
     /// Bounds.
     pub occurs: Occurs,
     /// What occurs.
     pub term: Term,
+    /// The key this particle fills in the canonical JSON of its parent (see [`assign_keys`]):
+    /// set for elements, for `xs:any`, and for repeatable groups of more than one element.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Whether that key holds an array (the particle, or a group around it, may repeat).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub array: bool,
 }
 
 /// The term of a particle.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Term {
     /// An element.
     Element(Box<ElementDecl>),
@@ -181,7 +190,7 @@ pub enum Term {
 }
 
 /// An element declaration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ElementDecl {
     /// Name as it appears in instances.
     pub name: QName,
@@ -193,10 +202,57 @@ pub struct ElementDecl {
     pub fixed: Option<String>,
     /// `default` value.
     pub default: Option<String>,
+    /// Identity constraints (`xs:key`, `xs:unique`, `xs:keyref`) declared on it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identity: Vec<IdentityConstraint>,
+}
+
+/// Which identity constraint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum IdentityKind {
+    /// `xs:key`: every selected node has the fields, and their values are unique.
+    Key,
+    /// `xs:unique`: values unique among selected nodes that have the fields.
+    Unique,
+    /// `xs:keyref`: values must occur among those of the referred key.
+    KeyRef(QName),
+}
+
+/// A step of a restricted XPath (the subset XSD identity constraints allow).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum NameTest {
+    /// `*`.
+    Any,
+    /// A qualified name.
+    Name(QName),
+}
+
+/// One alternative of a selector or field XPath.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct XPath {
+    /// Starts with `.//`: the steps apply to the context node and all its descendants.
+    pub descendants: bool,
+    /// Child steps.
+    pub steps: Vec<NameTest>,
+    /// A final `@attribute` step (fields only).
+    pub attribute: Option<NameTest>,
+}
+
+/// An identity constraint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdentityConstraint {
+    /// Its name.
+    pub name: QName,
+    /// Key, unique or keyref.
+    pub kind: IdentityKind,
+    /// Selector alternatives.
+    pub selector: Vec<XPath>,
+    /// Fields, each with its alternatives.
+    pub fields: Vec<Vec<XPath>>,
 }
 
 /// The compiled model of one XSD set.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Model {
     /// Global element declarations.
     pub elements: BTreeMap<QName, ElementDecl>,
@@ -237,12 +293,94 @@ impl Model {
 
     /// A named type (global or built in).
     pub fn named(&self, name: &QName) -> Option<TypeDef> {
+        self.type_def(name).cloned()
+    }
+
+    /// A named type (global or built in), borrowed.
+    pub fn type_def(&self, name: &QName) -> Option<&TypeDef> {
         if name.ns == XS {
-            return Some(builtin(&name.local));
+            static BUILTINS: std::sync::OnceLock<BTreeMap<String, TypeDef>> = std::sync::OnceLock::new();
+            let builtins = BUILTINS.get_or_init(|| BUILTIN_NAMES.iter().map(|n| (n.to_string(), builtin(n))).collect());
+            return builtins.get(&name.local);
         }
-        self.types.get(name).cloned()
+        self.types.get(name)
+    }
+
+    /// The definition a reference stands for.
+    pub fn resolve<'a>(&'a self, r: &'a TypeRef) -> Option<&'a TypeDef> {
+        match r {
+            TypeRef::Named(n) => self.type_def(n),
+            TypeRef::Anonymous(def) => Some(def),
+        }
+    }
+
+    /// Whether named type `derived` is `base` or derives from it.
+    pub fn derives_from(&self, derived: &QName, base: &QName) -> bool {
+        let mut current = Some(derived.clone());
+        let mut steps = 0;
+        while let Some(name) = current {
+            if &name == base {
+                return true;
+            }
+            steps += 1;
+            current = match self.type_def(&name) {
+                Some(TypeDef::Complex(c)) if steps < 64 => c.base.clone(),
+                _ => None,
+            };
+        }
+        false
     }
 }
+
+/// The built-in types of XSD 1.0.
+pub const BUILTIN_NAMES: [&str; 46] = [
+    "anyType",
+    "anySimpleType",
+    "string",
+    "normalizedString",
+    "token",
+    "language",
+    "Name",
+    "NCName",
+    "ID",
+    "IDREF",
+    "IDREFS",
+    "ENTITY",
+    "ENTITIES",
+    "NMTOKEN",
+    "NMTOKENS",
+    "QName",
+    "NOTATION",
+    "anyURI",
+    "boolean",
+    "decimal",
+    "integer",
+    "nonPositiveInteger",
+    "negativeInteger",
+    "long",
+    "int",
+    "short",
+    "byte",
+    "nonNegativeInteger",
+    "unsignedLong",
+    "unsignedInt",
+    "unsignedShort",
+    "unsignedByte",
+    "positiveInteger",
+    "float",
+    "double",
+    "duration",
+    "dateTime",
+    "time",
+    "date",
+    "gYearMonth",
+    "gYear",
+    "gMonthDay",
+    "gDay",
+    "gMonth",
+    "hexBinary",
+    "base64Binary",
+];
 
 /// The definition of a built-in type.
 fn builtin(local: &str) -> TypeDef {
@@ -253,6 +391,8 @@ fn builtin(local: &str) -> TypeDef {
             content: Content::Elements(Particle {
                 occurs: Occurs { min: 0, max: MaxOccurs::Unbounded },
                 term: Term::Any { namespace: "##any".into() },
+                key: Some(ANY_KEY.into()),
+                array: true,
             }),
             mixed: true,
             is_abstract: false,
@@ -364,7 +504,7 @@ impl Builder<'_> {
             let content = if is_extension {
                 match (base.content, own) {
                     (Content::Elements(b), Some(o)) => {
-                        Content::Elements(Particle { occurs: Occurs::ONCE, term: Term::Sequence(vec![b, o]) })
+                        Content::Elements(Particle { occurs: Occurs::ONCE, term: Term::Sequence(vec![b, o]), key: None, array: false })
                     }
                     (Content::Elements(b), None) => Content::Elements(b),
                     (_, Some(o)) => Content::Elements(o),
@@ -373,6 +513,10 @@ impl Builder<'_> {
             } else {
                 own.map_or(Content::Empty, Content::Elements)
             };
+            let mut content = content;
+            if let Content::Elements(p) = &mut content {
+                assign_keys(p);
+            }
             let (own_attrs, own_any) = self.attributes_of(derivation, file)?;
             let attributes = merge_attributes(base.attributes, own_attrs, derivation);
             return Ok(ComplexType {
@@ -409,7 +553,10 @@ impl Builder<'_> {
                 base: Some(base_name),
             });
         }
-        let content = self.particle_of(node, file)?.map_or(Content::Empty, Content::Elements);
+        let mut content = self.particle_of(node, file)?.map_or(Content::Empty, Content::Elements);
+        if let Content::Elements(p) = &mut content {
+            assign_keys(p);
+        }
         let (attributes, any_attribute) = self.attributes_of(node, file)?;
         Ok(ComplexType { attributes, any_attribute, content, mixed, is_abstract, base: None })
     }
@@ -459,7 +606,7 @@ impl Builder<'_> {
             "any" => Term::Any { namespace: node.attr("namespace").unwrap_or("##any").to_string() },
             other => return Err(self.error(file, node, format!("xs:{other} is not a particle"))),
         };
-        Ok(Particle { occurs, term })
+        Ok(Particle { occurs, term, key: None, array: false })
     }
 
     /// An element declaration: global (`global`), local, or a reference to a global one.
@@ -475,13 +622,36 @@ impl Builder<'_> {
         let qualified =
             global || node.attr("form") == Some("qualified") || (node.attr("form").is_none() && self.set.files[file].elements_qualified);
         let name = QName::new(if qualified { target_ns } else { "" }, local);
+        let mut identity = Vec::new();
+        for c in node.children.iter().filter(|c| matches!(c.kind.as_str(), "key" | "unique" | "keyref")) {
+            identity.push(self.identity(c, file, target_ns)?);
+        }
         Ok(ElementDecl {
             name,
             type_ref: self.type_ref(node, file, "type")?,
             nillable: node.attr("nillable") == Some("true"),
             fixed: node.attr("fixed").map(str::to_string),
             default: node.attr("default").map(str::to_string),
+            identity,
         })
+    }
+
+    fn identity(&self, node: &Node, file: usize, target_ns: &str) -> Result<IdentityConstraint> {
+        let kind = match node.kind.as_str() {
+            "key" => IdentityKind::Key,
+            "unique" => IdentityKind::Unique,
+            _ => {
+                IdentityKind::KeyRef(node.qname("refer").cloned().ok_or_else(|| self.error(file, node, "xs:keyref without refer".into()))?)
+            }
+        };
+        let name = QName::new(target_ns, node.attr("name").unwrap_or_default());
+        let xpath_of =
+            |n: &Node| n.attr("xpath").map(parse_xpath).ok_or_else(|| self.error(file, n, "selector or field without xpath".into()));
+        let selector = xpath_of(
+            node.children_of("selector").next().ok_or_else(|| self.error(file, node, "identity constraint without selector".into()))?,
+        )?;
+        let fields = node.children_of("field").map(xpath_of).collect::<Result<Vec<_>>>()?;
+        Ok(IdentityConstraint { name, kind, selector, fields })
     }
 
     /// Attributes declared directly in `node` (attribute groups inlined).
@@ -549,6 +719,113 @@ impl Builder<'_> {
             default: node.attr("default").or(decl.attr("default")).map(str::to_string),
         })
     }
+}
+
+/// The JSON key of `xs:any` content.
+pub const ANY_KEY: &str = "#any";
+
+/// Gives every particle of a content model its key in the canonical JSON.
+///
+/// Elements use their local name; a second particle with the same name gets `name#2`. A
+/// repeatable group holding more than one element becomes one array key named after its members,
+/// e.g. `(terminsdaten|fortsetzungsterminsdaten)`, each item one pass through the group: that
+/// keeps the order of interleaved siblings, which separate per-name arrays would lose.
+pub fn assign_keys(content: &mut Particle) {
+    let mut used = BTreeMap::new();
+    assign(content, false, &mut used);
+}
+
+fn assign(p: &mut Particle, repeated: bool, used: &mut BTreeMap<String, u32>) {
+    let repeated_here = repeated || p.occurs.repeatable();
+    let group_key = group_key(p);
+    match &mut p.term {
+        Term::Element(e) => {
+            p.key = Some(unique_key(used, &e.name.local));
+            p.array = repeated_here;
+        }
+        Term::Any { .. } => {
+            p.key = Some(unique_key(used, ANY_KEY));
+            p.array = true;
+        }
+        Term::Sequence(parts) | Term::Choice(parts) | Term::All(parts) => {
+            if p.occurs.repeatable() && parts.iter().map(leaves).sum::<usize>() > 1 {
+                p.key = Some(unique_key(used, &group_key));
+                p.array = true;
+                let mut inner = BTreeMap::new();
+                parts.iter_mut().for_each(|c| assign(c, false, &mut inner));
+            } else {
+                p.key = None;
+                p.array = false;
+                parts.iter_mut().for_each(|c| assign(c, repeated_here, used));
+            }
+        }
+    }
+}
+
+fn unique_key(used: &mut BTreeMap<String, u32>, name: &str) -> String {
+    let n = used.entry(name.to_string()).or_insert(0);
+    *n += 1;
+    if *n == 1 {
+        name.to_string()
+    } else {
+        format!("{name}#{n}")
+    }
+}
+
+fn leaves(p: &Particle) -> usize {
+    match &p.term {
+        Term::Element(_) | Term::Any { .. } => 1,
+        Term::Sequence(ps) | Term::Choice(ps) | Term::All(ps) => ps.iter().map(leaves).sum(),
+    }
+}
+
+/// `(a,b)` for a sequence, `(a|b)` for a choice, `(a&b)` for all.
+fn group_key(p: &Particle) -> String {
+    match &p.term {
+        Term::Element(e) => e.name.local.clone(),
+        Term::Any { .. } => ANY_KEY.to_string(),
+        Term::Sequence(ps) | Term::Choice(ps) | Term::All(ps) => {
+            let sep = match &p.term {
+                Term::Sequence(_) => ",",
+                Term::Choice(_) => "|",
+                _ => "&",
+            };
+            format!("({})", ps.iter().map(group_key).collect::<Vec<_>>().join(sep))
+        }
+    }
+}
+
+/// Parses the XPath subset of identity constraints; names come in Clark notation (`{ns}local`)
+/// from the XSD reader, which resolved their prefixes.
+fn parse_xpath(expr: &str) -> Vec<XPath> {
+    let test = |s: &str| -> NameTest {
+        let s = s.trim().trim_start_matches("child::").trim_start_matches("attribute::");
+        if s == "*" {
+            return NameTest::Any;
+        }
+        match s.strip_prefix('{').and_then(|r| r.split_once('}')) {
+            Some((ns, local)) => NameTest::Name(QName::new(ns, local)),
+            None => NameTest::Name(QName::new("", s)),
+        }
+    };
+    expr.split('|')
+        .map(|alt| {
+            let alt = alt.trim();
+            let (descendants, rest) = match alt.strip_prefix(".//") {
+                Some(rest) => (true, rest),
+                None => (false, alt.trim_start_matches("./")),
+            };
+            let mut steps = Vec::new();
+            let mut attribute = None;
+            for step in rest.split('/').map(str::trim).filter(|s| !s.is_empty() && *s != ".") {
+                match step.strip_prefix('@') {
+                    Some(a) => attribute = Some(test(a)),
+                    None => steps.push(test(step)),
+                }
+            }
+            XPath { descendants, steps, attribute }
+        })
+        .collect()
 }
 
 /// Base attributes, overridden by same-named own ones; `prohibited` ones removed.

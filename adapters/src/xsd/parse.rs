@@ -9,7 +9,7 @@ use quick_xml::NsReader;
 use crate::{Error, Result};
 
 /// A namespace-qualified name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct QName {
     /// Namespace URI ("" for none).
     pub ns: String,
@@ -31,7 +31,7 @@ impl std::fmt::Display for QName {
 }
 
 /// Attributes whose values are QNames (or lists of them) in XSD.
-const QNAME_ATTRIBUTES: [&str; 6] = ["type", "base", "ref", "itemType", "memberTypes", "substitutionGroup"];
+const QNAME_ATTRIBUTES: [&str; 7] = ["type", "base", "ref", "itemType", "memberTypes", "substitutionGroup", "refer"];
 
 /// An XSD element (only elements in the XSD namespace and their attributes are kept; the text
 /// of `xs:documentation` is dropped).
@@ -167,6 +167,10 @@ fn element(reader: &NsReader<&[u8]>, path: &Path, start: &BytesStart<'_>, line: 
             .unescape_value()
             .map_err(|e| Error::Xml { path: path.to_path_buf(), position: reader.buffer_position(), message: e.to_string() })?
             .into_owned();
+        if key == "xpath" {
+            attrs.push((key, clark_xpath(reader, &value)));
+            continue;
+        }
         if QNAME_ATTRIBUTES.contains(&key.as_str()) {
             let mut names = Vec::new();
             for token in value.split_whitespace() {
@@ -191,6 +195,38 @@ fn element(reader: &NsReader<&[u8]>, path: &Path, start: &BytesStart<'_>, line: 
         attrs.push((key, value));
     }
     Ok(Node { kind, attrs, refs, children: Vec::new(), line })
+}
+
+/// Rewrites the prefixed names of an identity-constraint XPath into Clark notation
+/// (`{ns}local`). An undeclared prefix becomes `{?prefix}`, which matches nothing.
+fn clark_xpath(reader: &NsReader<&[u8]>, xpath: &str) -> String {
+    let mut out = String::with_capacity(xpath.len());
+    let mut token = String::new();
+    let flush = |token: &mut String, out: &mut String| {
+        if let Some((prefix, local)) = token.split_once(':').filter(|(p, _)| !p.is_empty() && !p.contains("::")) {
+            if !local.starts_with(':') {
+                let (resolved, _) = reader.resolve(quick_xml::name::QName(format!("{prefix}:x").as_bytes()), false);
+                match resolved {
+                    ResolveResult::Bound(Namespace(ns)) => out.push_str(&format!("{{{}}}{local}", String::from_utf8_lossy(ns))),
+                    _ => out.push_str(&format!("{{?{prefix}}}{local}")),
+                }
+                token.clear();
+                return;
+            }
+        }
+        out.push_str(token);
+        token.clear();
+    };
+    for c in xpath.chars() {
+        if c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | ':') {
+            token.push(c);
+        } else {
+            flush(&mut token, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut token, &mut out);
+    out
 }
 
 #[cfg(test)]

@@ -1,0 +1,259 @@
+//! Reading XJustiz instance documents into an element tree, hardened against hostile input.
+//!
+//! DTDs (and with them every entity declaration) are refused, only the five predefined entities
+//! and character references are expanded, and depth and size are bounded ([`Limits`]). Every
+//! element keeps its byte offset so errors can name a line without counting lines on the fast path.
+
+use quick_xml::events::{BytesStart, Event};
+use quick_xml::name::{QName as RawName, ResolveResult};
+use quick_xml::NsReader;
+
+use crate::xsd::QName;
+
+/// The XML Schema instance namespace (`xsi:type`, `xsi:nil`, `xsi:schemaLocation`).
+pub const XSI: &str = "http://www.w3.org/2001/XMLSchema-instance";
+
+/// Bounds on what a document may be.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest document in bytes.
+    pub max_bytes: usize,
+    /// Deepest element nesting.
+    pub max_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_bytes: 64 * 1024 * 1024, max_depth: 256 }
+    }
+}
+
+/// An element of an instance document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Element {
+    /// Resolved name.
+    pub name: QName,
+    /// The prefix it was written with ("" for none).
+    pub prefix: String,
+    /// Attributes other than namespace declarations, resolved.
+    pub attributes: Vec<(QName, String)>,
+    /// Namespace declarations written on this element: (prefix, uri).
+    pub namespaces: Vec<(String, String)>,
+    /// `xsi:type`, resolved against the namespaces in scope.
+    pub xsi_type: Option<QName>,
+    /// Child elements in document order.
+    pub children: Vec<Element>,
+    /// Character data directly inside this element, concatenated.
+    pub text: String,
+    /// Byte offset of the start tag.
+    pub offset: usize,
+}
+
+impl Element {
+    /// An attribute by name.
+    pub fn attribute(&self, ns: &str, local: &str) -> Option<&str> {
+        self.attributes.iter().find(|(n, _)| n.ns == ns && n.local == local).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A document that is not well-formed or breaks the limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyntaxError {
+    /// 1-based line.
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for SyntaxError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+
+/// The 1-based line of a byte offset.
+pub fn line_of(xml: &[u8], offset: usize) -> usize {
+    1 + xml[..offset.min(xml.len())].iter().filter(|&&b| b == b'\n').count()
+}
+
+/// Parses a whole document into its root element.
+pub fn parse(xml: &[u8], limits: Limits) -> Result<Element, SyntaxError> {
+    let fail = |offset: usize, message: String| SyntaxError { line: line_of(xml, offset), message };
+    if xml.len() > limits.max_bytes {
+        return Err(fail(0, format!("document is {} bytes, more than the limit of {}", xml.len(), limits.max_bytes)));
+    }
+    let text = std::str::from_utf8(xml).map_err(|e| fail(e.valid_up_to(), format!("not UTF-8: {e}")))?;
+    let mut reader = NsReader::from_str(text);
+    reader.config_mut().expand_empty_elements = true;
+    let mut stack: Vec<Element> = Vec::new();
+    let mut root: Option<Element> = None;
+    loop {
+        let offset = reader.buffer_position() as usize;
+        let event = reader.read_event().map_err(|e| fail(reader.error_position() as usize, e.to_string()))?;
+        match event {
+            Event::Start(start) => {
+                if root.is_some() {
+                    return Err(fail(offset, "content after the root element".into()));
+                }
+                if stack.len() >= limits.max_depth {
+                    return Err(fail(offset, format!("elements nested deeper than {}", limits.max_depth)));
+                }
+                let element = start_element(&reader, &start, offset).map_err(|m| fail(offset, m))?;
+                stack.push(element);
+            }
+            Event::End(_) => {
+                let done = stack.pop().ok_or_else(|| fail(offset, "end tag without start tag".into()))?;
+                match stack.last_mut() {
+                    Some(parent) => parent.children.push(done),
+                    None => root = Some(done),
+                }
+            }
+            Event::Text(t) => {
+                let content = t.xml_content().map_err(|e| fail(offset, e.to_string()))?;
+                match stack.last_mut() {
+                    Some(e) => e.text.push_str(&content),
+                    None if content.trim().is_empty() => {}
+                    None => return Err(fail(offset, "text outside the root element".into())),
+                }
+            }
+            Event::CData(c) => {
+                let content = c.decode().map_err(|e| fail(offset, e.to_string()))?;
+                match stack.last_mut() {
+                    Some(e) => e.text.push_str(&content),
+                    None => return Err(fail(offset, "CDATA outside the root element".into())),
+                }
+            }
+            Event::GeneralRef(r) => {
+                let resolved = match r.resolve_char_ref().map_err(|e| fail(offset, e.to_string()))? {
+                    Some(c) => c,
+                    None => match r.as_ref() {
+                        b"amp" => '&',
+                        b"lt" => '<',
+                        b"gt" => '>',
+                        b"quot" => '"',
+                        b"apos" => '\'',
+                        other => {
+                            return Err(fail(offset, format!("undeclared entity &{};", String::from_utf8_lossy(other))));
+                        }
+                    },
+                };
+                match stack.last_mut() {
+                    Some(e) => e.text.push(resolved),
+                    None => return Err(fail(offset, "reference outside the root element".into())),
+                }
+            }
+            Event::DocType(_) => return Err(fail(offset, "DOCTYPE is not allowed (no DTDs, no entity declarations)".into())),
+            Event::Empty(_) => unreachable!("empty elements are expanded"),
+            Event::Decl(_) | Event::PI(_) | Event::Comment(_) => {}
+            Event::Eof => break,
+        }
+    }
+    if !stack.is_empty() {
+        return Err(fail(xml.len(), format!("document ends inside <{}>", stack.last().map(|e| e.name.local.as_str()).unwrap_or(""))));
+    }
+    root.ok_or_else(|| fail(0, "no root element".into()))
+}
+
+fn start_element(reader: &NsReader<&[u8]>, start: &BytesStart<'_>, offset: usize) -> Result<Element, String> {
+    let (ns, local) = reader.resolve_element(start.name());
+    let ns = match ns {
+        ResolveResult::Bound(n) => String::from_utf8_lossy(n.as_ref()).into_owned(),
+        ResolveResult::Unbound => String::new(),
+        ResolveResult::Unknown(p) => return Err(format!("unbound namespace prefix {}", String::from_utf8_lossy(&p))),
+    };
+    let prefix = start.name().prefix().map(|p| String::from_utf8_lossy(p.as_ref()).into_owned()).unwrap_or_default();
+    let mut element = Element {
+        name: QName::new(&ns, &String::from_utf8_lossy(local.as_ref())),
+        prefix,
+        attributes: Vec::new(),
+        namespaces: Vec::new(),
+        xsi_type: None,
+        children: Vec::new(),
+        text: String::new(),
+        offset,
+    };
+    for attr in start.attributes() {
+        let attr = attr.map_err(|e| e.to_string())?;
+        let key = attr.key;
+        let value = normalize_attribute(&attr.unescape_value().map_err(|e| e.to_string())?);
+        if key.as_ref() == b"xmlns" {
+            element.namespaces.push((String::new(), value));
+            continue;
+        }
+        if let Some(p) = key.as_ref().strip_prefix(b"xmlns:") {
+            element.namespaces.push((String::from_utf8_lossy(p).into_owned(), value));
+            continue;
+        }
+        let (ans, alocal) = reader.resolve_attribute(key);
+        let ans = match ans {
+            ResolveResult::Bound(n) => String::from_utf8_lossy(n.as_ref()).into_owned(),
+            ResolveResult::Unbound => String::new(),
+            ResolveResult::Unknown(p) => return Err(format!("unbound namespace prefix {}", String::from_utf8_lossy(&p))),
+        };
+        let name = QName::new(&ans, &String::from_utf8_lossy(alocal.as_ref()));
+        if element.attributes.iter().any(|(n, _)| *n == name) {
+            return Err(format!("attribute {} given twice", name.local));
+        }
+        if name.ns == XSI && name.local == "type" {
+            let (tns, tlocal) = reader.resolve_element(RawName(value.trim().as_bytes()));
+            let tns = match tns {
+                ResolveResult::Bound(n) => String::from_utf8_lossy(n.as_ref()).into_owned(),
+                ResolveResult::Unbound => String::new(),
+                ResolveResult::Unknown(p) => return Err(format!("xsi:type uses unbound prefix {}", String::from_utf8_lossy(&p))),
+            };
+            element.xsi_type = Some(QName::new(&tns, &String::from_utf8_lossy(tlocal.as_ref())));
+        }
+        element.attributes.push((name, value));
+    }
+    Ok(element)
+}
+
+/// Attribute-value normalisation of XML 1.0 (section 3.3.3): literal tabs and line breaks become spaces.
+fn normalize_attribute(value: &str) -> String {
+    if value.contains(['\t', '\n', '\r']) {
+        value.replace("\r\n", " ").replace(['\t', '\n', '\r'], " ")
+    } else {
+        value.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_attributes_and_text() {
+        let xml = br#"<?xml version="1.0"?>
+<t:a xmlns:t="urn:t" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" x="1 &amp; 2">
+  <t:b xsi:type="t:T">A&#65;&lt;<![CDATA[<c>]]></t:b><c/>
+</t:a>"#;
+        let root = parse(xml, Limits::default()).expect("parses");
+        assert_eq!(root.name, QName::new("urn:t", "a"));
+        assert_eq!(root.attribute("", "x"), Some("1 & 2"));
+        assert_eq!(root.children.len(), 2);
+        assert_eq!(root.children[0].text, "AA<<c>");
+        assert_eq!(root.children[0].xsi_type, Some(QName::new("urn:t", "T")));
+        assert_eq!(root.children[1].name, QName::new("", "c"));
+        assert_eq!(line_of(xml, root.children[0].offset), 3);
+    }
+
+    #[test]
+    fn refuses_hostile_documents() {
+        let cases: [(&[u8], &str); 6] = [
+            (b"<!DOCTYPE a [<!ENTITY x \"y\">]><a>&x;</a>", "DOCTYPE"),
+            (b"<a>&x;</a>", "undeclared entity"),
+            (b"<a><b></a>", ""),
+            (b"<a/><b/>", "after the root"),
+            (b"<p:a/>", "unbound"),
+            (b"", "no root"),
+        ];
+        for (xml, expected) in cases {
+            let err = parse(xml, Limits::default()).expect_err(&String::from_utf8_lossy(xml));
+            assert!(err.message.contains(expected), "{}: {err}", String::from_utf8_lossy(xml));
+        }
+        let deep = format!("{}{}", "<a>".repeat(300), "</a>".repeat(300));
+        assert!(parse(deep.as_bytes(), Limits::default()).expect_err("deep").message.contains("deeper"));
+        let big = Limits { max_bytes: 10, max_depth: 10 };
+        assert!(parse(b"<a>0123456789</a>", big).expect_err("big").message.contains("bytes"));
+    }
+}
