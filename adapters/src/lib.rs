@@ -10,10 +10,13 @@
 //! XML is read with `quick-xml` rather than the design card's `xml-rs`: issue 3 measured
 //! 25 MB/s for xml-rs and 167-383 MB/s for quick-xml, against a target of 80 MB/s per core.
 
+pub mod cli;
 pub mod error;
+pub mod event;
 pub mod instance;
 pub mod metadata;
 pub mod registry;
+pub mod schemas;
 pub mod simple;
 pub mod translate;
 pub mod xml;
@@ -25,3 +28,6 @@ pub use translate::{Issue, Release};
 
 #[cfg(test)]
 mod samples_tests;
+
+#[cfg(test)]
+mod libxml2_tests;

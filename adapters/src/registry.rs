@@ -15,8 +15,9 @@ use crate::{Error, Result};
 /// The XJustiz namespace.
 pub const XJUSTIZ_NS: &str = "http://www.xjustiz.de";
 
-/// The compiled type model's file name inside `schemas/xjustiz/<version>/`.
-pub const MODEL_FILE: &str = "model.json";
+/// The compiled type model's file name inside `schemas/xjustiz/<version>/`: gzip-compressed
+/// JSON (the expanded model repeats base types in every derived one, which compresses ~15:1).
+pub const MODEL_FILE: &str = "model.json.gz";
 
 /// The releases this process knows, by version.
 #[derive(Debug, Default)]
@@ -24,6 +25,8 @@ pub struct Registry {
     releases: BTreeMap<String, Release>,
     /// Limits applied to every document.
     pub limits: Limits,
+    /// JSON Schema validators of the canonical JSON (the `jsonschema` crate).
+    pub json: crate::schemas::JsonSchemas,
 }
 
 /// A document that checked out.
@@ -88,7 +91,13 @@ impl Registry {
     /// `../shared/xjustiz`).
     pub fn from_xsd_root(root: &Path) -> Result<Registry> {
         let mut registry = Registry::default();
-        for (version, dir) in version_dirs(root)? {
+        let dirs = if root.join("xsd").is_dir() {
+            let version = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            vec![(version, root.to_path_buf())]
+        } else {
+            version_dirs(root)?
+        };
+        for (version, dir) in dirs {
             let xsd = dir.join("xsd");
             if xsd.is_dir() {
                 let set = SchemaSet::load_dir(&xsd)?;
@@ -98,7 +107,7 @@ impl Registry {
         Ok(registry)
     }
 
-    /// Loads the compiled models that `generate-schemas` wrote (`<dir>/<version>/model.json`).
+    /// Loads the compiled models that `generate-schemas` wrote (`<dir>/<version>/model.json.gz`).
     pub fn from_schemas(dir: &Path) -> Result<Registry> {
         let mut registry = Registry::default();
         for (version, dir) in version_dirs(dir)? {
@@ -106,8 +115,11 @@ impl Registry {
             if !path.is_file() {
                 continue;
             }
-            let text = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-            let model: Model = serde_json::from_slice(&text)
+            let file = std::fs::File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+            let mut json = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(file), &mut json)
+                .map_err(|source| Error::Io { path: path.clone(), source })?;
+            let model: Model = serde_json::from_slice(&json)
                 .map_err(|e| Error::Schema { path: path.clone(), message: format!("not a compiled model: {e}") })?;
             registry.insert(Release::new(&version, model));
         }

@@ -81,3 +81,70 @@ fn rejections_say_what_and_where() {
     }
     assert!(matches!(registry.read(b"<a>"), Err(Rejection::Syntax(_))));
 }
+
+fn committed_schemas() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas")
+}
+
+#[test]
+fn committed_schemas_are_what_the_generator_writes() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let written = crate::schemas::generate(registry(), out.path()).expect("generates");
+    let committed = committed_schemas();
+    let mut stale = Vec::new();
+    for path in &written {
+        let relative = path.strip_prefix(out.path()).expect("inside out");
+        if std::fs::read(committed.join(relative)).ok() != std::fs::read(path).ok() {
+            stale.push(relative.display().to_string());
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "schemas/ is stale (run `justizbus xjustiz generate-schemas --xsd-dir ../shared/xjustiz --out schemas`): {stale:?}"
+    );
+    let mut count = 0;
+    for entry in std::fs::read_dir(committed.join("xjustiz")).expect("schemas/xjustiz") {
+        count += std::fs::read_dir(entry.expect("entry").path()).expect("version dir").count();
+    }
+    assert_eq!(count + 1, written.len(), "schemas/ holds files the generator no longer writes");
+    let bytes: u64 = written.iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+    assert!(bytes < 10_000_000, "schemas/ grew to {bytes} bytes");
+}
+
+#[test]
+fn committed_models_give_the_same_verdicts_and_json() {
+    let from_files = Registry::from_schemas(&committed_schemas().join("xjustiz")).expect("loads schemas/");
+    assert_eq!(from_files.versions(), registry().versions());
+    for (path, valid) in expected_verdicts() {
+        let xml = std::fs::read(&path).expect("sample");
+        let (a, b) = (from_files.read(&xml), registry().read(&xml));
+        assert_eq!(a.is_ok(), valid, "{}", path.display());
+        if let (Ok(a), Ok(b)) = (a, b) {
+            assert_eq!(a.data, b.data, "{}", path.display());
+        }
+    }
+}
+
+#[test]
+fn canonical_json_of_valid_samples_matches_its_json_schema() {
+    let registry = registry();
+    for (path, valid) in expected_verdicts() {
+        if !valid {
+            continue;
+        }
+        let xml = std::fs::read(&path).expect("sample");
+        let m = registry.read(&xml).expect("valid");
+        let release = registry.release(&m.version).expect("release");
+        if let Err(e) = registry.json.check(release, &m.message_type, &m.data) {
+            panic!("{}: {}", path.display(), e.join("\n"));
+        }
+        // A dropped required key, a wrong type and an unknown key are each refused.
+        let mut data = m.data.clone();
+        let head = data.get_mut("nachrichtenkopf").and_then(|h| h.as_object_mut()).expect("header");
+        head.remove("erstellungszeitpunkt");
+        head.insert("unbekannt".into(), serde_json::json!(1));
+        let errors = registry.json.check(release, &m.message_type, &data).expect_err("broken JSON");
+        assert!(errors.iter().any(|e| e.contains("erstellungszeitpunkt")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("unbekannt")), "{errors:?}");
+    }
+}

@@ -74,7 +74,7 @@ pub fn xsd_regex(pattern: &str) -> String {
 }
 
 /// The whitespace handling of a type: built-in default unless a facet says otherwise.
-fn whitespace_mode<'a>(st: &'a SimpleType) -> &'a str {
+fn whitespace_mode(st: &SimpleType) -> &str {
     if let Some(ws) = &st.facets.white_space {
         return ws;
     }
@@ -325,10 +325,10 @@ pub fn check_builtin(builtin: &str, v: &str) -> Result<(), String> {
         "duration" => {
             lexical!(r"^-?P(\d+Y)?(\d+M)?(\d+D)?(T(\d+H)?(\d+M)?(\d+(\.\d+)?S)?)?$").is_match(v) && !v.ends_with('P') && !v.ends_with('T')
         }
-        "hexBinary" => v.len() % 2 == 0 && v.bytes().all(|b| b.is_ascii_hexdigit()),
+        "hexBinary" => v.len().is_multiple_of(2) && v.bytes().all(|b| b.is_ascii_hexdigit()),
         "base64Binary" => {
             let s: Vec<u8> = v.bytes().filter(|b| *b != b' ').collect();
-            s.len() % 4 == 0
+            s.len().is_multiple_of(4)
                 && s.iter().rev().skip_while(|b| **b == b'=').all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
                 && s.iter().rev().take_while(|b| **b == b'=').count() <= 2
         }

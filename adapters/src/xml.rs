@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::instance::{Element, XSI};
 use crate::translate::Release;
-use crate::xsd::{ComplexType, Content, ElementDecl, Particle, QName, Term, TypeDef, TypeRef};
+use crate::xsd::{ComplexType, Content, ElementDecl, Particle, QName, Term, TypeDef};
 
 /// Why JSON could not be written as XML.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -314,13 +314,5 @@ fn canonical_into(e: &Element, out: &mut String, depth: usize) {
     out.push('\n');
     for c in &e.children {
         canonical_into(c, out, depth + 1);
-    }
-}
-
-/// The type definition an element declaration resolves to (for callers outside this module).
-pub fn declared_type<'m>(release: &'m Release, decl: &'m ElementDecl) -> Option<&'m TypeDef> {
-    match &decl.type_ref {
-        TypeRef::Named(n) => release.model.type_def(n),
-        TypeRef::Anonymous(d) => Some(d),
     }
 }

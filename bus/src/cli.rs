@@ -60,6 +60,11 @@ enum Command {
     DeadLetters(GroupArgs),
     /// Measure publish and delivery through a real server; prints one JSON summary.
     Bench(crate::bench::BenchArgs),
+    /// XJustiz: validate, translate, convert back to XML, generate schemas.
+    Xjustiz {
+        #[command(subcommand)]
+        command: justizbus_xjustiz::cli::XJustizCommand,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -302,6 +307,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Quarantine { command } => quarantine(command).await,
         Command::DeadLetters(args) => dead_letters(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::Xjustiz { command } => tokio::task::spawn_blocking(move || justizbus_xjustiz::cli::run(command)).await?,
     }
 }
 

@@ -9,7 +9,7 @@ use quick_xml::NsReader;
 use crate::{Error, Result};
 
 /// A namespace-qualified name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QName {
     /// Namespace URI ("" for none).
     pub ns: String,
@@ -21,6 +21,28 @@ impl QName {
     /// A name in a namespace.
     pub fn new(ns: &str, local: &str) -> Self {
         QName { ns: ns.to_string(), local: local.to_string() }
+    }
+}
+
+/// Serialised in Clark notation, `{namespace}local` (or just `local` without a namespace), so
+/// names can be JSON map keys.
+impl serde::Serialize for QName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if self.ns.is_empty() {
+            s.serialize_str(&self.local)
+        } else {
+            s.serialize_str(&format!("{{{}}}{}", self.ns, self.local))
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for QName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.strip_prefix('{').and_then(|r| r.split_once('}')) {
+            Some((ns, local)) => Ok(QName::new(ns, local)),
+            None => Ok(QName::new("", &s)),
+        }
     }
 }
 
