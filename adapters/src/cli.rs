@@ -88,6 +88,23 @@ pub enum XJustizCommand {
     },
 }
 
+/// `justizbus adapter` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum AdapterCommand {
+    /// Publish XJustiz files and EGVP message folders dropped into a directory.
+    Inbound(crate::adapter::InboundArgs),
+    /// Write a participant's mailbox into a legacy inbox directory.
+    Outbound(crate::adapter::OutboundArgs),
+}
+
+/// Runs a `justizbus adapter` subcommand.
+pub async fn run_adapter(command: AdapterCommand) -> anyhow::Result<()> {
+    match command {
+        AdapterCommand::Inbound(args) => crate::adapter::inbound(args).await,
+        AdapterCommand::Outbound(args) => crate::adapter::outbound(args).await,
+    }
+}
+
 /// Runs a `justizbus xjustiz` subcommand.
 pub fn run(command: XJustizCommand) -> anyhow::Result<()> {
     match command {
@@ -183,8 +200,8 @@ pub fn report(file: &Path, rejection: &Rejection) -> usize {
             println!("{name}:{line}: {message}");
             1
         }
-        other => {
-            println!("{name}:1: {other}");
+        Rejection::UnknownVersion { line, version, known } => {
+            println!("{name}:{line}: xjustizVersion \"{version}\" is not a known release (known: {})", known.join(", "));
             1
         }
     }

@@ -10,7 +10,9 @@
 //! XML is read with `quick-xml` rather than the design card's `xml-rs`: issue 3 measured
 //! 25 MB/s for xml-rs and 167-383 MB/s for quick-xml, against a target of 80 MB/s per core.
 
+pub mod adapter;
 pub mod cli;
+pub mod client;
 pub mod error;
 pub mod event;
 pub mod instance;

@@ -19,10 +19,18 @@ pub const XJUSTIZ_NS: &str = "http://www.xjustiz.de";
 /// JSON (the expanded model repeats base types in every derived one, which compresses ~15:1).
 pub const MODEL_FILE: &str = "model.json.gz";
 
+/// A release, compiled already or loaded from its file on first use (a process that reads one
+/// release does not pay for decompressing the others).
+#[derive(Debug)]
+enum Slot {
+    Ready(Box<Release>),
+    Lazy { path: PathBuf, cell: std::sync::OnceLock<Option<Box<Release>>> },
+}
+
 /// The releases this process knows, by version.
 #[derive(Debug, Default)]
 pub struct Registry {
-    releases: BTreeMap<String, Release>,
+    releases: BTreeMap<String, Slot>,
     /// Limits applied to every document.
     pub limits: Limits,
     /// JSON Schema validators of the canonical JSON (the `jsonschema` crate).
@@ -56,6 +64,8 @@ pub enum Rejection {
     },
     /// A release no schema is loaded for.
     UnknownVersion {
+        /// Line of the element carrying `xjustizVersion`.
+        line: usize,
         /// The version the document claims.
         version: String,
         /// The versions loaded.
@@ -70,8 +80,8 @@ impl std::fmt::Display for Rejection {
         match self {
             Rejection::Syntax(e) => write!(f, "not well-formed: {e}"),
             Rejection::NotXJustiz { line, message } => write!(f, "line {line}: {message}"),
-            Rejection::UnknownVersion { version, known } => {
-                write!(f, "xjustizVersion \"{version}\" is not a known release (known: {})", known.join(", "))
+            Rejection::UnknownVersion { line, version, known } => {
+                write!(f, "line {line}: xjustizVersion \"{version}\" is not a known release (known: {})", known.join(", "))
             }
             Rejection::Invalid(issues) => {
                 for (i, issue) in issues.iter().enumerate() {
@@ -115,25 +125,30 @@ impl Registry {
             if !path.is_file() {
                 continue;
             }
-            let file = std::fs::File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-            let mut json = Vec::new();
-            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(file), &mut json)
-                .map_err(|source| Error::Io { path: path.clone(), source })?;
-            let model: Model = serde_json::from_slice(&json)
-                .map_err(|e| Error::Schema { path: path.clone(), message: format!("not a compiled model: {e}") })?;
-            registry.insert(Release::new(&version, model));
+            registry.releases.insert(version, Slot::Lazy { path, cell: std::sync::OnceLock::new() });
         }
         Ok(registry)
     }
 
     /// Adds a release.
     pub fn insert(&mut self, release: Release) {
-        self.releases.insert(release.version.clone(), release);
+        self.releases.insert(release.version.clone(), Slot::Ready(Box::new(release)));
     }
 
     /// A release by version.
     pub fn release(&self, version: &str) -> Option<&Release> {
-        self.releases.get(version)
+        match self.releases.get(version)? {
+            Slot::Ready(r) => Some(r),
+            Slot::Lazy { path, cell } => cell
+                .get_or_init(|| match load_model(path) {
+                    Ok(model) => Some(Box::new(Release::new(version, model))),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot load the compiled model");
+                        None
+                    }
+                })
+                .as_deref(),
+        }
     }
 
     /// The loaded versions, ascending.
@@ -156,12 +171,15 @@ impl Registry {
                 message: format!("<{}> is in {ns}, not in {XJUSTIZ_NS}", root.name.local),
             });
         }
-        let version = find_version(root).ok_or_else(|| Rejection::NotXJustiz {
+        let (version, at) = find_version(root).ok_or_else(|| Rejection::NotXJustiz {
             line: instance::line_of(xml, root.offset),
             message: format!("<{}> has no xjustizVersion attribute in its header", root.name.local),
         })?;
-        let release =
-            self.release(&version).ok_or_else(|| Rejection::UnknownVersion { version: version.clone(), known: self.versions() })?;
+        let release = self.release(&version).ok_or_else(|| Rejection::UnknownVersion {
+            line: instance::line_of(xml, at),
+            version: version.clone(),
+            known: self.versions(),
+        })?;
         let (data, issues) = release.translate(xml, root);
         if !issues.is_empty() {
             return Err(Rejection::Invalid(issues));
@@ -171,14 +189,24 @@ impl Registry {
     }
 }
 
+/// Reads a gzip-compressed compiled model.
+pub fn load_model(path: &Path) -> Result<Model> {
+    let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let mut json = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(file), &mut json)
+        .map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_slice(&json).map_err(|e| Error::Schema { path: path.to_path_buf(), message: format!("not a compiled model: {e}") })
+}
+
 /// The `xjustizVersion` attribute: on `nachrichtenkopf` (3.x, 4.x) or `grunddaten` (2.x), the
 /// first one in document order within the top levels.
-pub fn find_version(root: &Element) -> Option<String> {
+/// Returns the version and the byte offset of the element carrying it.
+pub fn find_version(root: &Element) -> Option<(String, usize)> {
     let mut level = vec![root];
     for _ in 0..4 {
         for e in &level {
             if let Some(v) = e.attribute("", "xjustizVersion") {
-                return Some(v.trim().to_string());
+                return Some((v.trim().to_string(), e.offset));
             }
         }
         level = level.iter().flat_map(|e| e.children.iter()).collect();

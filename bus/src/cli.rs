@@ -60,6 +60,11 @@ enum Command {
     DeadLetters(GroupArgs),
     /// Measure publish and delivery through a real server; prints one JSON summary.
     Bench(crate::bench::BenchArgs),
+    /// XJustiz adapter processes: inbound (drop directory -> bus) and outbound (mailbox -> inbox).
+    Adapter {
+        #[command(subcommand)]
+        command: justizbus_xjustiz::cli::AdapterCommand,
+    },
     /// XJustiz: validate, translate, convert back to XML, generate schemas.
     Xjustiz {
         #[command(subcommand)]
@@ -259,7 +264,7 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let serving = matches!(cli.command, Command::Serve(_));
+    let serving = matches!(cli.command, Command::Serve(_) | Command::Adapter { .. });
     init_tracing(if serving { "info" } else { "warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -307,6 +312,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Quarantine { command } => quarantine(command).await,
         Command::DeadLetters(args) => dead_letters(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::Adapter { command } => justizbus_xjustiz::cli::run_adapter(command).await,
         Command::Xjustiz { command } => tokio::task::spawn_blocking(move || justizbus_xjustiz::cli::run(command)).await?,
     }
 }

@@ -32,6 +32,8 @@ pub struct ServerConfig {
     pub log_settings: LogSettings,
     /// Delivery defaults and limits.
     pub delivery: DeliverySettings,
+    /// Largest blob (attached document) accepted by `Blobs.Upload`; blobs live in `<data_dir>/blobs`.
+    pub max_blob_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -42,6 +44,7 @@ impl Default for ServerConfig {
             log: None,
             log_settings: LogSettings::default(),
             delivery: DeliverySettings::default(),
+            max_blob_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -55,6 +58,9 @@ impl ServerConfig {
 
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<()> {
+        if self.max_blob_bytes == 0 {
+            return Err(Error::invalid("max_blob_bytes", "must be at least 1"));
+        }
         let l = &self.log_settings;
         if l.segment_bytes < 4096 || l.segment_bytes > u64::from(u32::MAX) {
             return Err(Error::invalid("log_settings.segment_bytes", "must be between 4096 and 4294967295 (index positions are 32-bit)"));

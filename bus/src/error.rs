@@ -98,6 +98,18 @@ pub enum Error {
     /// The sled state store failed (the message says how; not chained again).
     #[error("state store: {0}")]
     State(String),
+    /// No blob with this SHA-256 is stored.
+    #[error("blob {0} is not stored (upload it with Blobs.Upload first)")]
+    UnknownBlob(String),
+    /// An upload larger than `max_blob_bytes`.
+    #[error("blob exceeds the limit of {limit} bytes")]
+    BlobTooLarge {
+        /// The configured limit.
+        limit: u64,
+    },
+    /// A broken invariant inside the bus.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The log or the delivery engine has stopped (shutdown in progress).
     #[error("the bus is shutting down")]
     ShuttingDown,
@@ -123,14 +135,14 @@ impl Error {
     /// The gRPC status code this error maps to.
     pub fn code(&self) -> Code {
         match self {
-            Error::UnknownTopic(_) | Error::UnknownGroup { .. } | Error::UnknownDelivery(_) => Code::NotFound,
+            Error::UnknownTopic(_) | Error::UnknownGroup { .. } | Error::UnknownDelivery(_) | Error::UnknownBlob(_) => Code::NotFound,
             Error::UnknownPartition { .. } | Error::OffsetOutOfRange { .. } => Code::OutOfRange,
             Error::TopicExists { .. } => Code::AlreadyExists,
             Error::InvalidArgument { .. } => Code::InvalidArgument,
-            Error::TooLarge { .. } => Code::ResourceExhausted,
+            Error::TooLarge { .. } | Error::BlobTooLarge { .. } => Code::ResourceExhausted,
             Error::NotQuarantined { .. } => Code::FailedPrecondition,
             Error::Corrupt { .. } => Code::DataLoss,
-            Error::Io { .. } | Error::State(_) | Error::Serve(_) => Code::Internal,
+            Error::Io { .. } | Error::State(_) | Error::Serve(_) | Error::Internal(_) => Code::Internal,
             Error::ShuttingDown => Code::Unavailable,
         }
     }

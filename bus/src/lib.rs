@@ -11,6 +11,7 @@
 //! - [`process`]: a `justizbus serve` child process, for the benchmark and end-to-end tests.
 
 pub mod bench;
+pub mod blob;
 pub mod cli;
 pub mod config;
 pub mod delivery;

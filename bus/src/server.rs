@@ -25,7 +25,8 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     let url = config.log_url();
     let log = log::open(&url, &config.log_settings).await?;
     let delivery = Arc::new(Delivery::new(log.clone(), config.delivery.clone()));
-    let bus = Arc::new(Bus { log: log.clone(), delivery: delivery.clone(), config: config.clone() });
+    let blobs = Arc::new(crate::blob::BlobStore::open(&config.data_dir.join("blobs"), config.max_blob_bytes)?);
+    let bus = Arc::new(Bus { log: log.clone(), delivery: delivery.clone(), config: config.clone(), blobs });
 
     let retention_log = log.clone();
     let every = Duration::from_millis(config.log_settings.retention_check_ms.max(100));
@@ -47,6 +48,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     health_reporter.set_serving::<pb::subscriber_server::SubscriberServer<SubscriberService>>().await;
     health_reporter.set_serving::<pb::replayer_server::ReplayerServer<ReplayerService>>().await;
     health_reporter.set_serving::<pb::admin_server::AdminServer<AdminService>>().await;
+    health_reporter.set_serving::<pb::blobs_server::BlobsServer<crate::grpc::blobs::BlobsService>>().await;
     // Reflection v1, and v1alpha for older clients (grpcurl before 1.9 asks only v1alpha).
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()
@@ -75,6 +77,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
                 .max_encoding_message_size(max_message),
         )
         .add_service(pb::replayer_server::ReplayerServer::new(ReplayerService::new(bus.clone())).max_encoding_message_size(max_message))
+        .add_service(pb::blobs_server::BlobsServer::new(crate::grpc::blobs::BlobsService::new(bus.clone())))
         .add_service(pb::admin_server::AdminServer::new(AdminService::new(bus.clone())).max_encoding_message_size(usize::MAX))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;

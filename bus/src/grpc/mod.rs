@@ -2,6 +2,7 @@
 //! the delivery engine. Conversions between generated and core types live here, at the edge.
 
 pub mod admin;
+pub mod blobs;
 pub mod publish;
 pub mod replay;
 pub mod subscribe;
@@ -24,6 +25,8 @@ pub struct Bus {
     pub delivery: Arc<Delivery>,
     /// Server configuration.
     pub config: ServerConfig,
+    /// Attached documents.
+    pub blobs: Arc<crate::blob::BlobStore>,
 }
 
 /// A stored record as the wire type replay and admin calls return.

@@ -39,6 +39,16 @@ impl PublisherService {
             Error::InvalidArgument { field, reason } => Error::invalid(at(&field), reason),
             other => other,
         })?;
+        // Attachments must reference stored blobs of the stated size (a stat per attachment).
+        for (i, a) in event.wire.attachments.iter().enumerate() {
+            match self.bus.blobs.stat(&a.sha256)? {
+                None => return Err(Error::UnknownBlob(a.sha256.clone())),
+                Some(info) if info.size != a.size => {
+                    return Err(Error::invalid(at(&format!("event.attachments[{i}].size")), format!("the blob has {} bytes", info.size)))
+                }
+                Some(_) => {}
+            }
+        }
         let record = NewRecord {
             id: event.wire.id.clone(),
             key: Bytes::from(event.wire.subject.clone().into_bytes()),
