@@ -77,6 +77,26 @@ pub enum XJustizCommand {
         #[command(flatten)]
         source: ModelSource,
     },
+    /// Measure parse + validate + translate throughput on one core; prints one JSON summary.
+    Bench {
+        /// Documents to measure (default: the largest real samples in ../shared/xjustiz/samples).
+        files: Vec<PathBuf>,
+        /// Valid message to grow the synthetic document from (default: the largest valid sample, an EGVP 3.2.1 message).
+        #[arg(long)]
+        seed: Option<PathBuf>,
+        /// Size of the synthetic document.
+        #[arg(long, default_value_t = 50_000)]
+        synthetic_bytes: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Also write the synthetic document to this file.
+        #[arg(long)]
+        write_synthetic: Option<PathBuf>,
+        /// Where the models come from.
+        #[command(flatten)]
+        source: ModelSource,
+    },
     /// Compile the XSD sets and write `schemas/` (JSON Schemas, definitions, compiled models).
     GenerateSchemas {
         /// XSD sets (`DIR/<version>/xsd`), e.g. ../shared/xjustiz.
@@ -147,6 +167,34 @@ pub fn run(command: XJustizCommand) -> anyhow::Result<()> {
             let doc: Value = serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", file.display()))?;
             let xml = json_to_xml(&registry, &doc)?;
             std::io::stdout().write_all(xml.as_bytes())?;
+            Ok(())
+        }
+        XJustizCommand::Bench { files, seed, synthetic_bytes, seconds, write_synthetic, source } => {
+            let registry = source.load()?;
+            let shared = std::env::var_os("JUSTIZBUS_SHARED").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("../shared"));
+            let samples = shared.join("xjustiz/samples");
+            let files = if files.is_empty() {
+                vec![
+                    samples.join("XJV-Viewer-for-XJustiz/Beispiel_synthetisch1.xml"),
+                    samples.join("EGVP-Enterprise-Receiver/Testnachricht_xjustiz321/attachments/xjustiz_nachricht.xml"),
+                ]
+            } else {
+                files
+            };
+            let seed =
+                seed.unwrap_or_else(|| samples.join("EGVP-Enterprise-Receiver/Testnachricht_xjustiz321/attachments/xjustiz_nachricht.xml"));
+            let duration = std::time::Duration::from_secs_f64(seconds.max(0.1));
+            let mut results = Vec::new();
+            for f in &files {
+                results.push(crate::bench::measure(&registry, &f.display().to_string(), &read(f)?, duration));
+            }
+            let grown = crate::bench::synthetic(&registry, &read(&seed)?, synthetic_bytes)
+                .with_context(|| format!("cannot grow {} to {synthetic_bytes} bytes", seed.display()))?;
+            if let Some(path) = write_synthetic {
+                std::fs::write(&path, &grown).with_context(|| format!("writing {}", path.display()))?;
+            }
+            results.push(crate::bench::measure(&registry, &format!("synthetic from {}", seed.display()), &grown, duration));
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "threads": 1, "results": results }))?);
             Ok(())
         }
         XJustizCommand::GenerateSchemas { xsd_dir, out } => {

@@ -34,7 +34,7 @@ pub struct Element {
     /// Resolved name.
     pub name: QName,
     /// The prefix it was written with ("" for none).
-    pub prefix: String,
+    pub prefix: std::sync::Arc<str>,
     /// Attributes other than namespace declarations, resolved.
     pub attributes: Vec<(QName, String)>,
     /// Namespace declarations written on this element: (prefix, uri).
@@ -52,7 +52,7 @@ pub struct Element {
 impl Element {
     /// An attribute by name.
     pub fn attribute(&self, ns: &str, local: &str) -> Option<&str> {
-        self.attributes.iter().find(|(n, _)| n.ns == ns && n.local == local).map(|(_, v)| v.as_str())
+        self.attributes.iter().find(|(n, _)| &*n.ns == ns && n.local == local).map(|(_, v)| v.as_str())
     }
 }
 
@@ -87,22 +87,31 @@ pub fn parse(xml: &[u8], limits: Limits) -> Result<Element, SyntaxError> {
     reader.config_mut().expand_empty_elements = true;
     let mut stack: Vec<Element> = Vec::new();
     let mut root: Option<Element> = None;
+    let mut namespaces = Namespaces::default();
+    let mut pending_space: Option<std::borrow::Cow<'_, str>> = None;
     loop {
         let offset = reader.buffer_position() as usize;
         let event = reader.read_event().map_err(|e| fail(reader.error_position() as usize, e.to_string()))?;
         match event {
             Event::Start(start) => {
+                // Whitespace before a child element is never content (no XJustiz type is mixed).
+                pending_space = None;
                 if root.is_some() {
                     return Err(fail(offset, "content after the root element".into()));
                 }
                 if stack.len() >= limits.max_depth {
                     return Err(fail(offset, format!("elements nested deeper than {}", limits.max_depth)));
                 }
-                let element = start_element(&reader, &start, offset).map_err(|m| fail(offset, m))?;
+                let element = start_element(&reader, &start, offset, &mut namespaces).map_err(|m| fail(offset, m))?;
                 stack.push(element);
             }
             Event::End(_) => {
-                let done = stack.pop().ok_or_else(|| fail(offset, "end tag without start tag".into()))?;
+                let mut done = stack.pop().ok_or_else(|| fail(offset, "end tag without start tag".into()))?;
+                if let Some(space) = pending_space.take() {
+                    if done.children.is_empty() {
+                        done.text.push_str(&space);
+                    }
+                }
                 match stack.last_mut() {
                     Some(parent) => parent.children.push(done),
                     None => root = Some(done),
@@ -111,7 +120,17 @@ pub fn parse(xml: &[u8], limits: Limits) -> Result<Element, SyntaxError> {
             Event::Text(t) => {
                 let content = t.xml_content().map_err(|e| fail(offset, e.to_string()))?;
                 match stack.last_mut() {
-                    Some(e) => e.text.push_str(&content),
+                    // Whitespace waits: dropped if a child element follows (no allocation for
+                    // indentation), kept if the element ends without children.
+                    Some(e) if pending_space.is_none() && e.text.is_empty() && content.bytes().all(|b| b.is_ascii_whitespace()) => {
+                        pending_space = Some(content);
+                    }
+                    Some(e) => {
+                        if let Some(space) = pending_space.take() {
+                            e.text.push_str(&space);
+                        }
+                        e.text.push_str(&content)
+                    }
                     None if content.trim().is_empty() => {}
                     None => return Err(fail(offset, "text outside the root element".into())),
                 }
@@ -119,7 +138,12 @@ pub fn parse(xml: &[u8], limits: Limits) -> Result<Element, SyntaxError> {
             Event::CData(c) => {
                 let content = c.decode().map_err(|e| fail(offset, e.to_string()))?;
                 match stack.last_mut() {
-                    Some(e) => e.text.push_str(&content),
+                    Some(e) => {
+                        if let Some(space) = pending_space.take() {
+                            e.text.push_str(&space);
+                        }
+                        e.text.push_str(&content)
+                    }
                     None => return Err(fail(offset, "CDATA outside the root element".into())),
                 }
             }
@@ -138,7 +162,12 @@ pub fn parse(xml: &[u8], limits: Limits) -> Result<Element, SyntaxError> {
                     },
                 };
                 match stack.last_mut() {
-                    Some(e) => e.text.push(resolved),
+                    Some(e) => {
+                        if let Some(space) = pending_space.take() {
+                            e.text.push_str(&space);
+                        }
+                        e.text.push(resolved)
+                    }
                     None => return Err(fail(offset, "reference outside the root element".into())),
                 }
             }
@@ -154,16 +183,45 @@ pub fn parse(xml: &[u8], limits: Limits) -> Result<Element, SyntaxError> {
     root.ok_or_else(|| fail(0, "no root element".into()))
 }
 
-fn start_element(reader: &NsReader<&[u8]>, start: &BytesStart<'_>, offset: usize) -> Result<Element, String> {
+/// Namespace URIs and prefixes of one document, shared by all its names.
+#[derive(Default)]
+struct Namespaces(Vec<std::sync::Arc<str>>, Vec<std::sync::Arc<str>>);
+
+impl Namespaces {
+    fn prefix(&mut self, prefix: &[u8]) -> std::sync::Arc<str> {
+        if let Some(known) = self.1.iter().find(|k| k.as_bytes() == prefix) {
+            return known.clone();
+        }
+        let new: std::sync::Arc<str> = String::from_utf8_lossy(prefix).as_ref().into();
+        self.1.push(new.clone());
+        new
+    }
+
+    fn intern(&mut self, resolved: ResolveResult<'_>) -> Result<std::sync::Arc<str>, String> {
+        let uri: &[u8] = match resolved {
+            ResolveResult::Bound(n) => n.into_inner(),
+            ResolveResult::Unbound => b"",
+            ResolveResult::Unknown(p) => return Err(format!("unbound namespace prefix {}", String::from_utf8_lossy(&p))),
+        };
+        if let Some(known) = self.0.iter().find(|k| k.as_bytes() == uri) {
+            return Ok(known.clone());
+        }
+        let new: std::sync::Arc<str> = String::from_utf8_lossy(uri).as_ref().into();
+        self.0.push(new.clone());
+        Ok(new)
+    }
+}
+
+fn utf8(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn start_element(reader: &NsReader<&[u8]>, start: &BytesStart<'_>, offset: usize, namespaces: &mut Namespaces) -> Result<Element, String> {
     let (ns, local) = reader.resolve_element(start.name());
-    let ns = match ns {
-        ResolveResult::Bound(n) => String::from_utf8_lossy(n.as_ref()).into_owned(),
-        ResolveResult::Unbound => String::new(),
-        ResolveResult::Unknown(p) => return Err(format!("unbound namespace prefix {}", String::from_utf8_lossy(&p))),
-    };
-    let prefix = start.name().prefix().map(|p| String::from_utf8_lossy(p.as_ref()).into_owned()).unwrap_or_default();
+    let ns = namespaces.intern(ns)?;
+    let prefix = namespaces.prefix(start.name().prefix().map(|p| p.into_inner()).unwrap_or_default());
     let mut element = Element {
-        name: QName::new(&ns, &String::from_utf8_lossy(local.as_ref())),
+        name: QName { ns, local: utf8(local.as_ref()) },
         prefix,
         attributes: Vec::new(),
         namespaces: Vec::new(),
@@ -185,23 +243,14 @@ fn start_element(reader: &NsReader<&[u8]>, start: &BytesStart<'_>, offset: usize
             continue;
         }
         let (ans, alocal) = reader.resolve_attribute(key);
-        let ans = match ans {
-            ResolveResult::Bound(n) => String::from_utf8_lossy(n.as_ref()).into_owned(),
-            ResolveResult::Unbound => String::new(),
-            ResolveResult::Unknown(p) => return Err(format!("unbound namespace prefix {}", String::from_utf8_lossy(&p))),
-        };
-        let name = QName::new(&ans, &String::from_utf8_lossy(alocal.as_ref()));
+        let name = QName { ns: namespaces.intern(ans)?, local: utf8(alocal.as_ref()) };
         if element.attributes.iter().any(|(n, _)| *n == name) {
             return Err(format!("attribute {} given twice", name.local));
         }
-        if name.ns == XSI && name.local == "type" {
+        if &*name.ns == XSI && name.local == "type" {
             let (tns, tlocal) = reader.resolve_element(RawName(value.trim().as_bytes()));
-            let tns = match tns {
-                ResolveResult::Bound(n) => String::from_utf8_lossy(n.as_ref()).into_owned(),
-                ResolveResult::Unbound => String::new(),
-                ResolveResult::Unknown(p) => return Err(format!("xsi:type uses unbound prefix {}", String::from_utf8_lossy(&p))),
-            };
-            element.xsi_type = Some(QName::new(&tns, &String::from_utf8_lossy(tlocal.as_ref())));
+            let tns = namespaces.intern(tns).map_err(|e| format!("xsi:type: {e}"))?;
+            element.xsi_type = Some(QName { ns: tns, local: utf8(tlocal.as_ref()) });
         }
         element.attributes.push((name, value));
     }

@@ -11,6 +11,7 @@
 //! 25 MB/s for xml-rs and 167-383 MB/s for quick-xml, against a target of 80 MB/s per core.
 
 pub mod adapter;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod error;

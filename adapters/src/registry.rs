@@ -164,7 +164,7 @@ impl Registry {
 
     /// Validates and translates a parsed document.
     pub fn read_parsed(&self, xml: &[u8], root: &Element) -> std::result::Result<Message, Rejection> {
-        if root.name.ns != XJUSTIZ_NS {
+        if &*root.name.ns != XJUSTIZ_NS {
             let ns = if root.name.ns.is_empty() { "no namespace".to_string() } else { format!("namespace {}", root.name.ns) };
             return Err(Rejection::NotXJustiz {
                 line: instance::line_of(xml, root.offset),

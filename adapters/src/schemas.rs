@@ -89,7 +89,7 @@ const LONG_PATTERN: usize = 200;
 /// A `$defs` name for a named type: its local name, prefixed with the last segment of its
 /// namespace when not in the XJustiz namespace (e.g. `din-91379_2022-08:datatypeC`).
 fn def_name(name: &QName) -> String {
-    if name.ns == crate::registry::XJUSTIZ_NS {
+    if &*name.ns == crate::registry::XJUSTIZ_NS {
         return name.local.clone();
     }
     let alias = name.ns.rsplit([':', '/']).find(|s| !s.is_empty()).unwrap_or("ns");
@@ -103,7 +103,7 @@ impl<'a> Generator<'a> {
             if let TypeDef::Complex(c) = def {
                 let mut base = c.base.clone();
                 while let Some(b) = base {
-                    if b.ns == XS {
+                    if &*b.ns == XS {
                         break;
                     }
                     derived.entry(b.clone()).or_default().insert(name.clone());
@@ -155,7 +155,7 @@ impl<'a> Generator<'a> {
     fn element_type(&self, r: &TypeRef, file: &str) -> Value {
         match r {
             TypeRef::Anonymous(def) => self.type_def(def, file),
-            TypeRef::Named(n) if n.ns == XS => match self.release.model.type_def(n) {
+            TypeRef::Named(n) if &*n.ns == XS => match self.release.model.type_def(n) {
                 Some(def) => self.type_def(def, file),
                 None => json!({}),
             },

@@ -8,20 +8,66 @@ use regex::Regex;
 
 use crate::xsd::{Facets, Model, SimpleType, TypeDef, TypeRef, Variety};
 
-/// Compiled `xs:pattern` facets, by pattern text.
+/// Compiled `xs:pattern` facets. Looked up by the address of the pattern string inside the
+/// model (stable: the model is never changed after it is built), so a check never hashes a
+/// pattern; the same text at several places shares one compiled regex.
 #[derive(Debug, Default)]
 pub struct Patterns {
-    compiled: HashMap<String, Option<Regex>>,
+    by_text: HashMap<String, Option<std::sync::Arc<Regex>>>,
+    by_address: HashMap<usize, Option<std::sync::Arc<Regex>>, AddressHash>,
+}
+
+/// Hashing for pointer keys: one multiplication instead of SipHash.
+#[derive(Debug, Default, Clone, Copy)]
+struct AddressHash;
+
+impl std::hash::BuildHasher for AddressHash {
+    type Hasher = AddressHasher;
+    fn build_hasher(&self) -> AddressHasher {
+        AddressHasher(0)
+    }
+}
+
+#[derive(Debug, Default)]
+struct AddressHasher(u64);
+
+impl std::hash::Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 impl Patterns {
-    /// Compiles every pattern used by the model's named simple types and their unions/lists.
+    /// Compiles every pattern of the model: named types, and anonymous types anywhere inside
+    /// element declarations.
     pub fn for_model(model: &Model) -> Patterns {
         let mut p = Patterns::default();
         for def in model.types.values() {
             p.collect_def(def);
         }
+        for decl in model.elements.values() {
+            p.collect_ref(&decl.type_ref);
+        }
+        p.by_text.clear();
         p
+    }
+
+    fn collect_particle(&mut self, particle: &crate::xsd::Particle) {
+        match &particle.term {
+            crate::xsd::Term::Element(decl) => self.collect_ref(&decl.type_ref),
+            crate::xsd::Term::Sequence(ps) | crate::xsd::Term::Choice(ps) | crate::xsd::Term::All(ps) => {
+                ps.iter().for_each(|c| self.collect_particle(c))
+            }
+            crate::xsd::Term::Any { .. } => {}
+        }
     }
 
     fn collect_def(&mut self, def: &TypeDef) {
@@ -31,8 +77,10 @@ impl Patterns {
                 for a in &c.attributes {
                     self.collect_ref(&a.type_ref);
                 }
-                if let crate::xsd::Content::Simple(r) = &c.content {
-                    self.collect_ref(r);
+                match &c.content {
+                    crate::xsd::Content::Simple(r) => self.collect_ref(r),
+                    crate::xsd::Content::Elements(p) => self.collect_particle(p),
+                    crate::xsd::Content::Empty => {}
                 }
             }
         }
@@ -48,7 +96,12 @@ impl Patterns {
     pub fn collect(&mut self, st: &SimpleType) {
         for set in &st.facets.patterns {
             for p in set {
-                self.compiled.entry(p.clone()).or_insert_with(|| Regex::new(&format!("^(?:{})$", xsd_regex(p))).ok());
+                let compiled = self
+                    .by_text
+                    .entry(p.clone())
+                    .or_insert_with(|| Regex::new(&format!("^(?:{})$", xsd_regex(p))).ok().map(std::sync::Arc::new))
+                    .clone();
+                self.by_address.insert(p.as_ptr() as usize, compiled);
             }
         }
         match &st.variety {
@@ -59,7 +112,7 @@ impl Patterns {
     }
 
     fn matches(&self, pattern: &str, value: &str) -> bool {
-        match self.compiled.get(pattern) {
+        match self.by_address.get(&(pattern.as_ptr() as usize)) {
             Some(Some(re)) => re.is_match(value),
             // Not compiled up front (an inline type met late) or not translatable: compile now.
             _ => Regex::new(&format!("^(?:{})$", xsd_regex(pattern))).map(|re| re.is_match(value)).unwrap_or(true),
@@ -85,17 +138,21 @@ fn whitespace_mode(st: &SimpleType) -> &str {
     }
 }
 
-/// Applies the whitespace facet.
-pub fn normalize(value: &str, mode: &str) -> String {
+/// Applies the whitespace facet (without allocating when the value is normal already).
+pub fn normalize<'v>(value: &'v str, mode: &str) -> std::borrow::Cow<'v, str> {
+    use std::borrow::Cow;
+    let has_controls = value.bytes().any(|b| matches!(b, b'\t' | b'\n' | b'\r'));
     match mode {
-        "preserve" => value.to_string(),
-        "replace" => value.replace(['\t', '\n', '\r'], " "),
-        _ => value.split_ascii_whitespace().collect::<Vec<_>>().join(" "),
+        "preserve" => Cow::Borrowed(value),
+        "replace" if !has_controls => Cow::Borrowed(value),
+        "replace" => Cow::Owned(value.replace(['\t', '\n', '\r'], " ")),
+        _ if !has_controls && !value.starts_with(' ') && !value.ends_with(' ') && !value.contains("  ") => Cow::Borrowed(value),
+        _ => Cow::Owned(value.split_ascii_whitespace().collect::<Vec<_>>().join(" ")),
     }
 }
 
 /// Checks `value` against `st`; returns the normalised value or what is wrong.
-pub fn check(model: &Model, patterns: &Patterns, st: &SimpleType, value: &str) -> Result<String, String> {
+pub fn check<'v>(model: &Model, patterns: &Patterns, st: &SimpleType, value: &'v str) -> Result<std::borrow::Cow<'v, str>, String> {
     let normalized = normalize(value, whitespace_mode(st));
     match &st.variety {
         Variety::Atomic => {

@@ -135,7 +135,7 @@ impl<'a> Walker<'a> {
                 if let Some(child) = node.children.first() {
                     self.issue(child, format!("element <{}> is not allowed: {} has simple content", child.name.local, node.name.local));
                 }
-                for (name, _) in node.attributes.iter().filter(|(n, _)| n.ns != XSI) {
+                for (name, _) in node.attributes.iter().filter(|(n, _)| &*n.ns != XSI) {
                     self.issue(node, format!("attribute {} is not allowed", name.local));
                 }
                 let text = self.simple_value(node, st, &node.text, "");
@@ -157,7 +157,7 @@ impl<'a> Walker<'a> {
 
     fn simple_value(&mut self, node: &Element, st: &crate::xsd::SimpleType, text: &str, what: &str) -> String {
         match simple::check(self.model(), &self.release.patterns, st, text) {
-            Ok(normalized) => normalized,
+            Ok(normalized) => normalized.into_owned(),
             Err(message) => {
                 self.issue(node, format!("{what}{message}"));
                 text.to_string()
@@ -169,7 +169,7 @@ impl<'a> Walker<'a> {
         let model = self.model();
         let mut obj = Map::new();
         for (name, value) in &node.attributes {
-            if name.ns == XSI {
+            if &*name.ns == XSI {
                 let v = match (&node.xsi_type, name.local.as_str()) {
                     (Some(t), "type") => format!("{{{}}}{}", t.ns, t.local),
                     _ => value.clone(),
@@ -478,6 +478,22 @@ fn evaluate<'e>(context: &'e Element, path: &XPath) -> Vec<&'e Element> {
 fn field_values(target: &Element, alternatives: &[XPath]) -> Vec<String> {
     let mut out = Vec::new();
     for path in alternatives {
+        // The common field `@attr` or `child`: no node list needed.
+        if !path.descendants && path.steps.len() <= 1 {
+            let nodes: Box<dyn Iterator<Item = &Element>> = match path.steps.first() {
+                None => Box::new(std::iter::once(target)),
+                Some(step) => Box::new(target.children.iter().filter(move |c| test_matches(step, &c.name))),
+            };
+            for node in nodes {
+                match &path.attribute {
+                    Some(test) => {
+                        out.extend(node.attributes.iter().filter(|(n, _)| test_matches(test, n)).map(|(_, v)| v.trim().to_string()))
+                    }
+                    None => out.push(node.text.trim().to_string()),
+                }
+            }
+            continue;
+        }
         for node in evaluate(target, path) {
             match &path.attribute {
                 Some(test) => {

@@ -33,7 +33,7 @@ pub fn to_xml(release: &Release, root: &QName, data: &Value) -> Result<String, S
         .get(root)
         .ok_or_else(|| ShapeError { pointer: String::new(), message: format!("{root} is not a message of XJustiz {}", release.version) })?;
     let mut w = Writer { release, out: String::with_capacity(4096), prefixes: BTreeMap::new(), pointer: String::new() };
-    w.prefixes.insert(root.ns.clone(), "tns".to_string());
+    w.prefixes.insert(root.ns.to_string(), "tns".to_string());
     w.element(decl, data)?;
     // Namespace declarations go on the root, once every namespace used is known.
     let mut declarations = String::new();
@@ -65,12 +65,12 @@ impl Writer<'_> {
         if name.ns.is_empty() {
             return name.local.clone();
         }
-        if name.ns == XSI {
+        if &*name.ns == XSI {
             self.prefixes.insert(XSI.to_string(), "xsi".to_string());
             return format!("xsi:{}", name.local);
         }
         let next = format!("ns{}", self.prefixes.len());
-        let prefix = self.prefixes.entry(name.ns.clone()).or_insert(next).clone();
+        let prefix = self.prefixes.entry(name.ns.to_string()).or_insert(next).clone();
         format!("{prefix}:{}", name.local)
     }
 
@@ -142,7 +142,7 @@ impl Writer<'_> {
                     }
                 }
             };
-            let text = match (xsi_type, name.ns == XSI && name.local == "type") {
+            let text = match (xsi_type, &*name.ns == XSI && name.local == "type") {
                 (Some(t), true) => {
                     let type_name = QName::new(&t.ns, &t.local);
                     self.prefixed(&type_name)
@@ -264,7 +264,7 @@ fn write_into(e: &Element, out: &mut String) {
         };
     }
     for (name, value) in &e.attributes {
-        let prefix = if name.ns == XSI {
+        let prefix = if &*name.ns == XSI {
             "xsi:".to_string()
         } else if name.ns.is_empty() {
             String::new()
@@ -298,7 +298,7 @@ fn canonical_into(e: &Element, out: &mut String, depth: usize) {
     let mut attrs: Vec<(String, String)> = e
         .attributes
         .iter()
-        .map(|(n, v)| match (&e.xsi_type, n.ns == XSI && n.local == "type") {
+        .map(|(n, v)| match (&e.xsi_type, &*n.ns == XSI && n.local == "type") {
             (Some(t), true) => (n.to_string(), t.to_string()),
             _ => (n.to_string(), v.split_whitespace().collect::<Vec<_>>().join(" ")),
         })

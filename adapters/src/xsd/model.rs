@@ -298,7 +298,7 @@ impl Model {
 
     /// A named type (global or built in), borrowed.
     pub fn type_def(&self, name: &QName) -> Option<&TypeDef> {
-        if name.ns == XS {
+        if &*name.ns == XS {
             static BUILTINS: std::sync::OnceLock<BTreeMap<String, TypeDef>> = std::sync::OnceLock::new();
             let builtins = BUILTINS.get_or_init(|| BUILTIN_NAMES.iter().map(|n| (n.to_string(), builtin(n))).collect());
             return builtins.get(&name.local);
@@ -409,7 +409,7 @@ impl Builder<'_> {
 
     /// Compiles (once) a named type and returns its definition.
     fn named_type(&mut self, name: &QName) -> Result<TypeDef> {
-        if name.ns == XS {
+        if &*name.ns == XS {
             return Ok(builtin(&name.local));
         }
         if let Some(t) = self.types.get(name) {
@@ -687,7 +687,7 @@ impl Builder<'_> {
     fn attribute(&mut self, node: &Node, file: usize) -> Result<AttributeUse> {
         let required = node.attr("use") == Some("required");
         let (decl, decl_file, qualified) = match node.qname("ref") {
-            Some(name) if name.ns == "http://www.w3.org/XML/1998/namespace" => {
+            Some(name) if &*name.ns == "http://www.w3.org/XML/1998/namespace" => {
                 return Ok(AttributeUse {
                     name: name.clone(),
                     type_ref: TypeRef::Named(xs("string")),

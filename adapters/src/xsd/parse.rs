@@ -9,18 +9,26 @@ use quick_xml::NsReader;
 use crate::{Error, Result};
 
 /// A namespace-qualified name.
+///
+/// The local name comes first so comparisons fail fast: most names share their namespace.
+/// The namespace is shared (`Arc<str>`) because instance documents repeat it on every element.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QName {
-    /// Namespace URI ("" for none).
-    pub ns: String,
     /// Local name.
     pub local: String,
+    /// Namespace URI ("" for none).
+    pub ns: std::sync::Arc<str>,
 }
 
 impl QName {
     /// A name in a namespace.
     pub fn new(ns: &str, local: &str) -> Self {
-        QName { ns: ns.to_string(), local: local.to_string() }
+        QName { ns: ns.into(), local: local.to_string() }
+    }
+
+    /// A name in an already shared namespace (no allocation for the namespace).
+    pub fn in_ns(ns: &std::sync::Arc<str>, local: &str) -> Self {
+        QName { ns: ns.clone(), local: local.to_string() }
     }
 }
 
@@ -210,7 +218,7 @@ fn element(reader: &NsReader<&[u8]>, path: &Path, start: &BytesStart<'_>, line: 
                         })
                     }
                 };
-                names.push(QName { ns, local: String::from_utf8_lossy(local.as_ref()).into_owned() });
+                names.push(QName { ns: ns.into(), local: String::from_utf8_lossy(local.as_ref()).into_owned() });
             }
             refs.push((key.clone(), names));
         }

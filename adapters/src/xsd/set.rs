@@ -227,13 +227,13 @@ impl SchemaSet {
 
     /// A type: complex, simple, or built in.
     pub fn has_type(&self, name: &QName) -> bool {
-        (name.ns == XS && BUILTIN_TYPES.contains(&name.local.as_str()))
+        (&*name.ns == XS && BUILTIN_TYPES.contains(&name.local.as_str()))
             || self.get(ComponentKind::ComplexType, name).is_some()
             || self.get(ComponentKind::SimpleType, name).is_some()
     }
 
     fn has_simple_type(&self, name: &QName) -> bool {
-        (name.ns == XS && BUILTIN_TYPES.contains(&name.local.as_str())) || self.get(ComponentKind::SimpleType, name).is_some()
+        (&*name.ns == XS && BUILTIN_TYPES.contains(&name.local.as_str())) || self.get(ComponentKind::SimpleType, name).is_some()
     }
 
     /// Every `type`, `base`, `ref`, `itemType`, `memberTypes` and `substitutionGroup` value that
@@ -251,7 +251,7 @@ impl SchemaSet {
                             ("ref", "element") | ("substitutionGroup", _) => self.get(ComponentKind::Element, name).is_some(),
                             ("ref", "group") => self.get(ComponentKind::Group, name).is_some(),
                             ("ref", "attributeGroup") => self.get(ComponentKind::AttributeGroup, name).is_some(),
-                            ("ref", "attribute") => name.ns == XML_NS || self.get(ComponentKind::Attribute, name).is_some(),
+                            ("ref", "attribute") => &*name.ns == XML_NS || self.get(ComponentKind::Attribute, name).is_some(),
                             _ => true,
                         };
                         if !found {
