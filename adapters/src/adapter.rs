@@ -174,7 +174,7 @@ fn egvp_headers(props: &[u8]) -> HashMap<String, String> {
     let find = |names: &[&str]| -> Option<String> {
         let mut e = &root;
         for n in names {
-            e = e.children.iter().find(|c| c.name.local == *n)?;
+            e = e.children.iter().find(|c| &*c.name.local == *n)?;
         }
         Some(e.text.trim().to_string()).filter(|t| !t.is_empty())
     };

@@ -4,6 +4,8 @@
 //! and character references are expanded, and depth and size are bounded ([`Limits`]). Every
 //! element keeps its byte offset so errors can name a line without counting lines on the fast path.
 
+use std::collections::HashMap;
+
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::name::{QName as RawName, ResolveResult};
 use quick_xml::NsReader;
@@ -52,7 +54,7 @@ pub struct Element {
 impl Element {
     /// An attribute by name.
     pub fn attribute(&self, ns: &str, local: &str) -> Option<&str> {
-        self.attributes.iter().find(|(n, _)| &*n.ns == ns && n.local == local).map(|(_, v)| v.as_str())
+        self.attributes.iter().find(|(n, _)| &*n.ns == ns && &*n.local == local).map(|(_, v)| v.as_str())
     }
 }
 
@@ -178,16 +180,51 @@ pub fn parse(xml: &[u8], limits: Limits) -> Result<Element, SyntaxError> {
         }
     }
     if !stack.is_empty() {
-        return Err(fail(xml.len(), format!("document ends inside <{}>", stack.last().map(|e| e.name.local.as_str()).unwrap_or(""))));
+        return Err(fail(xml.len(), format!("document ends inside <{}>", stack.last().map(|e| &*e.name.local).unwrap_or(""))));
     }
     root.ok_or_else(|| fail(0, "no root element".into()))
 }
 
-/// Namespace URIs and prefixes of one document, shared by all its names.
+/// Namespace URIs, prefixes and local names of one document, each stored once and shared by
+/// every element that uses it (documents repeat a few hundred names many times).
 #[derive(Default)]
-struct Namespaces(Vec<std::sync::Arc<str>>, Vec<std::sync::Arc<str>>);
+struct Namespaces(Vec<std::sync::Arc<str>>, Vec<std::sync::Arc<str>>, HashMap<Vec<u8>, std::sync::Arc<str>, NameHash>);
+
+/// FNV-1a: short names hash faster than with SipHash, and the input is not adversarial here
+/// (a document is bounded by the size limit).
+#[derive(Default, Clone, Copy)]
+struct NameHash;
+
+impl std::hash::BuildHasher for NameHash {
+    type Hasher = Fnv;
+    fn build_hasher(&self) -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
 
 impl Namespaces {
+    fn local(&mut self, name: &[u8]) -> std::sync::Arc<str> {
+        if let Some(known) = self.2.get(name) {
+            return known.clone();
+        }
+        let new: std::sync::Arc<str> = String::from_utf8_lossy(name).as_ref().into();
+        self.2.insert(name.to_vec(), new.clone());
+        new
+    }
+
     fn prefix(&mut self, prefix: &[u8]) -> std::sync::Arc<str> {
         if let Some(known) = self.1.iter().find(|k| k.as_bytes() == prefix) {
             return known.clone();
@@ -212,16 +249,12 @@ impl Namespaces {
     }
 }
 
-fn utf8(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 fn start_element(reader: &NsReader<&[u8]>, start: &BytesStart<'_>, offset: usize, namespaces: &mut Namespaces) -> Result<Element, String> {
     let (ns, local) = reader.resolve_element(start.name());
     let ns = namespaces.intern(ns)?;
     let prefix = namespaces.prefix(start.name().prefix().map(|p| p.into_inner()).unwrap_or_default());
     let mut element = Element {
-        name: QName { ns, local: utf8(local.as_ref()) },
+        name: QName { ns, local: namespaces.local(local.as_ref()) },
         prefix,
         attributes: Vec::new(),
         namespaces: Vec::new(),
@@ -243,14 +276,14 @@ fn start_element(reader: &NsReader<&[u8]>, start: &BytesStart<'_>, offset: usize
             continue;
         }
         let (ans, alocal) = reader.resolve_attribute(key);
-        let name = QName { ns: namespaces.intern(ans)?, local: utf8(alocal.as_ref()) };
+        let name = QName { ns: namespaces.intern(ans)?, local: namespaces.local(alocal.as_ref()) };
         if element.attributes.iter().any(|(n, _)| *n == name) {
             return Err(format!("attribute {} given twice", name.local));
         }
-        if &*name.ns == XSI && name.local == "type" {
+        if &*name.ns == XSI && &*name.local == "type" {
             let (tns, tlocal) = reader.resolve_element(RawName(value.trim().as_bytes()));
             let tns = namespaces.intern(tns).map_err(|e| format!("xsi:type: {e}"))?;
-            element.xsi_type = Some(QName { ns: tns, local: utf8(tlocal.as_ref()) });
+            element.xsi_type = Some(QName { ns: tns, local: namespaces.local(tlocal.as_ref()) });
         }
         element.attributes.push((name, value));
     }

@@ -124,7 +124,7 @@ fn mutations(root: &Element) -> Vec<(String, Element)> {
         let text = e.text.trim().to_string();
         let (kind, new) = if is_uuid(&text) {
             ("id", format!("{}zz", &text[..34]))
-        } else if e.name.local == "code" {
+        } else if &*e.name.local == "code" {
             ("code", "unbekannter Code mit Leerzeichen".to_string())
         } else if text.len() >= 10 && text.as_bytes()[4] == b'-' && text.as_bytes()[7] == b'-' {
             ("date", format!("{}-02-30{}", &text[..4], &text[10..]))
@@ -145,11 +145,11 @@ fn mutations(root: &Element) -> Vec<(String, Element)> {
         at(&mut r, p).attribute("", "listVersionID").is_some()
     }) {
         let mut m = root.clone();
-        at(&mut m, p).attributes.retain(|(n, _)| n.local != "listVersionID");
+        at(&mut m, p).attributes.retain(|(n, _)| &*n.local != "listVersionID");
         out.push((format!("listVersionID-{p:?}"), m));
     }
     let mut m = root.clone();
-    if let Some((_, v)) = m.children.iter_mut().flat_map(|c| c.attributes.iter_mut()).find(|(n, _)| n.local == "xjustizVersion") {
+    if let Some((_, v)) = m.children.iter_mut().flat_map(|c| c.attributes.iter_mut()).find(|(n, _)| &*n.local == "xjustizVersion") {
         v.push_str(".9");
         out.push(("version".into(), m));
     }

@@ -104,11 +104,11 @@ fn collapse(s: &str) -> String {
 }
 
 fn child<'e>(e: &'e Element, local: &str) -> Option<&'e Element> {
-    e.children.iter().find(|c| c.name.local == local)
+    e.children.iter().find(|c| &*c.name.local == local)
 }
 
 fn descendant<'e>(e: &'e Element, local: &str) -> Option<&'e Element> {
-    e.children.iter().find_map(|c| if c.name.local == local { Some(c) } else { descendant(c, local) })
+    e.children.iter().find_map(|c| if &*c.name.local == local { Some(c) } else { descendant(c, local) })
 }
 
 fn text_of(e: &Element, names: &[&str]) -> Option<String> {
@@ -193,7 +193,7 @@ pub fn extract(root: &Element, _version: &str) -> Metadata {
     m.sender_case = child(head, "aktenzeichen.absender").and_then(case_number);
     m.recipient_case = child(head, "aktenzeichen.empfaenger").and_then(case_number);
     for c in &head.children {
-        let local = c.name.local.as_str();
+        let local: &str = &c.name.local;
         let (is_sender, is_recipient) = (
             local.starts_with("absender") || local == "auswahl_absender",
             local.starts_with("empfaenger") || local == "auswahl_empfaenger",
@@ -234,7 +234,7 @@ pub fn extract(root: &Element, _version: &str) -> Metadata {
 
 fn collect_named<'e>(e: &'e Element, local: &str, out: &mut Vec<&'e Element>) {
     for c in &e.children {
-        if c.name.local == local {
+        if &*c.name.local == local {
             out.push(c);
         } else {
             collect_named(c, local, out);

@@ -185,7 +185,7 @@ impl Registry {
             return Err(Rejection::Invalid(issues));
         }
         let metadata = metadata::extract(root, &version);
-        Ok(Message { message_type: root.name.local.clone(), version, data, metadata })
+        Ok(Message { message_type: root.name.local.to_string(), version, data, metadata })
     }
 }
 

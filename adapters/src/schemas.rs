@@ -90,7 +90,7 @@ const LONG_PATTERN: usize = 200;
 /// namespace when not in the XJustiz namespace (e.g. `din-91379_2022-08:datatypeC`).
 fn def_name(name: &QName) -> String {
     if &*name.ns == crate::registry::XJUSTIZ_NS {
-        return name.local.clone();
+        return name.local.to_string();
     }
     let alias = name.ns.rsplit([':', '/']).find(|s| !s.is_empty()).unwrap_or("ns");
     format!("{alias}:{}", name.local)

@@ -170,7 +170,7 @@ impl<'a> Walker<'a> {
         let mut obj = Map::new();
         for (name, value) in &node.attributes {
             if &*name.ns == XSI {
-                let v = match (&node.xsi_type, name.local.as_str()) {
+                let v = match (&node.xsi_type, &*name.local) {
                     (Some(t), "type") => format!("{{{}}}{}", t.ns, t.local),
                     _ => value.clone(),
                 };

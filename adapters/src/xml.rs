@@ -63,7 +63,7 @@ impl Writer<'_> {
 
     fn prefixed(&mut self, name: &QName) -> String {
         if name.ns.is_empty() {
-            return name.local.clone();
+            return name.local.to_string();
         }
         if &*name.ns == XSI {
             self.prefixes.insert(XSI.to_string(), "xsi".to_string());
@@ -135,14 +135,14 @@ impl Writer<'_> {
                 Some(local) => QName::new(XSI, local),
                 None => {
                     let local = &key[1..];
-                    match ct.attributes.iter().find(|a| a.name.local == local) {
+                    match ct.attributes.iter().find(|a| &*a.name.local == local) {
                         Some(a) => a.name.clone(),
                         None if ct.any_attribute => QName::new("", local),
                         None => return self.fail(format!("attribute {local} is not declared")),
                     }
                 }
             };
-            let text = match (xsi_type, &*name.ns == XSI && name.local == "type") {
+            let text = match (xsi_type, &*name.ns == XSI && &*name.local == "type") {
                 (Some(t), true) => {
                     let type_name = QName::new(&t.ns, &t.local);
                     self.prefixed(&type_name)
@@ -253,7 +253,7 @@ pub fn write_element(e: &Element) -> String {
 }
 
 fn write_into(e: &Element, out: &mut String) {
-    let tag = if e.prefix.is_empty() { e.name.local.clone() } else { format!("{}:{}", e.prefix, e.name.local) };
+    let tag = if e.prefix.is_empty() { e.name.local.to_string() } else { format!("{}:{}", e.prefix, e.name.local) };
     out.push('<');
     out.push_str(&tag);
     for (prefix, ns) in &e.namespaces {
@@ -298,7 +298,7 @@ fn canonical_into(e: &Element, out: &mut String, depth: usize) {
     let mut attrs: Vec<(String, String)> = e
         .attributes
         .iter()
-        .map(|(n, v)| match (&e.xsi_type, &*n.ns == XSI && n.local == "type") {
+        .map(|(n, v)| match (&e.xsi_type, &*n.ns == XSI && &*n.local == "type") {
             (Some(t), true) => (n.to_string(), t.to_string()),
             _ => (n.to_string(), v.split_whitespace().collect::<Vec<_>>().join(" ")),
         })

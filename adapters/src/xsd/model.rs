@@ -301,7 +301,7 @@ impl Model {
         if &*name.ns == XS {
             static BUILTINS: std::sync::OnceLock<BTreeMap<String, TypeDef>> = std::sync::OnceLock::new();
             let builtins = BUILTINS.get_or_init(|| BUILTIN_NAMES.iter().map(|n| (n.to_string(), builtin(n))).collect());
-            return builtins.get(&name.local);
+            return builtins.get(&*name.local);
         }
         self.types.get(name)
     }
@@ -782,7 +782,7 @@ fn leaves(p: &Particle) -> usize {
 /// `(a,b)` for a sequence, `(a|b)` for a choice, `(a&b)` for all.
 fn group_key(p: &Particle) -> String {
     match &p.term {
-        Term::Element(e) => e.name.local.clone(),
+        Term::Element(e) => e.name.local.to_string(),
         Term::Any { .. } => ANY_KEY.to_string(),
         Term::Sequence(ps) | Term::Choice(ps) | Term::All(ps) => {
             let sep = match &p.term {
@@ -836,7 +836,7 @@ fn merge_attributes(base: Vec<AttributeUse>, own: Vec<AttributeUse>, derivation:
         .filter_map(|a| a.attr("name").or(a.attr("ref")))
         .collect();
     let mut out: Vec<AttributeUse> =
-        base.into_iter().filter(|b| !own.iter().any(|o| o.name == b.name) && !prohibited.contains(&b.name.local.as_str())).collect();
+        base.into_iter().filter(|b| !own.iter().any(|o| o.name == b.name) && !prohibited.contains(&&*b.name.local)).collect();
     out.extend(own);
     out
 }
@@ -893,7 +893,7 @@ mod tests {
 
     fn children(p: &Particle, out: &mut Vec<String>) {
         match &p.term {
-            Term::Element(e) => out.push(e.name.local.clone()),
+            Term::Element(e) => out.push(e.name.local.to_string()),
             Term::Sequence(ps) | Term::Choice(ps) | Term::All(ps) => ps.iter().for_each(|p| children(p, out)),
             Term::Any { .. } => {}
         }
@@ -931,7 +931,7 @@ mod tests {
         assert_eq!(names.last().map(String::as_str), Some("schriftgutobjekte"), "{names:?}");
         // The header's xjustizVersion attribute is required and fixed to the release.
         let head = complex(&m, &TypeRef::Named(QName::new(XJ, "Type.GDS.Nachrichtenkopf")));
-        let version = head.attributes.iter().find(|a| a.name.local == "xjustizVersion").expect("xjustizVersion");
+        let version = head.attributes.iter().find(|a| &*a.name.local == "xjustizVersion").expect("xjustizVersion");
         assert!(version.required);
         assert_eq!(version.fixed.as_deref(), Some("3.6.2"));
     }
@@ -944,7 +944,7 @@ mod tests {
         let mut names = Vec::new();
         children(p, &mut names);
         assert!(names.contains(&"code".to_string()), "{names:?}");
-        let attrs: Vec<&str> = code.attributes.iter().map(|a| a.name.local.as_str()).collect();
+        let attrs: Vec<&str> = code.attributes.iter().map(|a| &*a.name.local).collect();
         assert!(attrs.contains(&"listURI") && attrs.contains(&"listVersionID"), "{attrs:?}");
     }
 
@@ -952,7 +952,7 @@ mod tests {
     fn simple_types_accumulate_facets() {
         let m = model("4.0.0");
         let head = complex(&m, &TypeRef::Named(QName::new(XJ, "Type.GDS.Nachrichtenkopf")));
-        let version = head.attributes.iter().find(|a| a.name.local == "xjustizVersion").expect("xjustizVersion");
+        let version = head.attributes.iter().find(|a| &*a.name.local == "xjustizVersion").expect("xjustizVersion");
         let TypeRef::Named(name) = &version.type_ref else { panic!("named type, got {:?}", version.type_ref) };
         let Some(TypeDef::Simple(st)) = m.named(name) else { panic!("simple type {name}") };
         assert_eq!(st.builtin, "string");

@@ -15,7 +15,7 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QName {
     /// Local name.
-    pub local: String,
+    pub local: std::sync::Arc<str>,
     /// Namespace URI ("" for none).
     pub ns: std::sync::Arc<str>,
 }
@@ -23,12 +23,7 @@ pub struct QName {
 impl QName {
     /// A name in a namespace.
     pub fn new(ns: &str, local: &str) -> Self {
-        QName { ns: ns.into(), local: local.to_string() }
-    }
-
-    /// A name in an already shared namespace (no allocation for the namespace).
-    pub fn in_ns(ns: &std::sync::Arc<str>, local: &str) -> Self {
-        QName { ns: ns.clone(), local: local.to_string() }
+        QName { ns: ns.into(), local: local.into() }
     }
 }
 
@@ -218,7 +213,7 @@ fn element(reader: &NsReader<&[u8]>, path: &Path, start: &BytesStart<'_>, line: 
                         })
                     }
                 };
-                names.push(QName { ns: ns.into(), local: String::from_utf8_lossy(local.as_ref()).into_owned() });
+                names.push(QName { ns: ns.into(), local: String::from_utf8_lossy(local.as_ref()).as_ref().into() });
             }
             refs.push((key.clone(), names));
         }

@@ -227,13 +227,13 @@ impl SchemaSet {
 
     /// A type: complex, simple, or built in.
     pub fn has_type(&self, name: &QName) -> bool {
-        (&*name.ns == XS && BUILTIN_TYPES.contains(&name.local.as_str()))
+        (&*name.ns == XS && BUILTIN_TYPES.contains(&&*name.local))
             || self.get(ComponentKind::ComplexType, name).is_some()
             || self.get(ComponentKind::SimpleType, name).is_some()
     }
 
     fn has_simple_type(&self, name: &QName) -> bool {
-        (&*name.ns == XS && BUILTIN_TYPES.contains(&name.local.as_str())) || self.get(ComponentKind::SimpleType, name).is_some()
+        (&*name.ns == XS && BUILTIN_TYPES.contains(&&*name.local)) || self.get(ComponentKind::SimpleType, name).is_some()
     }
 
     /// Every `type`, `base`, `ref`, `itemType`, `memberTypes` and `substitutionGroup` value that
