@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{Map, Value};
 
-use crate::instance::{line_of, Element, XSI};
+use crate::instance::{Element, XSI};
 use crate::simple::{self, Patterns};
 use crate::xsd::{
     ComplexType, Content, ElementDecl, IdentityConstraint, IdentityKind, MaxOccurs, Model, NameTest, Particle, QName, Term, TypeDef,
@@ -61,7 +61,7 @@ impl Release {
     /// Validates a parsed document and translates it; the JSON is complete only when there are
     /// no issues.
     pub fn translate(&self, xml: &[u8], root: &Element) -> (Value, Vec<Issue>) {
-        let mut walker = Walker { release: self, xml, issues: Vec::new(), path: String::new() };
+        let mut walker = Walker { release: self, issues: Vec::new(), path: String::new() };
         let value = match self.model.elements.get(&root.name) {
             Some(decl) => walker.element(root, decl),
             None => {
@@ -69,13 +69,14 @@ impl Release {
                 Value::Null
             }
         };
-        (value, walker.issues)
+        let mut issues = walker.issues;
+        offsets_to_lines(xml, &mut issues);
+        (value, issues)
     }
 }
 
 struct Walker<'a> {
     release: &'a Release,
-    xml: &'a [u8],
     issues: Vec<Issue>,
     path: String,
 }
@@ -90,7 +91,8 @@ impl<'a> Walker<'a> {
 
     fn issue(&mut self, at: &Element, message: String) {
         let path = if self.path.is_empty() { format!("/{}", at.name.local) } else { self.path.clone() };
-        self.issues.push(Issue { path, line: line_of(self.xml, at.offset), message });
+        // `line` holds the byte offset until `translate` turns all offsets into lines in one pass.
+        self.issues.push(Issue { path, line: at.offset, message });
     }
 
     fn element(&mut self, node: &Element, decl: &'a ElementDecl) -> Value {
@@ -361,6 +363,21 @@ impl<'a> Walker<'a> {
             }
             tables.insert(&c.name, seen);
         }
+    }
+}
+
+/// Replaces the byte offsets in `issues[..].line` by 1-based lines, scanning the text once.
+fn offsets_to_lines(xml: &[u8], issues: &mut [Issue]) {
+    let mut order: Vec<usize> = (0..issues.len()).collect();
+    order.sort_by_key(|&i| issues[i].line);
+    let (mut at, mut line) = (0usize, 1usize);
+    for i in order {
+        let offset = issues[i].line.min(xml.len());
+        if offset > at {
+            line += xml[at..offset].iter().filter(|&&b| b == b'\n').count();
+            at = offset;
+        }
+        issues[i].line = line;
     }
 }
 
