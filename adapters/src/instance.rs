@@ -188,32 +188,7 @@ pub fn parse(xml: &[u8], limits: Limits) -> Result<Element, SyntaxError> {
 /// Namespace URIs, prefixes and local names of one document, each stored once and shared by
 /// every element that uses it (documents repeat a few hundred names many times).
 #[derive(Default)]
-struct Namespaces(Vec<std::sync::Arc<str>>, Vec<std::sync::Arc<str>>, HashMap<Vec<u8>, std::sync::Arc<str>, NameHash>);
-
-/// FNV-1a: short names hash faster than with SipHash, and the input is not adversarial here
-/// (a document is bounded by the size limit).
-#[derive(Default, Clone, Copy)]
-struct NameHash;
-
-impl std::hash::BuildHasher for NameHash {
-    type Hasher = Fnv;
-    fn build_hasher(&self) -> Fnv {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-struct Fnv(u64);
-
-impl std::hash::Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-}
+struct Namespaces(Vec<std::sync::Arc<str>>, Vec<std::sync::Arc<str>>, HashMap<Vec<u8>, std::sync::Arc<str>, crate::fasthash::FastHash>);
 
 impl Namespaces {
     fn local(&mut self, name: &[u8]) -> std::sync::Arc<str> {

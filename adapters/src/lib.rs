@@ -16,11 +16,14 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod event;
+mod fasthash;
 pub mod instance;
 pub mod metadata;
 pub mod registry;
 pub mod schemas;
 pub mod simple;
+#[doc(hidden)]
+pub mod testdata;
 pub mod translate;
 pub mod xml;
 pub mod xsd;

@@ -13,7 +13,7 @@ use crate::xml::write_element;
 /// The XSD file of `version` that declares `root` globally; 2.2.1 gets a wrapper schema that
 /// imports the xdomea namespace from the file libxml2 would otherwise skip (see VALIDATION.md).
 fn entry_schema(version: &str, root: &str, scratch: &Path) -> PathBuf {
-    let dir = crate::xsd::shared_xjustiz().join(version).join("xsd");
+    let dir = crate::testdata::shared_xjustiz().join(version).join("xsd");
     let needle = format!("name=\"{root}\"");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).expect("xsd dir").map(|e| e.expect("entry").path()).collect();
     files.sort();

@@ -1,6 +1,5 @@
 //! Tests against the real XJustiz samples in `../shared/xjustiz/samples`.
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use crate::instance::{self, Limits};
@@ -8,24 +7,10 @@ use crate::{xml, Registry, Rejection};
 
 pub(crate) fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(|| Registry::from_xsd_root(&crate::xsd::shared_xjustiz()).expect("every release compiles"))
+    REGISTRY.get_or_init(|| Registry::from_xsd_root(&crate::testdata::shared_xjustiz()).expect("every release compiles"))
 }
 
-/// (sample path, libxml2 verdict) from the table in `VALIDATION.md`.
-pub(crate) fn expected_verdicts() -> Vec<(PathBuf, bool)> {
-    let dir = crate::xsd::shared_xjustiz();
-    let table = std::fs::read_to_string(dir.join("VALIDATION.md")).expect("VALIDATION.md");
-    table
-        .lines()
-        .filter(|l| l.starts_with("| `"))
-        .filter_map(|l| {
-            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
-            let path = cells.get(1)?.trim_matches('`');
-            let verdict = cells.get(5)?;
-            Some((dir.join("samples").join(path), verdict.starts_with("VALID")))
-        })
-        .collect()
-}
+pub(crate) use crate::testdata::samples_with_verdicts as expected_verdicts;
 
 #[test]
 fn verdicts_match_libxml2_on_every_sample() {

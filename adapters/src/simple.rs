@@ -14,35 +14,7 @@ use crate::xsd::{Facets, Model, SimpleType, TypeDef, TypeRef, Variety};
 #[derive(Debug, Default)]
 pub struct Patterns {
     by_text: HashMap<String, Option<std::sync::Arc<Regex>>>,
-    by_address: HashMap<usize, Option<std::sync::Arc<Regex>>, AddressHash>,
-}
-
-/// Hashing for pointer keys: one multiplication instead of SipHash.
-#[derive(Debug, Default, Clone, Copy)]
-struct AddressHash;
-
-impl std::hash::BuildHasher for AddressHash {
-    type Hasher = AddressHasher;
-    fn build_hasher(&self) -> AddressHasher {
-        AddressHasher(0)
-    }
-}
-
-#[derive(Debug, Default)]
-struct AddressHasher(u64);
-
-impl std::hash::Hasher for AddressHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    fn write_usize(&mut self, n: usize) {
-        self.0 = (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
+    by_address: HashMap<usize, Option<std::sync::Arc<Regex>>, crate::fasthash::FastHash>,
 }
 
 impl Patterns {

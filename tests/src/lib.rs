@@ -35,30 +35,7 @@ pub fn binary() -> PathBuf {
     .clone()
 }
 
-/// `../shared/xjustiz` beside the checkout (or `$JUSTIZBUS_SHARED/xjustiz`): the third-party
-/// XJustiz schemas and samples the tests read, never copied into the project.
-pub fn shared_xjustiz() -> PathBuf {
-    let shared = std::env::var_os("JUSTIZBUS_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    let dir = shared.join("xjustiz");
-    assert!(dir.is_dir(), "{} not found: the tests read XJustiz files from ../shared beside the checkout", dir.display());
-    dir
-}
-
-/// The samples `VALIDATION.md` lists, with libxml2's verdict (true = valid).
-pub fn xjustiz_samples() -> Vec<(PathBuf, bool)> {
-    let dir = shared_xjustiz();
-    let table = std::fs::read_to_string(dir.join("VALIDATION.md")).expect("VALIDATION.md");
-    table
-        .lines()
-        .filter(|l| l.starts_with("| `"))
-        .filter_map(|l| {
-            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
-            Some((dir.join("samples").join(cells.get(1)?.trim_matches('`')), cells.get(5)?.starts_with("VALID")))
-        })
-        .collect()
-}
+pub use justizbus_xjustiz::testdata::{samples_with_verdicts as xjustiz_samples, shared_xjustiz};
 
 /// A server on a fresh temporary data directory, plus the directory's guard.
 pub struct TestServer {

@@ -16,19 +16,3 @@ pub use model::{
 };
 pub use parse::{Node, QName};
 pub use set::{Component, ComponentKind, SchemaFile, SchemaSet, Unresolved, XS};
-
-/// `../shared/xjustiz` beside the checkout (or `$JUSTIZBUS_SHARED/xjustiz`), where tests read
-/// the third-party XJustiz files from; they are never copied into the project.
-#[doc(hidden)]
-pub fn shared_xjustiz() -> std::path::PathBuf {
-    let shared = std::env::var_os("JUSTIZBUS_SHARED")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    let dir = shared.join("xjustiz");
-    assert!(
-        dir.is_dir(),
-        "{} not found: the tests read the XJustiz schemas from ../shared beside the checkout (or set JUSTIZBUS_SHARED)",
-        dir.display()
-    );
-    dir
-}

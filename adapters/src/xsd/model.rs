@@ -333,54 +333,7 @@ impl Model {
 }
 
 /// The built-in types of XSD 1.0.
-pub const BUILTIN_NAMES: [&str; 46] = [
-    "anyType",
-    "anySimpleType",
-    "string",
-    "normalizedString",
-    "token",
-    "language",
-    "Name",
-    "NCName",
-    "ID",
-    "IDREF",
-    "IDREFS",
-    "ENTITY",
-    "ENTITIES",
-    "NMTOKEN",
-    "NMTOKENS",
-    "QName",
-    "NOTATION",
-    "anyURI",
-    "boolean",
-    "decimal",
-    "integer",
-    "nonPositiveInteger",
-    "negativeInteger",
-    "long",
-    "int",
-    "short",
-    "byte",
-    "nonNegativeInteger",
-    "unsignedLong",
-    "unsignedInt",
-    "unsignedShort",
-    "unsignedByte",
-    "positiveInteger",
-    "float",
-    "double",
-    "duration",
-    "dateTime",
-    "time",
-    "date",
-    "gYearMonth",
-    "gYear",
-    "gMonthDay",
-    "gDay",
-    "gMonth",
-    "hexBinary",
-    "base64Binary",
-];
+pub use super::set::BUILTIN_TYPES as BUILTIN_NAMES;
 
 /// The definition of a built-in type.
 fn builtin(local: &str) -> TypeDef {
@@ -886,7 +839,7 @@ mod tests {
     const XJ: &str = "http://www.xjustiz.de";
 
     fn model(version: &str) -> Model {
-        let dir = crate::xsd::shared_xjustiz().join(version).join("xsd");
+        let dir = crate::testdata::shared_xjustiz().join(version).join("xsd");
         let set = SchemaSet::load_dir(&dir).expect("loads");
         Model::build(&set).unwrap_or_else(|e| panic!("{version}: {e}"))
     }

@@ -12,7 +12,7 @@ pub const XS: &str = "http://www.w3.org/2001/XMLSchema";
 const XML_NS: &str = "http://www.w3.org/XML/1998/namespace";
 
 /// The built-in types of XML Schema 1.0.
-const BUILTIN_TYPES: [&str; 46] = [
+pub const BUILTIN_TYPES: [&str; 46] = [
     "anyType",
     "anySimpleType",
     "string",
@@ -288,7 +288,7 @@ mod tests {
     ];
 
     fn shared() -> PathBuf {
-        crate::xsd::shared_xjustiz()
+        crate::testdata::shared_xjustiz()
     }
 
     #[test]
