@@ -432,3 +432,31 @@ async fn blobs_are_verified_on_upload_and_download() {
     }
     assert_eq!(outcome.expect_err("damaged").code(), tonic::Code::DataLoss);
 }
+
+#[test]
+fn items_count_only_once_complete() {
+    let server = TestServer::start(&[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let watch = work.path().join("drop");
+    std::fs::create_dir_all(&watch).expect("mkdir");
+    let sample = shared_xjustiz().join("samples/XJV-Viewer-for-XJustiz/eeb1_v3_2.xml");
+    let mut inbound = spawn(&inbound_args(&server, &watch, &["--lock-file", "export.log"]));
+    // Still being written: a `.part` name, and a folder while the EGVP receiver holds its lock.
+    std::fs::copy(&sample, watch.join(".eeb.xml.part")).expect("copy");
+    std::fs::write(watch.join("export.log"), "copying").expect("lock");
+    copy_dir(&shared_xjustiz().join("samples/EGVP-Enterprise-Receiver/TestnachrichtEeb_1"), &watch.join("TestnachrichtEeb_1"));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(watch.join(".eeb.xml.part").exists() && watch.join("TestnachrichtEeb_1").exists(), "an incomplete item was taken");
+    assert!(replayed_ids(&server, "xjustiz.ingest").is_empty());
+    // Complete: the lock goes away and the file is renamed.
+    std::fs::remove_file(watch.join("export.log")).expect("unlock");
+    std::fs::rename(watch.join(".eeb.xml.part"), watch.join("eeb.xml")).expect("rename");
+    let start = Instant::now();
+    while !(watch.join("done/eeb.xml").exists() && watch.join("done/TestnachrichtEeb_1").exists()) {
+        assert!(start.elapsed() < Duration::from_secs(30), "items not published");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    inbound.kill().expect("stop");
+    let _ = inbound.wait();
+    assert_eq!(replayed_ids(&server, "xjustiz.ingest").len(), 2);
+}
