@@ -4,6 +4,7 @@
 //! and character references are expanded, and depth and size are bounded ([`Limits`]). Every
 //! element keeps its byte offset so errors can name a line without counting lines on the fast path.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use quick_xml::events::{BytesStart, Event};
@@ -32,29 +33,30 @@ impl Default for Limits {
 
 /// An element of an instance document.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Element {
+pub struct Element<'a> {
     /// Resolved name.
     pub name: QName,
     /// The prefix it was written with ("" for none).
     pub prefix: std::sync::Arc<str>,
     /// Attributes other than namespace declarations, resolved.
-    pub attributes: Vec<(QName, String)>,
+    pub attributes: Vec<(QName, Cow<'a, str>)>,
     /// Namespace declarations written on this element: (prefix, uri).
     pub namespaces: Vec<(String, String)>,
     /// `xsi:type`, resolved against the namespaces in scope.
     pub xsi_type: Option<QName>,
     /// Child elements in document order.
-    pub children: Vec<Element>,
-    /// Character data directly inside this element, concatenated.
-    pub text: String,
+    pub children: Vec<Element<'a>>,
+    /// Character data directly inside this element, concatenated (borrowed from the document
+    /// unless entities or line breaks had to be replaced, or several pieces joined).
+    pub text: Cow<'a, str>,
     /// Byte offset of the start tag.
     pub offset: usize,
 }
 
-impl Element {
+impl Element<'_> {
     /// An attribute by name.
     pub fn attribute(&self, ns: &str, local: &str) -> Option<&str> {
-        self.attributes.iter().find(|(n, _)| &*n.ns == ns && &*n.local == local).map(|(_, v)| v.as_str())
+        self.attributes.iter().find(|(n, _)| &*n.ns == ns && &*n.local == local).map(|(_, v)| v.as_ref())
     }
 }
 
@@ -79,7 +81,7 @@ pub fn line_of(xml: &[u8], offset: usize) -> usize {
 }
 
 /// Parses a whole document into its root element.
-pub fn parse(xml: &[u8], limits: Limits) -> Result<Element, SyntaxError> {
+pub fn parse(xml: &[u8], limits: Limits) -> Result<Element<'_>, SyntaxError> {
     let fail = |offset: usize, message: String| SyntaxError { line: line_of(xml, offset), message };
     if xml.len() > limits.max_bytes {
         return Err(fail(0, format!("document is {} bytes, more than the limit of {}", xml.len(), limits.max_bytes)));
@@ -87,8 +89,8 @@ pub fn parse(xml: &[u8], limits: Limits) -> Result<Element, SyntaxError> {
     let text = std::str::from_utf8(xml).map_err(|e| fail(e.valid_up_to(), format!("not UTF-8: {e}")))?;
     let mut reader = NsReader::from_str(text);
     reader.config_mut().expand_empty_elements = true;
-    let mut stack: Vec<Element> = Vec::new();
-    let mut root: Option<Element> = None;
+    let mut stack: Vec<Element<'_>> = Vec::new();
+    let mut root: Option<Element<'_>> = None;
     let mut namespaces = Namespaces::default();
     let mut pending_space: Option<std::borrow::Cow<'_, str>> = None;
     loop {
@@ -104,14 +106,14 @@ pub fn parse(xml: &[u8], limits: Limits) -> Result<Element, SyntaxError> {
                 if stack.len() >= limits.max_depth {
                     return Err(fail(offset, format!("elements nested deeper than {}", limits.max_depth)));
                 }
-                let element = start_element(&reader, &start, offset, &mut namespaces).map_err(|m| fail(offset, m))?;
+                let element = start_element(text, &reader, &start, offset, &mut namespaces).map_err(|m| fail(offset, m))?;
                 stack.push(element);
             }
             Event::End(_) => {
                 let mut done = stack.pop().ok_or_else(|| fail(offset, "end tag without start tag".into()))?;
                 if let Some(space) = pending_space.take() {
                     if done.children.is_empty() {
-                        done.text.push_str(&space);
+                        append(&mut done.text, space);
                     }
                 }
                 match stack.last_mut() {
@@ -129,9 +131,9 @@ pub fn parse(xml: &[u8], limits: Limits) -> Result<Element, SyntaxError> {
                     }
                     Some(e) => {
                         if let Some(space) = pending_space.take() {
-                            e.text.push_str(&space);
+                            append(&mut e.text, space);
                         }
-                        e.text.push_str(&content)
+                        append(&mut e.text, content)
                     }
                     None if content.trim().is_empty() => {}
                     None => return Err(fail(offset, "text outside the root element".into())),
@@ -142,9 +144,9 @@ pub fn parse(xml: &[u8], limits: Limits) -> Result<Element, SyntaxError> {
                 match stack.last_mut() {
                     Some(e) => {
                         if let Some(space) = pending_space.take() {
-                            e.text.push_str(&space);
+                            append(&mut e.text, space);
                         }
-                        e.text.push_str(&content)
+                        append(&mut e.text, content)
                     }
                     None => return Err(fail(offset, "CDATA outside the root element".into())),
                 }
@@ -166,9 +168,9 @@ pub fn parse(xml: &[u8], limits: Limits) -> Result<Element, SyntaxError> {
                 match stack.last_mut() {
                     Some(e) => {
                         if let Some(space) = pending_space.take() {
-                            e.text.push_str(&space);
+                            append(&mut e.text, space);
                         }
-                        e.text.push(resolved)
+                        e.text.to_mut().push(resolved)
                     }
                     None => return Err(fail(offset, "reference outside the root element".into())),
                 }
@@ -224,7 +226,13 @@ impl Namespaces {
     }
 }
 
-fn start_element(reader: &NsReader<&[u8]>, start: &BytesStart<'_>, offset: usize, namespaces: &mut Namespaces) -> Result<Element, String> {
+fn start_element<'a>(
+    input: &'a str,
+    reader: &NsReader<&'a [u8]>,
+    start: &BytesStart<'a>,
+    offset: usize,
+    namespaces: &mut Namespaces,
+) -> Result<Element<'a>, String> {
     let (ns, local) = reader.resolve_element(start.name());
     let ns = namespaces.intern(ns)?;
     let prefix = namespaces.prefix(start.name().prefix().map(|p| p.into_inner()).unwrap_or_default());
@@ -235,19 +243,19 @@ fn start_element(reader: &NsReader<&[u8]>, start: &BytesStart<'_>, offset: usize
         namespaces: Vec::new(),
         xsi_type: None,
         children: Vec::new(),
-        text: String::new(),
+        text: Cow::Borrowed(""),
         offset,
     };
     for attr in start.attributes() {
         let attr = attr.map_err(|e| e.to_string())?;
         let key = attr.key;
-        let value = normalize_attribute(&attr.unescape_value().map_err(|e| e.to_string())?);
+        let value = normalize_attribute(reborrow(input, attr.unescape_value().map_err(|e| e.to_string())?));
         if key.as_ref() == b"xmlns" {
-            element.namespaces.push((String::new(), value));
+            element.namespaces.push((String::new(), value.into_owned()));
             continue;
         }
         if let Some(p) = key.as_ref().strip_prefix(b"xmlns:") {
-            element.namespaces.push((String::from_utf8_lossy(p).into_owned(), value));
+            element.namespaces.push((String::from_utf8_lossy(p).into_owned(), value.into_owned()));
             continue;
         }
         let (ans, alocal) = reader.resolve_attribute(key);
@@ -266,11 +274,34 @@ fn start_element(reader: &NsReader<&[u8]>, start: &BytesStart<'_>, offset: usize
 }
 
 /// Attribute-value normalisation of XML 1.0 (section 3.3.3): literal tabs and line breaks become spaces.
-fn normalize_attribute(value: &str) -> String {
+fn normalize_attribute(value: Cow<'_, str>) -> Cow<'_, str> {
     if value.contains(['\t', '\n', '\r']) {
-        value.replace("\r\n", " ").replace(['\t', '\n', '\r'], " ")
+        Cow::Owned(value.replace("\r\n", " ").replace(['\t', '\n', '\r'], " "))
     } else {
-        value.to_string()
+        value
+    }
+}
+
+/// quick-xml ties attribute values to the borrow of their start tag; a value that is a slice of
+/// the document is re-sliced from the document itself, so it can outlive the tag.
+fn reborrow<'a>(input: &'a str, value: Cow<'_, str>) -> Cow<'a, str> {
+    if let Cow::Borrowed(v) = &value {
+        let start = (v.as_ptr() as usize).wrapping_sub(input.as_ptr() as usize);
+        if let Some(slice) = input.get(start..start.wrapping_add(v.len())) {
+            if slice.as_ptr() == v.as_ptr() {
+                return Cow::Borrowed(slice);
+            }
+        }
+    }
+    Cow::Owned(value.into_owned())
+}
+
+/// Appends a piece of character data, borrowing when it is the first piece.
+fn append<'a>(text: &mut Cow<'a, str>, piece: Cow<'a, str>) {
+    if text.is_empty() {
+        *text = piece;
+    } else {
+        text.to_mut().push_str(&piece);
     }
 }
 

@@ -71,7 +71,7 @@ fn element_paths(e: &Element, prefix: &mut Vec<usize>, out: &mut Vec<Vec<usize>>
     }
 }
 
-fn parent_of<'e>(root: &'e mut Element, path: &[usize]) -> &'e mut Element {
+fn parent_of<'e, 'x>(root: &'e mut Element<'x>, path: &[usize]) -> &'e mut Element<'x> {
     let mut e = root;
     for i in &path[..path.len() - 1] {
         e = &mut e.children[*i];
@@ -79,7 +79,7 @@ fn parent_of<'e>(root: &'e mut Element, path: &[usize]) -> &'e mut Element {
     e
 }
 
-fn at<'e>(root: &'e mut Element, path: &[usize]) -> &'e mut Element {
+fn at<'e, 'x>(root: &'e mut Element<'x>, path: &[usize]) -> &'e mut Element<'x> {
     let mut e = root;
     for i in path {
         e = &mut e.children[*i];
@@ -89,7 +89,7 @@ fn at<'e>(root: &'e mut Element, path: &[usize]) -> &'e mut Element {
 
 /// Mutated copies of a valid document: drop or repeat elements, break ids, codes, dates,
 /// enumerations and code-list attributes.
-fn mutations(root: &Element) -> Vec<(String, Element)> {
+fn mutations<'x>(root: &Element<'x>) -> Vec<(String, Element<'x>)> {
     let mut paths = Vec::new();
     element_paths(root, &mut Vec::new(), &mut paths);
     let pick = |n: usize, k: usize| -> Vec<Vec<usize>> { (1..=k).map(|i| paths[(i * n / (k + 1)).min(n - 1)].clone()).collect() };
@@ -137,7 +137,7 @@ fn mutations(root: &Element) -> Vec<(String, Element)> {
             continue;
         }
         kinds |= 1 << kind.len();
-        e.text = new;
+        e.text = new.into();
         out.push((format!("{kind}-{p:?}"), m));
     }
     if let Some(p) = paths.iter().find(|p| {
@@ -150,7 +150,7 @@ fn mutations(root: &Element) -> Vec<(String, Element)> {
     }
     let mut m = root.clone();
     if let Some((_, v)) = m.children.iter_mut().flat_map(|c| c.attributes.iter_mut()).find(|(n, _)| &*n.local == "xjustizVersion") {
-        v.push_str(".9");
+        v.to_mut().push_str(".9");
         out.push(("version".into(), m));
     }
     out

@@ -103,11 +103,11 @@ fn collapse(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn child<'e>(e: &'e Element, local: &str) -> Option<&'e Element> {
+fn child<'e, 'x>(e: &'e Element<'x>, local: &str) -> Option<&'e Element<'x>> {
     e.children.iter().find(|c| &*c.name.local == local)
 }
 
-fn descendant<'e>(e: &'e Element, local: &str) -> Option<&'e Element> {
+fn descendant<'e, 'x>(e: &'e Element<'x>, local: &str) -> Option<&'e Element<'x>> {
     e.children.iter().find_map(|c| if &*c.name.local == local { Some(c) } else { descendant(c, local) })
 }
 
@@ -232,7 +232,7 @@ pub fn extract(root: &Element, _version: &str) -> Metadata {
     m
 }
 
-fn collect_named<'e>(e: &'e Element, local: &str, out: &mut Vec<&'e Element>) {
+fn collect_named<'e, 'x>(e: &'e Element<'x>, local: &str, out: &mut Vec<&'e Element<'x>>) {
     for c in &e.children {
         if &*c.name.local == local {
             out.push(c);

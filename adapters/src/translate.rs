@@ -174,7 +174,7 @@ impl<'a> Walker<'a> {
             if &*name.ns == XSI {
                 let v = match (&node.xsi_type, &*name.local) {
                     (Some(t), "type") => format!("{{{}}}{}", t.ns, t.local),
-                    _ => value.clone(),
+                    _ => value.to_string(),
                 };
                 obj.insert(format!("@xsi:{}", name.local), Value::String(v));
                 continue;
@@ -183,7 +183,7 @@ impl<'a> Walker<'a> {
                 Some(decl) => {
                     let text = match simple::simple_of(model, &decl.type_ref) {
                         Some(st) => self.simple_value(node, st, value, &format!("attribute {}: ", name.local)),
-                        None => value.clone(),
+                        None => value.to_string(),
                     };
                     if let Some(fixed) = &decl.fixed {
                         if text != *fixed {
@@ -193,7 +193,7 @@ impl<'a> Walker<'a> {
                     obj.insert(format!("@{}", name.local), Value::String(text));
                 }
                 None if ct.any_attribute => {
-                    obj.insert(format!("@{}", name.local), Value::String(value.clone()));
+                    obj.insert(format!("@{}", name.local), Value::String(value.to_string()));
                 }
                 None => self.issue(node, format!("attribute {} is not allowed", name.local)),
             }
@@ -219,7 +219,7 @@ impl<'a> Walker<'a> {
                 }
                 let text = match simple::simple_of(model, r) {
                     Some(st) => self.simple_value(node, st, &node.text, ""),
-                    None => node.text.clone(),
+                    None => node.text.to_string(),
                 };
                 obj.insert("#text".into(), Value::String(text));
             }
@@ -231,7 +231,7 @@ impl<'a> Walker<'a> {
                     );
                 }
                 if ct.mixed && has_text {
-                    obj.insert("#text".into(), Value::String(node.text.clone()));
+                    obj.insert("#text".into(), Value::String(node.text.to_string()));
                 }
                 let mut i = 0;
                 if self.particle(p, node, &mut i, &mut obj).is_ok() {
@@ -464,8 +464,8 @@ fn test_matches(test: &NameTest, name: &QName) -> bool {
 }
 
 /// The nodes an identity-constraint selector picks, in document order.
-fn select<'e>(context: &'e Element, paths: &[XPath]) -> Vec<&'e Element> {
-    let mut out: Vec<&Element> = Vec::new();
+fn select<'e, 'x>(context: &'e Element<'x>, paths: &[XPath]) -> Vec<&'e Element<'x>> {
+    let mut out: Vec<&Element<'x>> = Vec::new();
     for path in paths {
         for node in evaluate(context, path) {
             if !out.iter().any(|o| std::ptr::eq(*o, node)) {
@@ -476,7 +476,7 @@ fn select<'e>(context: &'e Element, paths: &[XPath]) -> Vec<&'e Element> {
     out
 }
 
-fn evaluate<'e>(context: &'e Element, path: &XPath) -> Vec<&'e Element> {
+fn evaluate<'e, 'x>(context: &'e Element<'x>, path: &XPath) -> Vec<&'e Element<'x>> {
     let mut current = vec![context];
     if path.descendants {
         let mut i = 0;
