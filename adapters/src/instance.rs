@@ -122,7 +122,11 @@ pub fn parse(xml: &[u8], limits: Limits) -> Result<Element<'_>, SyntaxError> {
                 }
             }
             Event::Text(t) => {
-                let content = t.xml_content().map_err(|e| fail(offset, e.to_string()))?;
+                // The document is already UTF-8: re-slice it instead of validating each piece again.
+                let content = match document_slice(text, &t) {
+                    Some(slice) if !slice.contains('\r') => Cow::Borrowed(slice),
+                    _ => Cow::Owned(t.xml_content().map_err(|e| fail(offset, e.to_string()))?.into_owned()),
+                };
                 match stack.last_mut() {
                     // Whitespace waits: dropped if a child element follows (no allocation for
                     // indentation), kept if the element ends without children.
@@ -249,7 +253,11 @@ fn start_element<'a>(
     for attr in start.attributes() {
         let attr = attr.map_err(|e| e.to_string())?;
         let key = attr.key;
-        let value = normalize_attribute(reborrow(input, attr.unescape_value().map_err(|e| e.to_string())?));
+        let value = match document_slice(input, &attr.value) {
+            Some(raw) if !raw.contains('&') => Cow::Borrowed(raw),
+            _ => reborrow(input, attr.unescape_value().map_err(|e| e.to_string())?),
+        };
+        let value = normalize_attribute(value);
         if key.as_ref() == b"xmlns" {
             element.namespaces.push((String::new(), value.into_owned()));
             continue;
@@ -285,15 +293,21 @@ fn normalize_attribute(value: Cow<'_, str>) -> Cow<'_, str> {
 /// quick-xml ties attribute values to the borrow of their start tag; a value that is a slice of
 /// the document is re-sliced from the document itself, so it can outlive the tag.
 fn reborrow<'a>(input: &'a str, value: Cow<'_, str>) -> Cow<'a, str> {
-    if let Cow::Borrowed(v) = &value {
-        let start = (v.as_ptr() as usize).wrapping_sub(input.as_ptr() as usize);
-        if let Some(slice) = input.get(start..start.wrapping_add(v.len())) {
-            if slice.as_ptr() == v.as_ptr() {
-                return Cow::Borrowed(slice);
-            }
-        }
+    match &value {
+        Cow::Borrowed(v) => match document_slice(input, v.as_bytes()) {
+            Some(slice) => Cow::Borrowed(slice),
+            None => Cow::Owned(value.into_owned()),
+        },
+        Cow::Owned(_) => Cow::Owned(value.into_owned()),
     }
-    Cow::Owned(value.into_owned())
+}
+
+/// `bytes` as a slice of `input` when they lie inside it (checked in constant time: bounds and
+/// character boundaries), so borrowed pieces need no second UTF-8 validation.
+fn document_slice<'a>(input: &'a str, bytes: &[u8]) -> Option<&'a str> {
+    let start = (bytes.as_ptr() as usize).wrapping_sub(input.as_ptr() as usize);
+    let slice = input.get(start..start.checked_add(bytes.len())?)?;
+    (slice.as_ptr() == bytes.as_ptr()).then_some(slice)
 }
 
 /// Appends a piece of character data, borrowing when it is the first piece.
@@ -323,6 +337,17 @@ mod tests {
         assert_eq!(root.children[0].xsi_type, Some(QName::new("urn:t", "T")));
         assert_eq!(root.children[1].name, QName::new("", "c"));
         assert_eq!(line_of(xml, root.children[0].offset), 3);
+    }
+
+    #[test]
+    fn normalizes_line_ends_and_attribute_whitespace() {
+        // Borrowed fast path and decoded slow path must agree with XML 1.0 sections 2.11 and 3.3.3.
+        let xml = b"<a x=\"1\r\n2\t3\" y=\"&#x41;\"><b>line\r\nnext\rlast</b><c>plain</c></a>";
+        let root = parse(xml, Limits::default()).expect("parses");
+        assert_eq!(root.attribute("", "x"), Some("1 2 3"));
+        assert_eq!(root.attribute("", "y"), Some("A"));
+        assert_eq!(root.children[0].text, "line\nnext\nlast");
+        assert!(matches!(root.children[1].text, Cow::Borrowed("plain")), "plain text is borrowed");
     }
 
     #[test]

@@ -99,7 +99,7 @@ fn def_name(name: &QName) -> String {
 impl<'a> Generator<'a> {
     fn new(release: &'a Release) -> Self {
         let mut derived: BTreeMap<QName, BTreeSet<QName>> = BTreeMap::new();
-        for (name, def) in &release.model.types {
+        for (name, def) in release.model.types_in_order() {
             if let TypeDef::Complex(c) = def {
                 let mut base = c.base.clone();
                 while let Some(b) = base {
@@ -119,7 +119,7 @@ impl<'a> Generator<'a> {
 
     fn definitions(&self) -> Value {
         let mut defs = Map::new();
-        for (name, def) in &self.release.model.types {
+        for (name, def) in self.release.model.types_in_order() {
             // Two namespaces ending alike would share `$defs` names: refuse rather than merge.
             let previous = defs.insert(def_name(name), self.type_def(def, ""));
             assert!(previous.is_none(), "two types map to the $defs name {}", def_name(name));

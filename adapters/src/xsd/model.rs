@@ -256,8 +256,18 @@ pub struct IdentityConstraint {
 pub struct Model {
     /// Global element declarations.
     pub elements: BTreeMap<QName, ElementDecl>,
-    /// Global type definitions.
-    pub types: BTreeMap<QName, TypeDef>,
+    /// Global type definitions, hashed: translation looks one up for every element.
+    #[serde(serialize_with = "sorted")]
+    pub types: TypeMap,
+}
+
+/// Global type definitions by name.
+pub type TypeMap = std::collections::HashMap<QName, TypeDef, crate::fasthash::FastHash>;
+
+/// Serializes the types in name order, so that the committed model files are reproducible.
+fn sorted<S: serde::Serializer>(types: &TypeMap, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    let ordered: BTreeMap<&QName, &TypeDef> = types.iter().collect();
+    ordered.serialize(serializer)
 }
 
 struct Builder<'a> {
@@ -288,7 +298,7 @@ impl Model {
             let target_ns = &set.files[c.file].target_namespace;
             elements.insert(c.name.clone(), b.element(&c.node, c.file, target_ns, true)?);
         }
-        Ok(Model { elements, types: b.types })
+        Ok(Model { elements, types: b.types.into_iter().collect() })
     }
 
     /// A named type (global or built in).
@@ -296,10 +306,16 @@ impl Model {
         self.type_def(name).cloned()
     }
 
+    /// The global types in name order.
+    pub fn types_in_order(&self) -> BTreeMap<&QName, &TypeDef> {
+        self.types.iter().collect()
+    }
+
     /// A named type (global or built in), borrowed.
     pub fn type_def(&self, name: &QName) -> Option<&TypeDef> {
         if &*name.ns == XS {
-            static BUILTINS: std::sync::OnceLock<BTreeMap<String, TypeDef>> = std::sync::OnceLock::new();
+            static BUILTINS: std::sync::OnceLock<std::collections::HashMap<String, TypeDef, crate::fasthash::FastHash>> =
+                std::sync::OnceLock::new();
             let builtins = BUILTINS.get_or_init(|| BUILTIN_NAMES.iter().map(|n| (n.to_string(), builtin(n))).collect());
             return builtins.get(&*name.local);
         }
