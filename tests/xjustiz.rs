@@ -1,50 +1,14 @@
 //! XJustiz end to end: the `xjustiz` commands, and the inbound and outbound adapter processes
 //! against a real server, with the real samples of `../shared/xjustiz`, bad input, and `kill -9`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use justizbus_e2e::{binary, run_cli, shared_xjustiz, xjustiz_samples, TestServer};
+use justizbus_e2e::{copy_dir, drop_item, files_below, run_cli, shared_xjustiz, spawn, wait_exit, xjustiz_samples, TestServer};
 
 fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read_dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
-}
-
-/// Drops an item the way a legacy writer should: under a temporary name, then renamed.
-fn drop_item(watch: &Path, name: &str, write: impl FnOnce(&Path)) {
-    let tmp = watch.join(format!(".{name}.part"));
-    write(&tmp);
-    std::fs::rename(&tmp, watch.join(name)).expect("rename into the drop directory");
-}
-
-fn spawn(args: &[String]) -> Child {
-    Command::new(binary()).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn adapter")
-}
-
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        assert!(start.elapsed() < limit, "adapter did not finish within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn replayed_ids(server: &TestServer, topic: &str) -> Vec<String> {
@@ -57,22 +21,6 @@ fn inbound_args(server: &TestServer, watch: &Path, extra: &[&str]) -> Vec<String
     let mut a = args(&["adapter", "inbound", "--server", &server.url(), "--watch", &watch.display().to_string(), "--poll-ms", "50"]);
     a.extend(extra.iter().map(|s| s.to_string()));
     a
-}
-
-fn files_below(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
-            if e.path().is_dir() {
-                stack.push(e.path());
-            } else {
-                let rel = e.path().strip_prefix(dir).expect("below").to_string_lossy().into_owned();
-                out.insert(rel, std::fs::read(e.path()).expect("read"));
-            }
-        }
-    }
-    out
 }
 
 #[test]

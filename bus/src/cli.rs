@@ -86,6 +86,9 @@ struct ServeArgs {
     /// Log URL: file://DIR (default: file://<data-dir>).
     #[arg(long)]
     log: Option<String>,
+    /// Participants directory (TOML): turns on mailboxes and the router.
+    #[arg(long)]
+    directory: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -330,6 +333,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(log) = args.log {
         config.log = Some(log);
+    }
+    if let Some(directory) = args.directory {
+        config.routing.directory = Some(directory);
     }
     config.validate()?;
     let listener = tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;

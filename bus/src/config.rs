@@ -34,6 +34,8 @@ pub struct ServerConfig {
     pub delivery: DeliverySettings,
     /// Largest blob (attached document) accepted by `Blobs.Upload`; blobs live in `<data_dir>/blobs`.
     pub max_blob_bytes: u64,
+    /// Participants directory, mailboxes and router (off without a directory).
+    pub routing: crate::routing::router::RoutingSettings,
 }
 
 impl Default for ServerConfig {
@@ -45,6 +47,7 @@ impl Default for ServerConfig {
             log_settings: LogSettings::default(),
             delivery: DeliverySettings::default(),
             max_blob_bytes: 1024 * 1024 * 1024,
+            routing: Default::default(),
         }
     }
 }
@@ -70,6 +73,13 @@ impl ServerConfig {
         }
         if l.max_event_bytes == 0 || l.max_event_bytes as u64 >= l.segment_bytes {
             return Err(Error::invalid("log_settings.max_event_bytes", "must be at least 1 and smaller than segment_bytes"));
+        }
+        let r = &self.routing;
+        if r.batch == 0 || r.batch > self.delivery.max_unacked_limit || r.mailbox_partitions == 0 || r.ingest_partitions == 0 {
+            return Err(Error::invalid(
+                "routing",
+                "batch must be between 1 and delivery.max_unacked_limit; mailbox_partitions and ingest_partitions at least 1",
+            ));
         }
         let d = &self.delivery;
         if d.default_max_unacked == 0 || d.default_max_unacked > d.max_unacked_limit {

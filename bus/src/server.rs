@@ -13,6 +13,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::ServerConfig;
 use crate::delivery::Delivery;
+use crate::routing::directory::DirectoryHandle;
+use crate::routing::mailbox::MailboxLog;
+use crate::routing::router::Router;
 use crate::grpc::{admin::AdminService, publish::PublisherService, replay::ReplayerService, subscribe::SubscriberService, Bus};
 use crate::{log, Error, Result};
 
@@ -23,10 +26,33 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// group positions and closes the log.
 pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
     let url = config.log_url();
-    let log = log::open(&url, &config.log_settings).await?;
+    let mut log = log::open(&url, &config.log_settings).await?;
+    // With a directory, mailboxes are layered over the log and a router runs beside the services.
+    let routing = match &config.routing.directory {
+        Some(path) => {
+            let directory = DirectoryHandle::watch(path.clone(), Duration::from_millis(config.routing.reload_ms.max(10)))?;
+            let mailboxes = Arc::new(MailboxLog::open(log.clone(), directory.clone(), config.routing.mailbox_partitions).await?);
+            log = mailboxes.clone();
+            Some((directory, mailboxes))
+        }
+        None => None,
+    };
     let delivery = Arc::new(Delivery::new(log.clone(), config.delivery.clone()));
     let blobs = Arc::new(crate::blob::BlobStore::open(&config.data_dir.join("blobs"), config.max_blob_bytes)?);
-    let bus = Arc::new(Bus { log: log.clone(), delivery: delivery.clone(), config: config.clone(), blobs });
+    let mailboxes = routing.as_ref().map(|(_, m)| m.clone());
+    let bus = Arc::new(Bus { log: log.clone(), delivery: delivery.clone(), config: config.clone(), blobs, mailboxes });
+    let router = match routing {
+        Some((directory, mailboxes)) => {
+            let router = Router { delivery: delivery.clone(), mailboxes, directory, settings: config.routing.clone() };
+            router.prepare().await?;
+            Some(tokio::spawn(async move {
+                if let Err(e) = router.run().await {
+                    tracing::error!(error = %e, "router stopped with an error");
+                }
+            }))
+        }
+        None => None,
+    };
 
     let retention_log = log.clone();
     let every = Duration::from_millis(config.log_settings.retention_check_ms.max(100));
@@ -103,6 +129,11 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     };
     retention.abort();
     delivery.shutdown().await;
+    if let Some(router) = router {
+        // Its subscription ended with the groups; an unfinished batch is redelivered at start.
+        router.abort();
+        let _ = router.await;
+    }
     log.close().await?;
     tracing::info!("stopped");
     result

@@ -1,10 +1,11 @@
 //! Harness of the end-to-end tests: the real `justizbus` binary as a child process, and small
 //! gRPC helpers. The tests themselves are in `tests/*.rs`.
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use justizbus::process::ServerProcess;
 use justizbus_proto::v1 as pb;
@@ -229,3 +230,59 @@ impl Subscriber {
 pub const QUIET: Duration = Duration::from_millis(700);
 /// Long wait for things that must arrive.
 pub const ARRIVES: Duration = Duration::from_secs(15);
+
+/// Copies a directory tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// Drops an item the way a legacy writer should: under a temporary name, then renamed.
+pub fn drop_item(watch: &Path, name: &str, write: impl FnOnce(&Path)) {
+    let tmp = watch.join(format!(".{name}.part"));
+    write(&tmp);
+    std::fs::rename(&tmp, watch.join(name)).expect("rename into the drop directory");
+}
+
+/// Starts the `justizbus` binary with `args` (stderr captured).
+pub fn spawn(args: &[String]) -> Child {
+    Command::new(binary()).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn adapter")
+}
+
+/// Waits for a child to exit, failing the test after `limit`.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(start.elapsed() < limit, "adapter did not finish within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every file below `dir`, by relative path.
+pub fn files_below(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                let rel = e.path().strip_prefix(dir).expect("below").to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(e.path()).expect("read"));
+            }
+        }
+    }
+    out
+}
+

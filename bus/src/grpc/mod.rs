@@ -27,6 +27,8 @@ pub struct Bus {
     pub config: ServerConfig,
     /// Attached documents.
     pub blobs: Arc<crate::blob::BlobStore>,
+    /// Participants' mailboxes, when routing is on (the same store `log` serves them from).
+    pub mailboxes: Option<Arc<crate::routing::mailbox::MailboxLog>>,
 }
 
 /// A stored record as the wire type replay and admin calls return.

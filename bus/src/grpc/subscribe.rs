@@ -20,7 +20,10 @@ use tonic::{Request, Response, Status, Streaming};
 use super::Bus;
 use crate::delivery::{GroupOverrides, Outgoing, StartPosition, SubscribeParams, SubscriberControl};
 use crate::event::{ms_timestamp, Event};
+use crate::routing::mailbox::{is_mailbox_topic, MailboxLog};
+use crate::routing::router::{receipt_for, RECIPIENT_HEADER};
 use crate::Error;
+use std::collections::HashMap;
 
 /// Most delivery ids in one ack or nack message.
 pub const MAX_IDS_PER_MESSAGE: usize = 10_000;
@@ -75,13 +78,26 @@ impl pb::subscriber_server::Subscriber for SubscriberService {
                 max_unacked: subscription.max_unacked,
             })),
         };
+        let receipts = match &self.bus.mailboxes {
+            Some(mailboxes) if is_mailbox_topic(&init.topic) => {
+                Some(Arc::new(Receipts { mailboxes: mailboxes.clone(), topic: init.topic.clone(), pending: Default::default() }))
+            }
+            _ => None,
+        };
         let (violation_tx, violation_rx) = mpsc::channel(1);
-        tokio::spawn(forward_client_messages(inbound, subscription.control, violation_tx));
+        tokio::spawn(forward_client_messages(inbound, subscription.control, violation_tx, receipts.clone()));
         let topic = init.topic;
         // The stream ends when the group lets the subscriber go (it left, or the server shuts
         // down: the `None` after the deliveries), or with a protocol violation.
-        let deliveries =
-            ReceiverStream::new(subscription.receiver).map(move |out| Some(Ok(to_wire(&topic, out)))).chain(tokio_stream::once(None));
+        let deliveries = ReceiverStream::new(subscription.receiver)
+            .map(move |out| {
+                let wire = to_wire(&topic, out);
+                if let (Some(book), Some(Resp::Delivery(d))) = (&receipts, &wire.response) {
+                    book.delivered(d);
+                }
+                Some(Ok(wire))
+            })
+            .chain(tokio_stream::once(None));
         let violations = ReceiverStream::new(violation_rx).map(|status| Some(Err(status)));
         let stream = tokio_stream::once(Ok(subscribed)).chain(deliveries.merge(violations).map_while(|item| item));
         Ok(Response::new(Box::pin(stream)))
@@ -113,12 +129,61 @@ fn to_wire(topic: &str, out: Outgoing) -> pb::SubscribeResponse {
     pb::SubscribeResponse { response: Some(response) }
 }
 
+/// What a mailbox subscription needs to send receipts: the deliveries it holds.
+struct Receipts {
+    mailboxes: Arc<MailboxLog>,
+    topic: String,
+    /// Delivery id -> (mailbox offset, the event's id, sender, subject, source and recipient
+    /// header). Filled as deliveries go out, emptied by acks and nacks.
+    pending: std::sync::Mutex<HashMap<u64, (u64, pb::Event)>>,
+}
+
+impl Receipts {
+    fn delivered(&self, d: &pb::Delivery) {
+        let Some(e) = &d.event else { return };
+        let slim = pb::Event {
+            id: e.id.clone(),
+            source: e.source.clone(),
+            sender: e.sender.clone(),
+            subject: e.subject.clone(),
+            headers: e.headers.get(RECIPIENT_HEADER).map(|r| [(RECIPIENT_HEADER.to_string(), r.clone())].into()).unwrap_or_default(),
+            ..Default::default()
+        };
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(d.delivery_id, (d.offset, slim));
+    }
+
+    fn take(&self, ids: &[u64]) -> Vec<(u64, pb::Event)> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        ids.iter().filter_map(|id| pending.remove(id)).collect()
+    }
+
+    /// Makes the receipts of acknowledged deliveries durable in the senders' mailboxes; the
+    /// ack is forwarded only afterwards, so a crash between the two repeats the receipt (stored
+    /// once: receipt ids are per event and recipient) and never loses it.
+    async fn acknowledged(&self, ids: &[u64]) -> crate::Result<()> {
+        let receipts: Vec<_> = self.take(ids).iter().filter_map(|(offset, e)| receipt_for(&self.topic, *offset, e)).collect();
+        if receipts.is_empty() {
+            return Ok(());
+        }
+        // A sender that has left the directory has no mailbox: its receipts are dropped.
+        let (known, unknown): (Vec<_>, Vec<_>) = receipts.into_iter().partition(|(mailbox, _)| self.mailboxes.exists(mailbox));
+        for (mailbox, r) in &unknown {
+            tracing::warn!(mailbox, id = %r.id, "receipt dropped: the sender has no mailbox");
+        }
+        if !known.is_empty() {
+            self.mailboxes.append_many(known).await?;
+        }
+        Ok(())
+    }
+}
+
 /// Applies the client's acks, nacks and credit until its stream ends; then the control is
 /// dropped, which leaves the group and frees what the subscriber held.
 async fn forward_client_messages(
     mut inbound: Streaming<pb::SubscribeRequest>,
     control: SubscriberControl,
     violations: mpsc::Sender<Status>,
+    receipts: Option<Arc<Receipts>>,
 ) {
     loop {
         let msg = match inbound.message().await {
@@ -126,8 +191,23 @@ async fn forward_client_messages(
             Ok(None) | Err(_) => break,
         };
         let result = match msg.request {
-            Some(Req::Ack(ack)) if ack.delivery_ids.len() <= MAX_IDS_PER_MESSAGE => control.ack(ack.delivery_ids).await,
-            Some(Req::Nack(nack)) if nack.delivery_ids.len() <= MAX_IDS_PER_MESSAGE => control.nack(nack.delivery_ids).await,
+            Some(Req::Ack(ack)) if ack.delivery_ids.len() <= MAX_IDS_PER_MESSAGE => match &receipts {
+                Some(book) => match book.acknowledged(&ack.delivery_ids).await {
+                    Ok(()) => control.ack(ack.delivery_ids).await,
+                    Err(e) => {
+                        // Not acknowledged: the deliveries expire and come again, and so do their receipts.
+                        tracing::error!(error = %e, "storing receipts failed; the acknowledgement is dropped");
+                        Ok(())
+                    }
+                },
+                None => control.ack(ack.delivery_ids).await,
+            },
+            Some(Req::Nack(nack)) if nack.delivery_ids.len() <= MAX_IDS_PER_MESSAGE => {
+                if let Some(book) = &receipts {
+                    book.take(&nack.delivery_ids);
+                }
+                control.nack(nack.delivery_ids).await
+            }
             Some(Req::Ack(_) | Req::Nack(_)) => {
                 Err(Error::invalid("delivery_ids", format!("at most {MAX_IDS_PER_MESSAGE} delivery ids per message")))
             }

@@ -1,0 +1,515 @@
+//! Mailboxes: one virtual topic per participant, `mailbox.<participant id>`, stored together.
+//!
+//! Ten thousand participants cannot each have their own files and `fdatasync`s, yet reading a
+//! mailbox must cost what that mailbox holds, not what all of them hold. So [`MailboxLog`]
+//! wraps the log (it implements the same [`Log`] trait, as a cross-cutting layer) and serves
+//! every topic named `mailbox.*` from one physical store topic:
+//!
+//! - An append to a mailbox becomes one record of the store topic whose key is the mailbox
+//!   name (so a mailbox lives in one store partition) and whose value carries the mailbox
+//!   sequence number, the record's own key (the case) and the payload. Appends to many
+//!   mailboxes go down in one group commit ([`MailboxLog::append_many`]).
+//! - An in-memory index maps each mailbox's sequence numbers to store offsets; it is rebuilt at
+//!   start from the store records (which carry their sequence numbers, so it comes out the same).
+//!   Reads of a mailbox follow its index: cost proportional to that mailbox's traffic.
+//! - A mailbox looks like a one-partition topic whose offsets are its sequence numbers, so
+//!   `Subscribe`, `Replay`, cursors, dead letters and quarantine work on it unchanged. Its dead
+//!   letter topic (`mailbox.<id>.<group>.dlq`) is a virtual topic of the same store.
+//!
+//! Invariants: appends to the store go through one lock (sequence numbers are assigned and made
+//! durable in order, so a mailbox's visible end only grows over durable records); an id already
+//! stored in a mailbox is answered as a duplicate without appending (the index knows every id),
+//! which makes router retries after a crash idempotent.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex as SyncMutex};
+
+use async_trait::async_trait;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::sync::{watch, Mutex};
+
+use super::directory::{DirectoryHandle, MAILBOX_PREFIX};
+use crate::log::{Appended, Cursor, GroupConfig, Log, NewRecord, PartitionOffsets, Quarantine, StoredRecord, TopicConfig, TopicInfo};
+use crate::partitioner::partition_for_key;
+use crate::{Error, Result};
+
+/// The physical topic that holds every mailbox.
+pub const STORE_TOPIC: &str = "justizbus.mailboxes";
+
+/// Format byte of a store record's value.
+const ENTRY_FORMAT: u8 = 1;
+
+/// Whether a topic name is served by the mailbox store.
+pub fn is_mailbox_topic(topic: &str) -> bool {
+    topic.starts_with(MAILBOX_PREFIX)
+}
+
+/// One mailbox (or mailbox dead-letter topic) in the index.
+struct Mailbox {
+    /// Sequence number of `entries[0]`.
+    start: u64,
+    /// Store offset and timestamp of each sequence number from `start` on.
+    entries: Vec<(u64, i64)>,
+    /// Watchers of the end (next sequence number).
+    end: watch::Sender<u64>,
+}
+
+impl Mailbox {
+    fn new() -> Self {
+        Mailbox { start: 0, entries: Vec::new(), end: watch::channel(0).0 }
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.start + self.entries.len() as u64
+    }
+}
+
+#[derive(Default)]
+struct Index {
+    mailboxes: HashMap<String, Mailbox>,
+    /// Hash of (mailbox, record id) -> sequence number: what is stored already.
+    ids: HashMap<u64, u64>,
+}
+
+fn id_hash(mailbox: &str, id: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    mailbox.hash(&mut h);
+    id.hash(&mut h);
+    h.finish()
+}
+
+/// The log with mailboxes layered on top; everything else passes through.
+pub struct MailboxLog {
+    inner: Arc<dyn Log>,
+    directory: DirectoryHandle,
+    partitions: u32,
+    /// The index; locked briefly, never across an await.
+    index: SyncMutex<Index>,
+    /// Serializes store appends, so sequence numbers become durable in order.
+    writer: Mutex<()>,
+}
+
+fn encode_entry(seq: u64, key: &[u8], payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(13 + key.len() + payload.len());
+    b.put_u8(ENTRY_FORMAT);
+    b.put_u64_le(seq);
+    b.put_u32_le(key.len() as u32);
+    b.put_slice(key);
+    b.put_slice(payload);
+    b.freeze()
+}
+
+/// (sequence number, key, payload) of a store record's value.
+fn decode_entry(value: &Bytes) -> Result<(u64, Bytes, Bytes)> {
+    let corrupt = || Error::State("a mailbox store record has an unknown format".into());
+    let mut v = value.clone();
+    if v.remaining() < 13 || v.get_u8() != ENTRY_FORMAT {
+        return Err(corrupt());
+    }
+    let seq = v.get_u64_le();
+    let key_len = v.get_u32_le() as usize;
+    if v.remaining() < key_len {
+        return Err(corrupt());
+    }
+    let key = v.split_to(key_len);
+    Ok((seq, key, v))
+}
+
+impl MailboxLog {
+    /// Wraps `inner`, creating the store topic with `partitions` partitions if needed and
+    /// rebuilding the index from it.
+    pub async fn open(inner: Arc<dyn Log>, directory: DirectoryHandle, partitions: u32) -> Result<Self> {
+        let partitions = match inner.describe_topic(STORE_TOPIC).await {
+            Ok(info) => info.config.partitions,
+            Err(Error::UnknownTopic(_)) => {
+                inner.create_topic(STORE_TOPIC, TopicConfig { partitions, retention_ms: 0, retention_bytes: 0 }).await?.config.partitions
+            }
+            Err(e) => return Err(e),
+        };
+        let log = MailboxLog { inner, directory, partitions, index: SyncMutex::new(Index::default()), writer: Mutex::new(()) };
+        log.rebuild().await?;
+        Ok(log)
+    }
+
+    async fn rebuild(&self) -> Result<()> {
+        let mut records = 0u64;
+        for p in 0..self.partitions {
+            let offsets = self.inner.offsets(STORE_TOPIC, p).await?;
+            let mut from = offsets.start;
+            while from < offsets.end {
+                let batch = self.inner.read(STORE_TOPIC, p, from, 4096, 16 * 1024 * 1024).await?;
+                let Some(last) = batch.last() else { break };
+                from = last.offset + 1;
+                let mut index = self.lock();
+                for r in &batch {
+                    let (seq, _, _) = decode_entry(&r.value)?;
+                    let name = String::from_utf8_lossy(&r.key).into_owned();
+                    index.ids.insert(id_hash(&name, &r.id), seq);
+                    let mb = index.mailboxes.entry(name).or_insert_with(Mailbox::new);
+                    if mb.entries.is_empty() {
+                        mb.start = seq;
+                    }
+                    if seq != mb.next_seq() {
+                        return Err(Error::State(format!("mailbox store: sequence {seq} found where {} was expected", mb.next_seq())));
+                    }
+                    mb.entries.push((r.offset, r.timestamp_ms));
+                    records += 1;
+                }
+            }
+        }
+        let mut index = self.lock();
+        for mb in index.mailboxes.values_mut() {
+            mb.end.send_replace(mb.next_seq());
+        }
+        tracing::info!(mailboxes = index.mailboxes.len(), records, "mailbox index rebuilt");
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a mailbox topic exists: its participant is in the directory, or it holds records
+    /// or was created (a dead-letter topic).
+    pub fn exists(&self, topic: &str) -> bool {
+        if !is_mailbox_topic(topic) {
+            return false;
+        }
+        self.lock().mailboxes.contains_key(topic) || self.directory.get().participant(&topic[MAILBOX_PREFIX.len()..]).is_some()
+    }
+
+    fn check(&self, topic: &str, partition: u32) -> Result<()> {
+        if !self.exists(topic) {
+            return Err(Error::UnknownTopic(topic.to_string()));
+        }
+        if partition != 0 {
+            return Err(Error::UnknownPartition { topic: topic.to_string(), partition, partitions: 1 });
+        }
+        Ok(())
+    }
+
+    fn info(&self, topic: &str) -> TopicInfo {
+        let index = self.lock();
+        let (start, end) = index.mailboxes.get(topic).map(|m| (m.start, m.next_seq())).unwrap_or((0, 0));
+        TopicInfo {
+            name: topic.to_string(),
+            config: TopicConfig { partitions: 1, retention_ms: 0, retention_bytes: 0 },
+            partitions: vec![PartitionOffsets { start, end }],
+        }
+    }
+
+    /// Appends records to several mailboxes in one durable write; results in input order. A
+    /// record whose id the mailbox already holds is not appended again (`duplicate`).
+    pub async fn append_many(&self, records: Vec<(String, NewRecord)>) -> Result<Vec<Appended>> {
+        for (topic, _) in &records {
+            if !is_mailbox_topic(topic) || !self.exists(topic) {
+                return Err(Error::UnknownTopic(topic.clone()));
+            }
+        }
+        let _writer = self.writer.lock().await;
+        let mut results: Vec<Option<Appended>> = vec![None; records.len()];
+        let mut fresh = Vec::new();
+        let mut placed = Vec::new();
+        {
+            let index = self.lock();
+            let mut next: HashMap<&str, u64> = HashMap::new();
+            let mut batch_ids: HashMap<u64, u64> = HashMap::new();
+            for (i, (topic, r)) in records.iter().enumerate() {
+                let h = id_hash(topic, &r.id);
+                if let Some(&seq) = index.ids.get(&h).or_else(|| batch_ids.get(&h)) {
+                    results[i] = Some(Appended { partition: 0, offset: seq, duplicate: true });
+                    continue;
+                }
+                let seq = next.entry(topic.as_str()).or_insert_with(|| index.mailboxes.get(topic.as_str()).map_or(0, Mailbox::next_seq));
+                batch_ids.insert(h, *seq);
+                fresh.push(NewRecord {
+                    id: r.id.clone(),
+                    key: Bytes::copy_from_slice(topic.as_bytes()),
+                    timestamp_ms: r.timestamp_ms,
+                    value: encode_entry(*seq, &r.key, &r.value),
+                });
+                placed.push((i, topic.clone(), *seq, h, r.timestamp_ms));
+                *seq += 1;
+            }
+        }
+        if !fresh.is_empty() {
+            let stored = self.inner.append(STORE_TOPIC, fresh).await?;
+            let mut index = self.lock();
+            for ((i, topic, seq, h, ts), a) in placed.into_iter().zip(stored) {
+                let mb = index.mailboxes.entry(topic).or_insert_with(Mailbox::new);
+                debug_assert_eq!(seq, mb.next_seq());
+                mb.entries.push((a.offset, ts));
+                mb.end.send_replace(mb.next_seq());
+                index.ids.insert(h, seq);
+                results[i] = Some(Appended { partition: 0, offset: seq, duplicate: false });
+            }
+        }
+        Ok(results.into_iter().map(|r| r.expect("every record placed")).collect())
+    }
+
+    /// Store offsets of `topic`'s sequence numbers from `from`, at most `max`.
+    fn positions(&self, topic: &str, from: u64, max: usize) -> (u64, Vec<(u64, i64)>) {
+        let index = self.lock();
+        match index.mailboxes.get(topic) {
+            Some(mb) => {
+                let from = from.max(mb.start);
+                let skip = (from - mb.start) as usize;
+                (from, mb.entries.iter().skip(skip).take(max).copied().collect())
+            }
+            None => (from, Vec::new()),
+        }
+    }
+}
+
+#[async_trait]
+impl Log for MailboxLog {
+    async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicInfo> {
+        if !is_mailbox_topic(name) {
+            return self.inner.create_topic(name, config).await;
+        }
+        crate::event::validate_name("topic", name)?;
+        if self.exists(name) {
+            return Err(Error::TopicExists { name: name.to_string(), partitions: 1 });
+        }
+        if config.partitions != 1 {
+            return Err(Error::invalid("partitions", "mailbox topics have exactly one partition"));
+        }
+        self.lock().mailboxes.insert(name.to_string(), Mailbox::new());
+        Ok(self.info(name))
+    }
+
+    async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
+        let mut topics = self.inner.list_topics().await?;
+        let mut names: Vec<String> = self.lock().mailboxes.keys().cloned().collect();
+        names.extend(self.directory.get().participants().iter().map(|p| p.mailbox()));
+        names.sort();
+        names.dedup();
+        topics.extend(names.iter().map(|n| self.info(n)));
+        topics.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(topics)
+    }
+
+    async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
+        if !is_mailbox_topic(name) {
+            return self.inner.describe_topic(name).await;
+        }
+        self.check(name, 0)?;
+        Ok(self.info(name))
+    }
+
+    async fn append(&self, topic: &str, records: Vec<NewRecord>) -> Result<Vec<Appended>> {
+        if !is_mailbox_topic(topic) {
+            return self.inner.append(topic, records).await;
+        }
+        self.append_many(records.into_iter().map(|r| (topic.to_string(), r)).collect()).await
+    }
+
+    async fn read(&self, topic: &str, partition: u32, from: u64, max_records: usize, max_bytes: usize) -> Result<Vec<StoredRecord>> {
+        if !is_mailbox_topic(topic) {
+            return self.inner.read(topic, partition, from, max_records, max_bytes).await;
+        }
+        self.check(topic, partition)?;
+        let (first, positions) = self.positions(topic, from, max_records.max(1));
+        let store_partition = partition_for_key(topic.as_bytes(), self.partitions);
+        let mut out = Vec::with_capacity(positions.len());
+        let mut bytes = 0usize;
+        let mut i = 0;
+        // Runs of consecutive store offsets are read in one call.
+        while i < positions.len() && (out.is_empty() || bytes < max_bytes) {
+            let start = positions[i].0;
+            let mut run = 1;
+            while i + run < positions.len() && positions[i + run].0 == start + run as u64 {
+                run += 1;
+            }
+            let records = self.inner.read(STORE_TOPIC, store_partition, start, run, max_bytes.saturating_sub(bytes).max(1)).await?;
+            if records.is_empty() {
+                break;
+            }
+            for r in records {
+                if r.offset != positions[i].0 || r.key != topic.as_bytes() {
+                    return Err(Error::State(format!("mailbox index of {topic} points at a foreign store record {}", r.offset)));
+                }
+                let (seq, key, value) = decode_entry(&r.value)?;
+                debug_assert_eq!(seq, first + i as u64);
+                bytes += value.len();
+                out.push(StoredRecord { partition: 0, offset: seq, timestamp_ms: r.timestamp_ms, id: r.id, key, value });
+                i += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn offsets(&self, topic: &str, partition: u32) -> Result<PartitionOffsets> {
+        if !is_mailbox_topic(topic) {
+            return self.inner.offsets(topic, partition).await;
+        }
+        self.check(topic, partition)?;
+        Ok(self.info(topic).partitions[0])
+    }
+
+    async fn offset_for_time(&self, topic: &str, partition: u32, timestamp_ms: i64) -> Result<u64> {
+        if !is_mailbox_topic(topic) {
+            return self.inner.offset_for_time(topic, partition, timestamp_ms).await;
+        }
+        self.check(topic, partition)?;
+        let index = self.lock();
+        Ok(match index.mailboxes.get(topic) {
+            Some(mb) => mb.start + mb.entries.iter().position(|&(_, t)| t >= timestamp_ms).unwrap_or(mb.entries.len()) as u64,
+            None => 0,
+        })
+    }
+
+    fn watch_end(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>> {
+        if !is_mailbox_topic(topic) {
+            return self.inner.watch_end(topic, partition);
+        }
+        self.check(topic, partition)?;
+        Ok(self.lock().mailboxes.entry(topic.to_string()).or_insert_with(Mailbox::new).end.subscribe())
+    }
+
+    async fn apply_retention(&self) -> Result<usize> {
+        // The store topic keeps everything (retention 0), so mailbox indexes stay complete.
+        self.inner.apply_retention().await
+    }
+
+    async fn load_cursor(&self, topic: &str, group: &str, partition: u32) -> Result<Option<Cursor>> {
+        self.inner.load_cursor(topic, group, partition).await
+    }
+
+    async fn store_cursors(&self, topic: &str, group: &str, cursors: &[(u32, Cursor)]) -> Result<()> {
+        self.inner.store_cursors(topic, group, cursors).await
+    }
+
+    async fn store_group_config(&self, topic: &str, group: &str, config: &GroupConfig) -> Result<()> {
+        self.inner.store_group_config(topic, group, config).await
+    }
+
+    async fn load_group_config(&self, topic: &str, group: &str) -> Result<Option<GroupConfig>> {
+        self.inner.load_group_config(topic, group).await
+    }
+
+    async fn list_groups(&self) -> Result<Vec<(String, String)>> {
+        self.inner.list_groups().await
+    }
+
+    async fn put_quarantine(&self, topic: &str, group: &str, entry: &Quarantine) -> Result<()> {
+        self.inner.put_quarantine(topic, group, entry).await
+    }
+
+    async fn remove_quarantine(&self, topic: &str, group: &str, key: &[u8]) -> Result<Option<Quarantine>> {
+        self.inner.remove_quarantine(topic, group, key).await
+    }
+
+    async fn list_quarantine(&self, topic: &str, group: &str) -> Result<Vec<Quarantine>> {
+        self.inner.list_quarantine(topic, group).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        let _writer = self.writer.lock().await;
+        self.inner.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::LogSettings;
+    use crate::log::embedded::EmbeddedLog;
+    use crate::routing::directory::Directory;
+
+    fn directory(n: usize) -> DirectoryHandle {
+        let mut text = String::new();
+        for i in 0..n {
+            text.push_str(&format!("[[participant]]\nid = \"DE.Justiz.p{i}.1\"\nkind = \"court\"\nname = \"Gericht {i}\"\ncourts = [\"C{i}\"]\n"));
+        }
+        DirectoryHandle::fixed(Directory::parse(&text).expect("directory"))
+    }
+
+    async fn open(dir: &Path, participants: usize) -> Arc<MailboxLog> {
+        let settings = LogSettings { segment_bytes: 64 * 1024, index_interval_bytes: 512, ..LogSettings::default() };
+        let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir, settings).await.expect("open"));
+        Arc::new(MailboxLog::open(inner, directory(participants), 4).await.expect("mailboxes"))
+    }
+
+    fn record(id: &str, case: &str) -> NewRecord {
+        NewRecord { id: id.into(), key: Bytes::copy_from_slice(case.as_bytes()), timestamp_ms: 1000, value: Bytes::from(format!("payload {id}")) }
+    }
+
+    #[tokio::test]
+    async fn non_mailbox_topics_pass_through_the_conformance_suite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().to_path_buf();
+        crate::log::conformance::run_all(move || {
+            let d = d.clone();
+            async move { open(&d, 2).await as Arc<dyn Log> }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn mailboxes_are_dense_ordered_deduplicated_and_survive_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path(), 3).await;
+        let (a, b) = ("mailbox.DE.Justiz.p0.1", "mailbox.DE.Justiz.p1.1");
+        assert_eq!(log.describe_topic(a).await.expect("exists").partitions[0], PartitionOffsets { start: 0, end: 0 });
+        let mut end = log.watch_end(b, 0).expect("watch");
+        let batch = vec![
+            (a.to_string(), record("e1", "case-1")),
+            (b.to_string(), record("e1", "case-1")),
+            (a.to_string(), record("e2", "case-2")),
+            (a.to_string(), record("e1", "case-1")),
+        ];
+        let placed = log.append_many(batch).await.expect("append");
+        let offsets: Vec<(u64, bool)> = placed.iter().map(|p| (p.offset, p.duplicate)).collect();
+        assert_eq!(offsets, vec![(0, false), (0, false), (1, false), (0, true)]);
+        end.changed().await.expect("end moves");
+        assert_eq!(*end.borrow(), 1);
+        // A retry of the same ids (a router restarted mid-batch) stores nothing.
+        let again = log.append(a, vec![record("e2", "case-2"), record("e3", "case-1")]).await.expect("append");
+        assert_eq!(again.iter().map(|p| (p.offset, p.duplicate)).collect::<Vec<_>>(), vec![(1, true), (2, false)]);
+        let read = log.read(a, 0, 0, 100, 1 << 20).await.expect("read");
+        let seen: Vec<(u64, &str, &[u8])> = read.iter().map(|r| (r.offset, r.id.as_str(), &r.key[..])).collect();
+        assert_eq!(seen, vec![(0, "e1", &b"case-1"[..]), (1, "e2", &b"case-2"[..]), (2, "e3", &b"case-1"[..])]);
+        assert_eq!(read[2].value, Bytes::from("payload e3"));
+        assert_eq!(log.read(a, 0, 1, 1, 1 << 20).await.expect("read").len(), 1);
+        assert!(matches!(log.read("mailbox.DE.Justiz.nobody.1", 0, 0, 10, 1 << 20).await, Err(Error::UnknownTopic(_))));
+        assert!(matches!(log.read(a, 1, 0, 10, 1 << 20).await, Err(Error::UnknownPartition { .. })));
+        log.close().await.expect("close");
+        drop(log);
+
+        let log = open(dir.path(), 3).await;
+        assert_eq!(log.offsets(a, 0).await.expect("offsets"), PartitionOffsets { start: 0, end: 3 });
+        assert_eq!(log.offsets(b, 0).await.expect("offsets"), PartitionOffsets { start: 0, end: 1 });
+        let dup = log.append(b, vec![record("e1", "case-1")]).await.expect("append");
+        assert!(dup[0].duplicate, "the rebuilt index still knows stored ids");
+        let read = log.read(a, 0, 0, 100, 1 << 20).await.expect("read");
+        assert_eq!(read.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["e1", "e2", "e3"]);
+        // Dead-letter topics of mailbox groups are virtual topics too.
+        let dlq = "mailbox.DE.Justiz.p0.1.outbound.dlq";
+        log.create_topic(dlq, TopicConfig { partitions: 1, retention_ms: 0, retention_bytes: 0 }).await.expect("dlq");
+        log.append(dlq, vec![record("e1", "case-1")]).await.expect("append");
+        assert_eq!(log.read(dlq, 0, 0, 10, 1 << 20).await.expect("read").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn reading_a_mailbox_reads_only_its_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path(), 1000).await;
+        // 999 busy mailboxes share the store with one quiet one.
+        let mut batch = Vec::new();
+        for round in 0..5 {
+            for p in 1..1000 {
+                batch.push((format!("mailbox.DE.Justiz.p{p}.1"), record(&format!("e{round}"), "case")));
+            }
+            log.append_many(std::mem::take(&mut batch)).await.expect("append");
+            log.append("mailbox.DE.Justiz.p0.1", vec![record(&format!("q{round}"), "case")]).await.expect("append");
+        }
+        let quiet = log.read("mailbox.DE.Justiz.p0.1", 0, 0, 100, 1 << 20).await.expect("read");
+        assert_eq!(quiet.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["q0", "q1", "q2", "q3", "q4"]);
+        assert_eq!(log.describe_topic("mailbox.DE.Justiz.p999.1").await.expect("exists").partitions[0].end, 5);
+    }
+}

@@ -1,0 +1,268 @@
+//! The router: consumes the ingest topic as the consumer group `justizbus.router` and appends
+//! one delivery per recipient to that recipient's mailbox, keyed by the case (DESIGN.md 5).
+//!
+//! - Recipients are the event's header addresses (`recipients`, routing keys such as
+//!   `court:A1001S`) mapped through the directory, plus the directory's copy rules.
+//! - Deliveries keep the event id, so the outbound side removes duplicates by event id; their
+//!   record ids are `<event id>><participant>`, which the mailbox store deduplicates, so a
+//!   router that crashes after appending and before acknowledging appends nothing twice.
+//! - The router acknowledges an ingest event only after its mailbox appends are durable, and
+//!   the group's committed position is the lowest unacknowledged offset: a crash redelivers to
+//!   the router, never skips.
+//! - An address no participant answers to: the event goes to the unroutable topic
+//!   (`<ingest>.unroutable`) and the sender's mailbox receives a `justizbus.routing.error`
+//!   event naming the address (the bus's counterpart of XJustiz 0005007). Recipients that do
+//!   resolve still get their delivery.
+//! - Per-case order: the group hands the router event n+1 of a case only after n is
+//!   acknowledged, and appends of one batch keep their order in each mailbox.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use justizbus_proto::v1 as pb;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use super::directory::{mailbox_topic, DirectoryHandle};
+use super::mailbox::MailboxLog;
+use crate::delivery::{Delivered, Delivery, GroupOverrides, Outgoing, StartPosition, SubscribeParams};
+use crate::event::{now_ms, now_timestamp, Event, SPEC_VERSION};
+use crate::log::{Log, NewRecord, TopicConfig};
+use crate::{Error, Result};
+
+/// The router's consumer group on the ingest topic.
+pub const ROUTER_GROUP: &str = "justizbus.router";
+/// Event type of a routing error sent to the sender.
+pub const ROUTING_ERROR_TYPE: &str = "justizbus.routing.error";
+/// Event type of a receipt sent to the sender.
+pub const RECEIPT_TYPE: &str = "justizbus.receipt";
+/// Header naming the mailbox owner a delivery was made for.
+pub const RECIPIENT_HEADER: &str = "justizbus.recipient";
+
+/// Router settings (`[routing]` in the server config).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingSettings {
+    /// Participants directory (TOML); routing is off when absent.
+    pub directory: Option<std::path::PathBuf>,
+    /// Topic the inbound adapters publish to.
+    pub ingest_topic: String,
+    /// Partitions of the ingest topic when the router creates it.
+    pub ingest_partitions: u32,
+    /// Partitions of the mailbox store (fixed once created).
+    pub mailbox_partitions: u32,
+    /// Most ingest events routed in one batch (one durable mailbox write).
+    pub batch: u32,
+    /// How often the directory file is checked for changes.
+    pub reload_ms: u64,
+}
+
+impl Default for RoutingSettings {
+    fn default() -> Self {
+        RoutingSettings {
+            directory: None,
+            ingest_topic: "xjustiz.ingest".into(),
+            ingest_partitions: 4,
+            mailbox_partitions: 8,
+            batch: 1000,
+            reload_ms: 1000,
+        }
+    }
+}
+
+/// Name of the topic unroutable events go to.
+pub fn unroutable_topic(ingest: &str) -> String {
+    format!("{ingest}.unroutable")
+}
+
+/// What a routing error event carries (its `data`, JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingError {
+    /// The event that could not be delivered (to all its recipients).
+    pub event_id: String,
+    /// Addresses no participant answers to.
+    pub unresolved: Vec<String>,
+    /// Participants that did receive it.
+    pub delivered_to: Vec<String>,
+}
+
+/// What a receipt event carries (its `data`, JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The delivered event.
+    pub event_id: String,
+    /// The participant that acknowledged it.
+    pub recipient: String,
+    /// When it was acknowledged (RFC 3339).
+    pub acknowledged_at: String,
+    /// The mailbox and its offset the delivery had.
+    pub mailbox: String,
+    /// Offset in the mailbox.
+    pub offset: u64,
+}
+
+/// A bus-made event (receipt, routing error) for a participant's mailbox.
+fn notice(id: String, kind: &str, subject: &str, sender: &str, recipient: &str, data: &impl Serialize) -> NewRecord {
+    let wire = pb::Event {
+        id: id.clone(),
+        source: "justizbus".into(),
+        r#type: kind.into(),
+        subject: subject.into(),
+        time: Some(now_timestamp()),
+        sender: sender.into(),
+        recipients: vec![recipient.into()],
+        data: serde_json::to_vec(data).unwrap_or_default(),
+        data_content_type: "application/json".into(),
+        spec_version: SPEC_VERSION.into(),
+        ..Default::default()
+    };
+    NewRecord { id, key: Bytes::copy_from_slice(subject.as_bytes()), timestamp_ms: now_ms(), value: Bytes::from(wire.encode_to_vec()) }
+}
+
+/// The receipt record for an acknowledged mailbox delivery: `None` when the delivery is not
+/// an event with a sender to notify (notices themselves get no receipts).
+pub fn receipt_for(mailbox: &str, offset: u64, event: &pb::Event) -> Option<(String, NewRecord)> {
+    let recipient = event.headers.get(RECIPIENT_HEADER)?;
+    if event.sender.is_empty() || event.source == "justizbus" {
+        return None;
+    }
+    let receipt = Receipt {
+        event_id: event.id.clone(),
+        recipient: recipient.clone(),
+        acknowledged_at: crate::event::rfc3339(&now_timestamp()),
+        mailbox: mailbox.to_string(),
+        offset,
+    };
+    let id = format!("receipt.{}.{recipient}", event.id);
+    Some((mailbox_topic(&event.sender), notice(id, RECEIPT_TYPE, &event.subject, recipient, &event.sender, &receipt)))
+}
+
+/// The router task.
+pub struct Router {
+    /// Where subscriptions come from.
+    pub delivery: Arc<Delivery>,
+    /// The mailboxes (and, through them, the rest of the log).
+    pub mailboxes: Arc<MailboxLog>,
+    /// The directory in force.
+    pub directory: DirectoryHandle,
+    /// Settings.
+    pub settings: RoutingSettings,
+}
+
+impl Router {
+    /// Creates the ingest and unroutable topics when missing.
+    pub async fn prepare(&self) -> Result<()> {
+        let s = &self.settings;
+        for (topic, partitions) in [(s.ingest_topic.clone(), s.ingest_partitions), (unroutable_topic(&s.ingest_topic), s.ingest_partitions)] {
+            match self.mailboxes.create_topic(&topic, TopicConfig { partitions, retention_ms: 0, retention_bytes: 0 }).await {
+                Ok(_) | Err(Error::TopicExists { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Routes until the subscription ends (server shutdown).
+    pub async fn run(self) -> Result<()> {
+        self.prepare().await?;
+        let mut sub = self
+            .delivery
+            .subscribe(SubscribeParams {
+                topic: self.settings.ingest_topic.clone(),
+                group: ROUTER_GROUP.into(),
+                max_unacked: self.settings.batch.max(1),
+                overrides: GroupOverrides::default(),
+                start: StartPosition::Earliest,
+            })
+            .await?;
+        tracing::info!(topic = %self.settings.ingest_topic, "router running");
+        let mut batch: Vec<Delivered> = Vec::new();
+        while let Some(first) = sub.receiver.recv().await {
+            push(&mut batch, first);
+            while batch.len() < self.settings.batch as usize {
+                match sub.receiver.try_recv() {
+                    Ok(next) => push(&mut batch, next),
+                    Err(_) => break,
+                }
+            }
+            let ids: Vec<u64> = batch.iter().map(|d| d.delivery_id).collect();
+            match self.route(&batch).await {
+                Ok(()) => sub.control.ack(ids).await?,
+                Err(e) => {
+                    tracing::error!(error = %e, events = ids.len(), "routing failed; the events will be redelivered");
+                    sub.control.nack(ids).await?;
+                }
+            }
+            batch.clear();
+        }
+        tracing::info!("router stopped");
+        Ok(())
+    }
+
+    /// Makes the deliveries, routing errors and unroutable copies of a batch durable.
+    async fn route(&self, batch: &[Delivered]) -> Result<()> {
+        let directory = self.directory.get();
+        let mut deliveries: Vec<(String, NewRecord)> = Vec::new();
+        let mut unroutable: Vec<NewRecord> = Vec::new();
+        for d in batch {
+            let record = &d.record;
+            let event = match Event::decode(&record.value) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(id = %record.id, error = %e, "undecodable event sent to the unroutable topic");
+                    unroutable.push(NewRecord { id: record.id.clone(), key: record.key.clone(), timestamp_ms: now_ms(), value: record.value.clone() });
+                    continue;
+                }
+            };
+            let resolution = directory.route(&event.r#type, &event.sender, &event.recipients, &event.subject);
+            let sender = resolution.sender.clone().unwrap_or_default();
+            for recipient in &resolution.recipients {
+                let mut copy = event.clone();
+                copy.sender = sender.clone();
+                copy.recipients = resolution.recipients.clone();
+                copy.headers.insert(RECIPIENT_HEADER.into(), recipient.clone());
+                copy.headers.insert("justizbus.sender_address".into(), event.sender.clone());
+                copy.headers.insert("justizbus.ingest".into(), format!("{}/{}/{}", self.settings.ingest_topic, record.partition, record.offset));
+                deliveries.push((
+                    mailbox_topic(recipient),
+                    NewRecord {
+                        id: format!("{}>{recipient}", event.id),
+                        key: record.key.clone(),
+                        timestamp_ms: now_ms(),
+                        value: Bytes::from(copy.encode_to_vec()),
+                    },
+                ));
+            }
+            if resolution.recipients.is_empty() || !resolution.unresolved.is_empty() {
+                let unresolved =
+                    if resolution.unresolved.is_empty() { vec!["(the message names no recipient)".to_string()] } else { resolution.unresolved.clone() };
+                tracing::warn!(id = %event.id, ?unresolved, sender = %event.sender, "unroutable address");
+                if resolution.recipients.is_empty() {
+                    unroutable.push(NewRecord { id: record.id.clone(), key: record.key.clone(), timestamp_ms: now_ms(), value: record.value.clone() });
+                }
+                match &resolution.sender {
+                    Some(sender) => {
+                        let error = RoutingError { event_id: event.id.clone(), unresolved, delivered_to: resolution.recipients.clone() };
+                        let id = format!("routing-error.{}", event.id);
+                        deliveries.push((mailbox_topic(sender), notice(id, ROUTING_ERROR_TYPE, &event.subject, "justizbus", sender, &error)));
+                    }
+                    None => tracing::warn!(id = %event.id, sender = %event.sender, "the sender is not in the directory either; nobody to notify"),
+                }
+            }
+        }
+        if !unroutable.is_empty() {
+            self.mailboxes.append(&unroutable_topic(&self.settings.ingest_topic), unroutable).await?;
+        }
+        if !deliveries.is_empty() {
+            self.mailboxes.append_many(deliveries).await?;
+        }
+        Ok(())
+    }
+}
+
+fn push(batch: &mut Vec<Delivered>, out: Outgoing) {
+    match out {
+        Outgoing::Delivery(d) => batch.push(d),
+        Outgoing::AckError { delivery_id, error } => tracing::warn!(delivery_id, error = %error, "router ack refused"),
+    }
+}

@@ -1,0 +1,188 @@
+//! Routing end to end: inbound adapter -> bus -> router -> outbound adapters, with the valid
+//! real samples of `../shared/xjustiz` and the example directory of the project; receipts back
+//! to the senders; unroutable addresses answered with a routing error.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use justizbus::routing::directory::Directory;
+use justizbus_e2e::{copy_dir, drop_item, files_below, shared_xjustiz, spawn, wait_exit, xjustiz_samples, Subscriber, TestServer, ARRIVES};
+use justizbus_proto::v1 as pb;
+
+fn example_directory() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/directory.toml")
+}
+
+/// Every event of a topic, with its original bytes (gRPC replay).
+async fn replay(server: &TestServer, topic: &str) -> Vec<pb::Event> {
+    let mut client = pb::replayer_client::ReplayerClient::new(server.channel().await);
+    let mut stream = client.replay(pb::ReplayRequest { topic: topic.into(), ..Default::default() }).await.expect("replay").into_inner();
+    let mut out = Vec::new();
+    while let Some(r) = stream.message().await.expect("replay stream") {
+        out.push(r.event.expect("event"));
+    }
+    out
+}
+
+/// Reads `<inbox>/<folder>/justizbus-event.json` of every delivered folder.
+fn inbox_events(inbox: &Path) -> BTreeMap<String, (serde_json::Value, BTreeMap<String, Vec<u8>>)> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(inbox).expect("inbox").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let mut files = files_below(&entry.path());
+        let envelope = files.remove("justizbus-event.json").expect("envelope");
+        out.insert(name, (serde_json::from_slice(&envelope).expect("json"), files));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_reach_exactly_their_recipients_and_senders_get_receipts() {
+    let directory = Directory::load(&example_directory()).expect("example directory");
+    let server = TestServer::start(&["--directory", &example_directory().display().to_string()]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let watch = work.path().join("drop");
+    std::fs::create_dir_all(&watch).expect("mkdir");
+    for (i, (path, valid)) in xjustiz_samples().iter().enumerate() {
+        if *valid && !path.components().any(|c| c.as_os_str() == "EGVP-Enterprise-Receiver") {
+            let name = format!("{i:02}-{}", path.file_name().expect("name").to_string_lossy());
+            drop_item(&watch, &name, |tmp| {
+                std::fs::copy(path, tmp).expect("copy");
+            });
+        }
+    }
+    let egvp = shared_xjustiz().join("samples/EGVP-Enterprise-Receiver");
+    for name in ["Testnachricht_1", "Testnachricht_xjustiz321", "TestnachrichtEeb_1"] {
+        drop_item(&watch, name, |tmp| copy_dir(&egvp.join(name), tmp));
+    }
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut inbound = spawn(&args(&["adapter", "inbound", "--server", &server.url(), "--watch", &watch.display().to_string(), "--poll-ms", "50", "--once"]));
+    assert!(wait_exit(&mut inbound, Duration::from_secs(60)).success());
+
+    // What the headers say, resolved through the directory: deliveries and receipts per participant.
+    let ingested = replay(&server, "xjustiz.ingest").await;
+    assert!(ingested.len() >= 30, "{} events ingested", ingested.len());
+    let mut deliveries: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut receipts: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut originals: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for e in &ingested {
+        let route = directory.route(&e.r#type, &e.sender, &e.recipients, &e.subject);
+        assert!(route.unresolved.is_empty() && !route.recipients.is_empty(), "{}: {:?} not in the example directory", e.id, e.recipients);
+        let sender = route.sender.clone().unwrap_or_else(|| panic!("{}: sender {} not in the example directory", e.id, e.sender));
+        for r in &route.recipients {
+            deliveries.entry(r.clone()).or_default().insert(e.id.clone());
+            receipts.entry(sender.clone()).or_default().insert(format!("receipt.{}.{r}", e.id));
+        }
+        originals.insert(e.id.clone(), e.original.clone());
+    }
+
+    // One outbound adapter per participant that gets anything, each stopping after its share.
+    let participants: BTreeSet<&String> = deliveries.keys().chain(receipts.keys()).collect();
+    let mut adapters = Vec::new();
+    for p in &participants {
+        let expected = deliveries.get(*p).map_or(0, BTreeSet::len) + receipts.get(*p).map_or(0, BTreeSet::len);
+        let inbox = work.path().join("inbox").join(p.as_str());
+        let child = spawn(&args(&[
+            "adapter",
+            "outbound",
+            "--server",
+            &server.url(),
+            "--participant",
+            p,
+            "--group",
+            "inbox",
+            "--out",
+            &inbox.display().to_string(),
+            "--max",
+            &expected.to_string(),
+        ]));
+        adapters.push((p.to_string(), inbox, child));
+    }
+    for (p, _, child) in &mut adapters {
+        assert!(wait_exit(child, Duration::from_secs(120)).success(), "outbound adapter of {p} failed");
+    }
+
+    for (p, inbox, _) in &adapters {
+        let got = inbox_events(inbox);
+        let want_deliveries = deliveries.get(p).cloned().unwrap_or_default();
+        let want_receipts = receipts.get(p).cloned().unwrap_or_default();
+        let want: BTreeSet<String> = want_deliveries.iter().chain(want_receipts.iter()).cloned().collect();
+        assert_eq!(got.keys().cloned().collect::<BTreeSet<_>>(), want, "inbox of {p}");
+        for id in &want_deliveries {
+            let (envelope, files) = &got[id];
+            assert_eq!(envelope["recipients"].as_array().map(|r| r.iter().any(|x| x == p.as_str())), Some(true), "{id}");
+            let original = &originals[id];
+            assert!(files.values().any(|content| content == original), "{p}/{id}: the original XML is not there byte for byte");
+        }
+        for id in &want_receipts {
+            let (envelope, _) = &got[id];
+            assert_eq!(envelope["type"], "justizbus.receipt", "{id}");
+            let data = &envelope["data"];
+            assert!(id.ends_with(data["recipient"].as_str().expect("recipient")), "{id}: {data}");
+            assert!(data["acknowledged_at"].is_string() && data["offset"].is_u64(), "{data}");
+        }
+    }
+    // EGVP folders arrive whole: every file of the folder, byte for byte, in each recipient's inbox.
+    for name in ["Testnachricht_1", "Testnachricht_xjustiz321", "TestnachrichtEeb_1"] {
+        let original = files_below(&egvp.join(name));
+        let message = &original["attachments/xjustiz_nachricht.xml"];
+        let id = originals.iter().find(|(_, o)| *o == message).map(|(id, _)| id.clone()).expect("ingested");
+        for (p, inbox, _) in adapters.iter().filter(|(p, _, _)| deliveries.get(p).is_some_and(|d| d.contains(&id))) {
+            let copy = files_below(&inbox.join(&id));
+            for (rel, bytes) in &original {
+                assert_eq!(copy.get(rel), Some(bytes), "{p}: {name}/{rel} differs");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_addresses_go_to_the_dead_letter_topic_and_the_sender_hears_of_it() {
+    let directory = Directory::load(&example_directory()).expect("example directory");
+    let server = TestServer::start(&["--directory", &example_directory().display().to_string()]);
+    let channel = server.channel().await;
+    let sender = directory.resolve("court:F1106").expect("in the example").id.clone();
+    let court = directory.resolve("court:T6076").expect("in the example").id.clone();
+    let event = |id: &str, recipients: &[&str]| pb::Event {
+        id: id.into(),
+        r#type: "nachricht.gds.basisnachricht.0005006".into(),
+        subject: "court:F1106|1 C 1/26".into(),
+        sender: "court:F1106".into(),
+        recipients: recipients.iter().map(|r| r.to_string()).collect(),
+        data: b"{}".to_vec(),
+        data_content_type: "application/json".into(),
+        ..Default::default()
+    };
+    justizbus_e2e::publish(&channel, "xjustiz.ingest", event("nobody-home", &["court:Z9999"])).await.expect("publish");
+    justizbus_e2e::publish(&channel, "xjustiz.ingest", event("half-known", &["court:T6076", "other:Unbekannte Kanzlei"])).await.expect("publish");
+
+    let mut inbox = Subscriber::simple(&channel, &format!("mailbox.{sender}"), "app", 10).await;
+    let mut seen = BTreeMap::new();
+    // Both events are of one case: the second error comes once the first is acknowledged.
+    for _ in 0..2 {
+        let d = inbox.next(ARRIVES).await.expect("a routing error");
+        inbox.ack(&[d.delivery_id]).await;
+        let e = d.event.as_ref().expect("event");
+        assert_eq!(e.r#type, "justizbus.routing.error");
+        let data: serde_json::Value = serde_json::from_slice(&e.data).expect("json");
+        seen.insert(data["event_id"].as_str().expect("id").to_string(), data);
+    }
+    assert_eq!(seen["nobody-home"]["unresolved"], serde_json::json!(["court:Z9999"]));
+    assert_eq!(seen["half-known"]["unresolved"], serde_json::json!(["other:Unbekannte Kanzlei"]));
+    assert_eq!(seen["half-known"]["delivered_to"], serde_json::json!([court.clone()]));
+
+    // The resolvable recipient got its copy; only the wholly unroutable event is dead-lettered.
+    let mut court_inbox = Subscriber::simple(&channel, &format!("mailbox.{court}"), "app", 10).await;
+    let got = court_inbox.take(1, ARRIVES).await;
+    assert_eq!(got[0].event.as_ref().map(|e| e.id.as_str()), Some("half-known"));
+    let dead = replay(&server, "xjustiz.ingest.unroutable").await;
+    assert_eq!(dead.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), vec!["nobody-home"]);
+
+    // Nobody may publish into a mailbox directly.
+    let direct = justizbus_e2e::publish(&channel, &format!("mailbox.{court}"), event("forged", &[])).await;
+    assert_eq!(direct.expect_err("refused").code(), tonic::Code::InvalidArgument);
+}
