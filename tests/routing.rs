@@ -40,10 +40,18 @@ fn inbox_events(inbox: &Path) -> BTreeMap<String, (serde_json::Value, BTreeMap<S
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn samples_reach_exactly_their_recipients_and_senders_get_receipts() {
+/// A pause of 150-900 ms, different each time.
+fn random_pause() -> Duration {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    Duration::from_millis(150 + u64::from(nanos % 750))
+}
+
+/// Drops every valid sample (files and EGVP folders) into an inbound adapter, runs outbound
+/// adapters for every participant of the example directory, kills the bus `kills` times with
+/// `kill -9` meanwhile, and checks what each inbox holds.
+async fn route_samples(kills: usize) {
     let directory = Directory::load(&example_directory()).expect("example directory");
-    let server = TestServer::start(&["--directory", &example_directory().display().to_string()]);
+    let mut server = TestServer::start(&["--directory", &example_directory().display().to_string()]);
     let work = tempfile::tempdir().expect("tempdir");
     let watch = work.path().join("drop");
     std::fs::create_dir_all(&watch).expect("mkdir");
@@ -56,12 +64,25 @@ async fn samples_reach_exactly_their_recipients_and_senders_get_receipts() {
         }
     }
     let egvp = shared_xjustiz().join("samples/EGVP-Enterprise-Receiver");
-    for name in ["Testnachricht_1", "Testnachricht_xjustiz321", "TestnachrichtEeb_1"] {
+    for name in EGVP_FOLDERS {
         drop_item(&watch, name, |tmp| copy_dir(&egvp.join(name), tmp));
     }
     let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // Outbound adapters first, for every participant; they run until the test ends.
+    let mut adapters = Vec::new();
+    for p in directory.participants() {
+        let inbox = work.path().join("inbox").join(&p.id);
+        let out = inbox.display().to_string();
+        let child = spawn(&args(&["adapter", "outbound", "--server", &server.url(), "--participant", &p.id, "--group", "inbox", "--out", &out]));
+        adapters.push((p.id.clone(), inbox, Killed(child)));
+    }
     let mut inbound = spawn(&args(&["adapter", "inbound", "--server", &server.url(), "--watch", &watch.display().to_string(), "--poll-ms", "50", "--once"]));
-    assert!(wait_exit(&mut inbound, Duration::from_secs(60)).success());
+    for _ in 0..kills {
+        std::thread::sleep(random_pause());
+        server.process.kill9();
+        server.process.restart().expect("restart after kill -9");
+    }
+    assert!(wait_exit(&mut inbound, Duration::from_secs(120)).success());
 
     // What the headers say, resolved through the directory: deliveries and receipts per participant.
     let ingested = replay(&server, "xjustiz.ingest").await;
@@ -77,48 +98,33 @@ async fn samples_reach_exactly_their_recipients_and_senders_get_receipts() {
             deliveries.entry(r.clone()).or_default().insert(e.id.clone());
             receipts.entry(sender.clone()).or_default().insert(format!("receipt.{}.{r}", e.id));
         }
-        originals.insert(e.id.clone(), e.original.clone());
+        assert!(originals.insert(e.id.clone(), e.original.clone()).is_none(), "{} ingested twice", e.id);
     }
-
-    // One outbound adapter per participant that gets anything, each stopping after its share.
-    let participants: BTreeSet<&String> = deliveries.keys().chain(receipts.keys()).collect();
-    let mut adapters = Vec::new();
-    for p in &participants {
-        let expected = deliveries.get(*p).map_or(0, BTreeSet::len) + receipts.get(*p).map_or(0, BTreeSet::len);
-        let inbox = work.path().join("inbox").join(p.as_str());
-        let child = spawn(&args(&[
-            "adapter",
-            "outbound",
-            "--server",
-            &server.url(),
-            "--participant",
-            p,
-            "--group",
-            "inbox",
-            "--out",
-            &inbox.display().to_string(),
-            "--max",
-            &expected.to_string(),
-        ]));
-        adapters.push((p.to_string(), inbox, child));
-    }
-    for (p, _, child) in &mut adapters {
-        assert!(wait_exit(child, Duration::from_secs(120)).success(), "outbound adapter of {p} failed");
+    let expected = |p: &str| -> BTreeSet<String> {
+        deliveries.get(p).into_iter().chain(receipts.get(p)).flatten().cloned().collect()
+    };
+    // Wait until every inbox holds its share (the adapters reconnect after each kill).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    for (p, inbox, _) in &adapters {
+        loop {
+            let got: BTreeSet<String> = if inbox.exists() { inbox_events(inbox).into_keys().collect() } else { BTreeSet::new() };
+            if got == expected(p) {
+                break;
+            }
+            assert!(got.is_subset(&expected(p)), "inbox of {p} holds what was not sent to it: {:?}", got.difference(&expected(p)));
+            assert!(std::time::Instant::now() < deadline, "inbox of {p} incomplete: missing {:?}", expected(p).difference(&got));
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     for (p, inbox, _) in &adapters {
         let got = inbox_events(inbox);
-        let want_deliveries = deliveries.get(p).cloned().unwrap_or_default();
-        let want_receipts = receipts.get(p).cloned().unwrap_or_default();
-        let want: BTreeSet<String> = want_deliveries.iter().chain(want_receipts.iter()).cloned().collect();
-        assert_eq!(got.keys().cloned().collect::<BTreeSet<_>>(), want, "inbox of {p}");
-        for id in &want_deliveries {
+        for id in deliveries.get(p).into_iter().flatten() {
             let (envelope, files) = &got[id];
             assert_eq!(envelope["recipients"].as_array().map(|r| r.iter().any(|x| x == p.as_str())), Some(true), "{id}");
-            let original = &originals[id];
-            assert!(files.values().any(|content| content == original), "{p}/{id}: the original XML is not there byte for byte");
+            assert!(files.values().any(|content| *content == originals[id]), "{p}/{id}: the original XML is not there byte for byte");
         }
-        for id in &want_receipts {
+        for id in receipts.get(p).into_iter().flatten() {
             let (envelope, _) = &got[id];
             assert_eq!(envelope["type"], "justizbus.receipt", "{id}");
             let data = &envelope["data"];
@@ -127,7 +133,7 @@ async fn samples_reach_exactly_their_recipients_and_senders_get_receipts() {
         }
     }
     // EGVP folders arrive whole: every file of the folder, byte for byte, in each recipient's inbox.
-    for name in ["Testnachricht_1", "Testnachricht_xjustiz321", "TestnachrichtEeb_1"] {
+    for name in EGVP_FOLDERS {
         let original = files_below(&egvp.join(name));
         let message = &original["attachments/xjustiz_nachricht.xml"];
         let id = originals.iter().find(|(_, o)| *o == message).map(|(id, _)| id.clone()).expect("ingested");
@@ -138,6 +144,28 @@ async fn samples_reach_exactly_their_recipients_and_senders_get_receipts() {
             }
         }
     }
+}
+
+const EGVP_FOLDERS: [&str; 3] = ["Testnachricht_1", "Testnachricht_xjustiz321", "TestnachrichtEeb_1"];
+
+/// A child process killed when the test ends (also when it fails).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_reach_exactly_their_recipients_and_senders_get_receipts() {
+    route_samples(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_bus_while_routing_loses_no_delivery_and_no_receipt() {
+    route_samples(3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
