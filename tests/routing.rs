@@ -73,10 +73,21 @@ async fn route_samples(kills: usize) {
     for p in directory.participants() {
         let inbox = work.path().join("inbox").join(&p.id);
         let out = inbox.display().to_string();
-        let child = spawn(&args(&["adapter", "outbound", "--server", &server.url(), "--participant", &p.id, "--group", "inbox", "--out", &out]));
+        let child =
+            spawn(&args(&["adapter", "outbound", "--server", &server.url(), "--participant", &p.id, "--group", "inbox", "--out", &out]));
         adapters.push((p.id.clone(), inbox, Killed(child)));
     }
-    let mut inbound = spawn(&args(&["adapter", "inbound", "--server", &server.url(), "--watch", &watch.display().to_string(), "--poll-ms", "50", "--once"]));
+    let mut inbound = spawn(&args(&[
+        "adapter",
+        "inbound",
+        "--server",
+        &server.url(),
+        "--watch",
+        &watch.display().to_string(),
+        "--poll-ms",
+        "50",
+        "--once",
+    ]));
     for _ in 0..kills {
         std::thread::sleep(random_pause());
         server.process.kill9();
@@ -100,9 +111,7 @@ async fn route_samples(kills: usize) {
         }
         assert!(originals.insert(e.id.clone(), e.original.clone()).is_none(), "{} ingested twice", e.id);
     }
-    let expected = |p: &str| -> BTreeSet<String> {
-        deliveries.get(p).into_iter().chain(receipts.get(p)).flatten().cloned().collect()
-    };
+    let expected = |p: &str| -> BTreeSet<String> { deliveries.get(p).into_iter().chain(receipts.get(p)).flatten().cloned().collect() };
     // Wait until every inbox holds its share (the adapters reconnect after each kill).
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     for (p, inbox, _) in &adapters {
@@ -186,7 +195,9 @@ async fn unroutable_addresses_go_to_the_dead_letter_topic_and_the_sender_hears_o
         ..Default::default()
     };
     justizbus_e2e::publish(&channel, "xjustiz.ingest", event("nobody-home", &["court:Z9999"])).await.expect("publish");
-    justizbus_e2e::publish(&channel, "xjustiz.ingest", event("half-known", &["court:T6076", "other:Unbekannte Kanzlei"])).await.expect("publish");
+    justizbus_e2e::publish(&channel, "xjustiz.ingest", event("half-known", &["court:T6076", "other:Unbekannte Kanzlei"]))
+        .await
+        .expect("publish");
 
     let mut inbox = Subscriber::simple(&channel, &format!("mailbox.{sender}"), "app", 10).await;
     let mut seen = BTreeMap::new();

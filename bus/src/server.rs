@@ -13,10 +13,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::ServerConfig;
 use crate::delivery::Delivery;
+use crate::grpc::{admin::AdminService, publish::PublisherService, replay::ReplayerService, subscribe::SubscriberService, Bus};
 use crate::routing::directory::DirectoryHandle;
 use crate::routing::mailbox::MailboxLog;
 use crate::routing::router::Router;
-use crate::grpc::{admin::AdminService, publish::PublisherService, replay::ReplayerService, subscribe::SubscriberService, Bus};
 use crate::{log, Error, Result};
 
 /// How long a shutdown waits for clients to close their connections.

@@ -285,4 +285,3 @@ pub fn files_below(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     }
     out
 }
-

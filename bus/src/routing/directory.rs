@@ -126,7 +126,7 @@ impl Rule {
         let sender_ok = self.sender.as_deref().is_none_or(|s| sender == Some(s));
         let court_ok = self.court.as_deref().is_none_or(|c| {
             let key = format!("court:{c}");
-            addresses.iter().any(|a| *a == key) || subject.split('|').next() == Some(key.as_str())
+            addresses.contains(&key) || subject.split('|').next() == Some(key.as_str())
         });
         type_ok && sender_ok && court_ok
     }
@@ -292,7 +292,9 @@ impl DirectoryHandle {
                         tracing::info!(path = %path.display(), participants = d.participants().len(), "participants directory reloaded");
                         *current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(d);
                     }
-                    Err(e) => tracing::error!(path = %path.display(), error = %e, "participants directory not reloaded; keeping the previous one"),
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "participants directory not reloaded; keeping the previous one")
+                    }
                 }
             }
         });
@@ -371,7 +373,8 @@ copy_to = ["DE.Justiz.sta.1"]
     fn refuses_inconsistent_directories() {
         let twice = format!("{EXAMPLE}\n[[participant]]\nid = \"DE.Justiz.firm.1\"\nkind = \"notary\"\nname = \"x\"\n");
         assert!(Directory::parse(&twice).expect_err("duplicate id").to_string().contains("twice"));
-        let claimed = format!("{EXAMPLE}\n[[participant]]\nid = \"DE.Justiz.b.1\"\nkind = \"court\"\nname = \"x\"\ncourts = [\"A1001S\"]\n");
+        let claimed =
+            format!("{EXAMPLE}\n[[participant]]\nid = \"DE.Justiz.b.1\"\nkind = \"court\"\nname = \"x\"\ncourts = [\"A1001S\"]\n");
         assert!(Directory::parse(&claimed).expect_err("address twice").to_string().contains("claimed"));
         let rule = "[[rule]]\ncopy_to = [\"nobody\"]\n";
         assert!(Directory::parse(rule).expect_err("unknown").to_string().contains("unknown participant"));

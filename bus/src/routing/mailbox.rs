@@ -424,7 +424,9 @@ mod tests {
     fn directory(n: usize) -> DirectoryHandle {
         let mut text = String::new();
         for i in 0..n {
-            text.push_str(&format!("[[participant]]\nid = \"DE.Justiz.p{i}.1\"\nkind = \"court\"\nname = \"Gericht {i}\"\ncourts = [\"C{i}\"]\n"));
+            text.push_str(&format!(
+                "[[participant]]\nid = \"DE.Justiz.p{i}.1\"\nkind = \"court\"\nname = \"Gericht {i}\"\ncourts = [\"C{i}\"]\n"
+            ));
         }
         DirectoryHandle::fixed(Directory::parse(&text).expect("directory"))
     }
@@ -436,7 +438,12 @@ mod tests {
     }
 
     fn record(id: &str, case: &str) -> NewRecord {
-        NewRecord { id: id.into(), key: Bytes::copy_from_slice(case.as_bytes()), timestamp_ms: 1000, value: Bytes::from(format!("payload {id}")) }
+        NewRecord {
+            id: id.into(),
+            key: Bytes::copy_from_slice(case.as_bytes()),
+            timestamp_ms: 1000,
+            value: Bytes::from(format!("payload {id}")),
+        }
     }
 
     #[tokio::test]

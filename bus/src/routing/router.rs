@@ -153,7 +153,8 @@ impl Router {
     /// Creates the ingest and unroutable topics when missing.
     pub async fn prepare(&self) -> Result<()> {
         let s = &self.settings;
-        for (topic, partitions) in [(s.ingest_topic.clone(), s.ingest_partitions), (unroutable_topic(&s.ingest_topic), s.ingest_partitions)] {
+        for (topic, partitions) in [(s.ingest_topic.clone(), s.ingest_partitions), (unroutable_topic(&s.ingest_topic), s.ingest_partitions)]
+        {
             match self.mailboxes.create_topic(&topic, TopicConfig { partitions, retention_ms: 0, retention_bytes: 0 }).await {
                 Ok(_) | Err(Error::TopicExists { .. }) => {}
                 Err(e) => return Err(e),
@@ -210,7 +211,12 @@ impl Router {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(id = %record.id, error = %e, "undecodable event sent to the unroutable topic");
-                    unroutable.push(NewRecord { id: record.id.clone(), key: record.key.clone(), timestamp_ms: now_ms(), value: record.value.clone() });
+                    unroutable.push(NewRecord {
+                        id: record.id.clone(),
+                        key: record.key.clone(),
+                        timestamp_ms: now_ms(),
+                        value: record.value.clone(),
+                    });
                     continue;
                 }
             };
@@ -222,7 +228,8 @@ impl Router {
                 copy.recipients = resolution.recipients.clone();
                 copy.headers.insert(RECIPIENT_HEADER.into(), recipient.clone());
                 copy.headers.insert("justizbus.sender_address".into(), event.sender.clone());
-                copy.headers.insert("justizbus.ingest".into(), format!("{}/{}/{}", self.settings.ingest_topic, record.partition, record.offset));
+                copy.headers
+                    .insert("justizbus.ingest".into(), format!("{}/{}/{}", self.settings.ingest_topic, record.partition, record.offset));
                 deliveries.push((
                     mailbox_topic(recipient),
                     NewRecord {
@@ -234,19 +241,30 @@ impl Router {
                 ));
             }
             if resolution.recipients.is_empty() || !resolution.unresolved.is_empty() {
-                let unresolved =
-                    if resolution.unresolved.is_empty() { vec!["(the message names no recipient)".to_string()] } else { resolution.unresolved.clone() };
+                let unresolved = if resolution.unresolved.is_empty() {
+                    vec!["(the message names no recipient)".to_string()]
+                } else {
+                    resolution.unresolved.clone()
+                };
                 tracing::warn!(id = %event.id, ?unresolved, sender = %event.sender, "unroutable address");
                 if resolution.recipients.is_empty() {
-                    unroutable.push(NewRecord { id: record.id.clone(), key: record.key.clone(), timestamp_ms: now_ms(), value: record.value.clone() });
+                    unroutable.push(NewRecord {
+                        id: record.id.clone(),
+                        key: record.key.clone(),
+                        timestamp_ms: now_ms(),
+                        value: record.value.clone(),
+                    });
                 }
                 match &resolution.sender {
                     Some(sender) => {
                         let error = RoutingError { event_id: event.id.clone(), unresolved, delivered_to: resolution.recipients.clone() };
                         let id = format!("routing-error.{}", event.id);
-                        deliveries.push((mailbox_topic(sender), notice(id, ROUTING_ERROR_TYPE, &event.subject, "justizbus", sender, &error)));
+                        deliveries
+                            .push((mailbox_topic(sender), notice(id, ROUTING_ERROR_TYPE, &event.subject, "justizbus", sender, &error)));
                     }
-                    None => tracing::warn!(id = %event.id, sender = %event.sender, "the sender is not in the directory either; nobody to notify"),
+                    None => {
+                        tracing::warn!(id = %event.id, sender = %event.sender, "the sender is not in the directory either; nobody to notify")
+                    }
                 }
             }
         }
