@@ -43,13 +43,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     let bus = Arc::new(Bus { log: log.clone(), delivery: delivery.clone(), config: config.clone(), blobs, mailboxes });
     let router = match routing {
         Some((directory, mailboxes)) => {
-            let router = Router { delivery: delivery.clone(), mailboxes, directory, settings: config.routing.clone() };
-            router.prepare().await?;
-            Some(tokio::spawn(async move {
-                if let Err(e) = router.run().await {
-                    tracing::error!(error = %e, "router stopped with an error");
-                }
-            }))
+            Some(Router { delivery: delivery.clone(), mailboxes, directory, settings: config.routing.clone() }.start().await?)
         }
         None => None,
     };

@@ -6,6 +6,7 @@
 //! at once) ends the stream with `INVALID_ARGUMENT`; an ack the group cannot apply is answered
 //! in-band with an `ack_error` and the stream goes on.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -23,7 +24,6 @@ use crate::event::{ms_timestamp, Event};
 use crate::routing::mailbox::{is_mailbox_topic, MailboxLog};
 use crate::routing::router::{receipt_for, RECIPIENT_HEADER};
 use crate::Error;
-use std::collections::HashMap;
 
 /// Most delivery ids in one ack or nack message.
 pub const MAX_IDS_PER_MESSAGE: usize = 10_000;

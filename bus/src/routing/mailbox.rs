@@ -203,10 +203,10 @@ impl MailboxLog {
     /// Appends records to several mailboxes in one durable write; results in input order. A
     /// record whose id the mailbox already holds is not appended again (`duplicate`).
     pub async fn append_many(&self, records: Vec<(String, NewRecord)>) -> Result<Vec<Appended>> {
-        for (topic, _) in &records {
-            if !is_mailbox_topic(topic) || !self.exists(topic) {
-                return Err(Error::UnknownTopic(topic.clone()));
-            }
+        // Each mailbox once: a router batch names few mailboxes many times.
+        let topics: std::collections::BTreeSet<&String> = records.iter().map(|(t, _)| t).collect();
+        if let Some(unknown) = topics.into_iter().find(|t| !self.exists(t)) {
+            return Err(Error::UnknownTopic(unknown.clone()));
         }
         let _writer = self.writer.lock().await;
         let mut results: Vec<Option<Appended>> = vec![None; records.len()];

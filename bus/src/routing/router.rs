@@ -151,7 +151,7 @@ pub struct Router {
 
 impl Router {
     /// Creates the ingest and unroutable topics when missing.
-    pub async fn prepare(&self) -> Result<()> {
+    async fn prepare(&self) -> Result<()> {
         let s = &self.settings;
         for (topic, partitions) in [(s.ingest_topic.clone(), s.ingest_partitions), (unroutable_topic(&s.ingest_topic), s.ingest_partitions)]
         {
@@ -163,9 +163,18 @@ impl Router {
         Ok(())
     }
 
-    /// Routes until the subscription ends (server shutdown).
-    pub async fn run(self) -> Result<()> {
+    /// Prepares the topics (errors surface here, at server start) and routes in a task until
+    /// the subscription ends (server shutdown).
+    pub async fn start(self) -> Result<tokio::task::JoinHandle<()>> {
         self.prepare().await?;
+        Ok(tokio::spawn(async move {
+            if let Err(e) = self.run().await {
+                tracing::error!(error = %e, "router stopped with an error");
+            }
+        }))
+    }
+
+    async fn run(self) -> Result<()> {
         let mut sub = self
             .delivery
             .subscribe(SubscribeParams {
@@ -205,18 +214,20 @@ impl Router {
         let directory = self.directory.get();
         let mut deliveries: Vec<(String, NewRecord)> = Vec::new();
         let mut unroutable: Vec<NewRecord> = Vec::new();
+        // The ingest record as it was, for the unroutable topic.
+        let as_received = |r: &crate::log::StoredRecord| NewRecord {
+            id: r.id.clone(),
+            key: r.key.clone(),
+            timestamp_ms: now_ms(),
+            value: r.value.clone(),
+        };
         for d in batch {
             let record = &d.record;
             let event = match Event::decode(&record.value) {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(id = %record.id, error = %e, "undecodable event sent to the unroutable topic");
-                    unroutable.push(NewRecord {
-                        id: record.id.clone(),
-                        key: record.key.clone(),
-                        timestamp_ms: now_ms(),
-                        value: record.value.clone(),
-                    });
+                    unroutable.push(as_received(record));
                     continue;
                 }
             };
@@ -248,12 +259,7 @@ impl Router {
                 };
                 tracing::warn!(id = %event.id, ?unresolved, sender = %event.sender, "unroutable address");
                 if resolution.recipients.is_empty() {
-                    unroutable.push(NewRecord {
-                        id: record.id.clone(),
-                        key: record.key.clone(),
-                        timestamp_ms: now_ms(),
-                        value: record.value.clone(),
-                    });
+                    unroutable.push(as_received(record));
                 }
                 match &resolution.sender {
                     Some(sender) => {
