@@ -36,6 +36,9 @@ pub struct InboundArgs {
     /// Bus URL.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub server: String,
+    /// TLS towards the bus.
+    #[command(flatten)]
+    pub tls: client::ClientTls,
     /// Drop directory of the legacy system.
     #[arg(long)]
     pub watch: PathBuf,
@@ -74,6 +77,9 @@ pub struct OutboundArgs {
     /// Bus URL.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub server: String,
+    /// TLS towards the bus.
+    #[command(flatten)]
+    pub tls: client::ClientTls,
     /// Participant whose mailbox is read.
     #[arg(long)]
     pub participant: String,
@@ -239,7 +245,7 @@ pub async fn inbound(args: InboundArgs) -> anyhow::Result<()> {
     let source = args.source.clone();
     let mut registry = tokio::task::spawn_blocking(move || source.load()).await??;
     registry.limits = crate::instance::Limits { max_bytes: args.max_document_bytes, max_depth: args.max_depth };
-    let channel = client::connect(&args.server).await?;
+    let channel = client::connect(&args.server, &args.tls)?;
     let done = args.watch.join("done");
     let rejected = args.watch.join("rejected");
     for d in [&done, &rejected] {
@@ -412,7 +418,7 @@ pub async fn outbound(args: OutboundArgs) -> anyhow::Result<()> {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-    let channel = client::connect(&args.server).await?;
+    let channel = client::connect(&args.server, &args.tls)?;
     let mut written = 0u64;
     let mut backoff = Duration::from_millis(200);
     loop {

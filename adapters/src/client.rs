@@ -2,22 +2,63 @@
 
 use justizbus_proto::v1 as pb;
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Chunk size of blob uploads.
 const CHUNK: usize = 64 * 1024;
 
-/// Connects to a bus (`http://host:port`).
-pub async fn connect(server: &str) -> anyhow::Result<Channel> {
-    let endpoint = tonic::transport::Endpoint::from_shared(server.to_string())
-        .map_err(|e| anyhow::anyhow!("invalid server URL {server:?}: {e}"))?
-        .connect_timeout(std::time::Duration::from_secs(5));
-    Ok(endpoint.connect_lazy())
+/// The client side of mutual TLS. With `--tls-ca` the connection is TLS (`https://`); the
+/// certificate and key identify the participant to a server that requires client certificates.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ClientTls {
+    /// CA certificate (PEM) the server's certificate must chain to; turns TLS on.
+    #[arg(long, env = "JUSTIZBUS_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM); its common name is the participant id.
+    #[arg(long, env = "JUSTIZBUS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(long, env = "JUSTIZBUS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
-/// Creates `topic` unless it exists.
+/// The endpoint of a bus: `host:port` or a URL, whose scheme follows the TLS settings.
+pub fn endpoint(server: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
+    let scheme = if tls.tls_ca.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{}", server.split_once("://").map_or(server, |(_, rest)| rest));
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| anyhow::anyhow!("invalid server URL {server:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    if let Some(ca) = &tls.tls_ca {
+        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&tls.tls_cert, &tls.tls_key) {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint.tls_config(config).with_context(|| format!("TLS settings for {url}"))?;
+    }
+    Ok(endpoint)
+}
+
+/// A channel to a bus that connects on first use (and reconnects after failures).
+pub fn connect(server: &str, tls: &ClientTls) -> anyhow::Result<Channel> {
+    Ok(endpoint(server, tls)?.connect_lazy())
+}
+
+/// Creates `topic` unless it exists. Looks first, so a participant without the admin role
+/// (which creating needs under mTLS) can use a topic the operator or the router made.
 pub async fn ensure_topic(channel: &Channel, topic: &str, partitions: u32) -> Result<(), tonic::Status> {
     let mut admin = pb::admin_client::AdminClient::new(channel.clone());
+    match admin.describe_topic(pb::DescribeTopicRequest { topic: topic.into() }).await {
+        Ok(_) => return Ok(()),
+        Err(s) if s.code() == tonic::Code::NotFound => {}
+        Err(s) => return Err(s),
+    }
     match admin.create_topic(pb::CreateTopicRequest { topic: topic.into(), partitions, ..Default::default() }).await {
         Ok(_) => Ok(()),
         Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),

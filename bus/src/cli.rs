@@ -58,6 +58,8 @@ enum Command {
     },
     /// List a group's dead-lettered events.
     DeadLetters(GroupArgs),
+    /// Make a test CA, a server certificate and participant certificates for mTLS.
+    Certs(crate::security::certs::CertsArgs),
     /// Measure publish and delivery through a real server; prints one JSON summary.
     Bench(crate::bench::BenchArgs),
     /// XJustiz adapter processes: inbound (drop directory -> bus) and outbound (mailbox -> inbox).
@@ -89,6 +91,15 @@ struct ServeArgs {
     /// Participants directory (TOML): turns on mailboxes and the router.
     #[arg(long)]
     directory: Option<PathBuf>,
+    /// Server certificate (PEM): with --tls-key and --tls-client-ca turns on mTLS.
+    #[arg(long, requires_all = ["tls_key", "tls_client_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) client certificates must chain to.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -96,6 +107,18 @@ struct ServerArg {
     /// Server URL.
     #[arg(long, env = "JUSTIZBUS_SERVER", default_value = DEFAULT_SERVER)]
     server: String,
+    /// TLS towards the server.
+    #[command(flatten)]
+    tls: justizbus_xjustiz::client::ClientTls,
+}
+
+impl ServerArg {
+    /// A connected channel to the server.
+    async fn connect(&self) -> anyhow::Result<Channel> {
+        let endpoint = justizbus_xjustiz::client::endpoint(&self.server, &self.tls)?;
+        let url = endpoint.uri().to_string();
+        endpoint.connect().await.with_context(|| format!("cannot connect to {url}"))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -315,6 +338,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Quarantine { command } => quarantine(command).await,
         Command::DeadLetters(args) => dead_letters(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::Certs(args) => print_json(&serde_json::to_value(crate::security::certs::run(&args)?)?),
         Command::Adapter { command } => justizbus_xjustiz::cli::run_adapter(command).await,
         Command::Xjustiz { command } => tokio::task::spawn_blocking(move || justizbus_xjustiz::cli::run(command)).await?,
     }
@@ -337,6 +361,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(directory) = args.directory {
         config.routing.directory = Some(directory);
     }
+    if let (Some(cert), Some(key), Some(client_ca)) = (args.tls_cert, args.tls_key, args.tls_client_ca) {
+        config.tls = Some(crate::security::tls::TlsSettings { cert, key, client_ca, handshake_timeout_ms: 10_000 });
+    }
     config.validate()?;
     let listener = tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     crate::server::run(config, listener, shutdown_signal()).await?;
@@ -353,11 +380,9 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Connects to a server URL (`http://host:port`, or bare `host:port`).
+/// Connects to a server URL (`http://host:port`, or bare `host:port`) without TLS.
 pub async fn connect(server: &str) -> anyhow::Result<Channel> {
-    let url = if server.contains("://") { server.to_string() } else { format!("http://{server}") };
-    let endpoint = Channel::from_shared(url.clone()).with_context(|| format!("invalid server URL {server:?}"))?;
-    endpoint.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true).connect().await.with_context(|| format!("cannot connect to {url}"))
+    ServerArg { server: server.to_string(), tls: Default::default() }.connect().await
 }
 
 fn print_json(v: &Value) -> anyhow::Result<()> {
@@ -381,19 +406,19 @@ fn topic_json(t: &pb::TopicInfo) -> Value {
 async fn topics(command: TopicsCommand) -> anyhow::Result<()> {
     match command {
         TopicsCommand::Create { server, topic, partitions, retention_ms, retention_bytes } => {
-            let mut admin = pb::admin_client::AdminClient::new(connect(&server.server).await?);
+            let mut admin = pb::admin_client::AdminClient::new(server.connect().await?);
             let t = admin.create_topic(pb::CreateTopicRequest { topic, partitions, retention_ms, retention_bytes }).await?.into_inner();
             print_json(&topic_json(&t))
         }
         TopicsCommand::List { server } => {
-            let mut admin = pb::admin_client::AdminClient::new(connect(&server.server).await?);
+            let mut admin = pb::admin_client::AdminClient::new(server.connect().await?);
             for t in admin.list_topics(pb::ListTopicsRequest {}).await?.into_inner().topics {
                 print_json(&topic_json(&t))?;
             }
             Ok(())
         }
         TopicsCommand::Describe { server, topic } => {
-            let mut admin = pb::admin_client::AdminClient::new(connect(&server.server).await?);
+            let mut admin = pb::admin_client::AdminClient::new(server.connect().await?);
             print_json(&topic_json(&admin.describe_topic(pb::DescribeTopicRequest { topic }).await?.into_inner()))
         }
     }
@@ -418,7 +443,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         headers: args.headers.into_iter().collect(),
         ..Default::default()
     };
-    let mut client = pb::publisher_client::PublisherClient::new(connect(&args.server.server).await?);
+    let mut client = pb::publisher_client::PublisherClient::new(args.server.connect().await?);
     let r = client.publish(pb::PublishRequest { topic: args.topic, event: Some(event) }).await?.into_inner();
     print_json(&json!({"id": r.id, "partition": r.partition, "offset": r.offset, "duplicate": r.duplicate}))
 }
@@ -468,7 +493,7 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let GroupArgs { server, topic, group } = args.target;
-    let mut client = pb::subscriber_client::SubscriberClient::new(connect(&server.server).await?);
+    let mut client = pb::subscriber_client::SubscriberClient::new(server.connect().await?);
     let (tx, rx) = mpsc::channel(64);
     let init = pb::SubscribeInit {
         topic,
@@ -528,7 +553,7 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
 
 async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let from_time = args.from_time.as_deref().map(parse_time).transpose()?;
-    let mut client = pb::replayer_client::ReplayerClient::new(connect(&args.server.server).await?);
+    let mut client = pb::replayer_client::ReplayerClient::new(args.server.connect().await?);
     let request = pb::ReplayRequest {
         topic: args.topic,
         partition: args.partition,
@@ -560,14 +585,14 @@ fn group_json(g: &pb::GroupInfo) -> Value {
 async fn groups(command: GroupsCommand) -> anyhow::Result<()> {
     match command {
         GroupsCommand::List { server } => {
-            let mut admin = pb::admin_client::AdminClient::new(connect(&server.server).await?);
+            let mut admin = pb::admin_client::AdminClient::new(server.connect().await?);
             for g in admin.list_groups(pb::ListGroupsRequest {}).await?.into_inner().groups {
                 print_json(&group_json(&g))?;
             }
             Ok(())
         }
         GroupsCommand::Describe(a) => {
-            let mut admin = pb::admin_client::AdminClient::new(connect(&a.server.server).await?);
+            let mut admin = pb::admin_client::AdminClient::new(a.server.connect().await?);
             print_json(&group_json(&admin.describe_group(pb::DescribeGroupRequest { topic: a.topic, group: a.group }).await?.into_inner()))
         }
     }
@@ -580,19 +605,19 @@ fn quarantined_json(q: &pb::QuarantinedKey) -> Value {
 async fn quarantine(command: QuarantineCommand) -> anyhow::Result<()> {
     match command {
         QuarantineCommand::List(a) => {
-            let mut admin = pb::admin_client::AdminClient::new(connect(&a.server.server).await?);
+            let mut admin = pb::admin_client::AdminClient::new(a.server.connect().await?);
             for q in admin.list_quarantine(pb::ListQuarantineRequest { topic: a.topic, group: a.group }).await?.into_inner().keys {
                 print_json(&quarantined_json(&q))?;
             }
             Ok(())
         }
         QuarantineCommand::Release { group: a, key } => {
-            let mut admin = pb::admin_client::AdminClient::new(connect(&a.server.server).await?);
+            let mut admin = pb::admin_client::AdminClient::new(a.server.connect().await?);
             let r = admin.release_quarantine(pb::QuarantineActionRequest { topic: a.topic, group: a.group, key }).await?.into_inner();
             print_json(&json!({"released": r.released.as_ref().map(quarantined_json)}))
         }
         QuarantineCommand::Skip { group: a, key } => {
-            let mut admin = pb::admin_client::AdminClient::new(connect(&a.server.server).await?);
+            let mut admin = pb::admin_client::AdminClient::new(a.server.connect().await?);
             let r = admin.skip_quarantine(pb::QuarantineActionRequest { topic: a.topic, group: a.group, key }).await?.into_inner();
             print_json(&json!({"skipped": r.released.as_ref().map(quarantined_json)}))
         }
@@ -600,7 +625,7 @@ async fn quarantine(command: QuarantineCommand) -> anyhow::Result<()> {
 }
 
 async fn dead_letters(a: GroupArgs) -> anyhow::Result<()> {
-    let mut admin = pb::admin_client::AdminClient::new(connect(&a.server.server).await?);
+    let mut admin = pb::admin_client::AdminClient::new(a.server.connect().await?);
     let r = admin.list_dead_letters(pb::ListDeadLettersRequest { topic: a.topic, group: a.group, max: 0 }).await?.into_inner();
     for rec in r.records {
         let event = rec.event.unwrap_or_default();

@@ -36,6 +36,8 @@ pub struct ServerConfig {
     pub max_blob_bytes: u64,
     /// Participants directory, mailboxes and router (off without a directory).
     pub routing: crate::routing::router::RoutingSettings,
+    /// Mutual TLS; without it the server listens on loopback only.
+    pub tls: Option<crate::security::tls::TlsSettings>,
 }
 
 impl Default for ServerConfig {
@@ -48,6 +50,7 @@ impl Default for ServerConfig {
             delivery: DeliverySettings::default(),
             max_blob_bytes: 1024 * 1024 * 1024,
             routing: Default::default(),
+            tls: None,
         }
     }
 }
@@ -80,6 +83,9 @@ impl ServerConfig {
                 "routing",
                 "batch must be between 1 and delivery.max_unacked_limit; mailbox_partitions and ingest_partitions at least 1",
             ));
+        }
+        if self.tls.is_some() && self.routing.directory.is_none() {
+            return Err(Error::invalid("tls", "mTLS needs routing.directory: client certificates name participants of the directory"));
         }
         let d = &self.delivery;
         if d.default_max_unacked == 0 || d.default_max_unacked > d.max_unacked_limit {

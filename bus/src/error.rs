@@ -110,6 +110,15 @@ pub enum Error {
     /// A broken invariant inside the bus.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The caller is authenticated but not allowed to do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The caller could not be identified (no or unknown client certificate).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// TLS material (certificates, keys) could not be loaded or made.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The log or the delivery engine has stopped (shutdown in progress).
     #[error("the bus is shutting down")]
     ShuttingDown,
@@ -144,6 +153,9 @@ impl Error {
             Error::Corrupt { .. } => Code::DataLoss,
             Error::Io { .. } | Error::State(_) | Error::Serve(_) | Error::Internal(_) => Code::Internal,
             Error::ShuttingDown => Code::Unavailable,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::Tls(_) => Code::Internal,
         }
     }
 }

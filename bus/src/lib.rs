@@ -7,6 +7,7 @@
 //! - [`log`]: the partitioned log trait ([`log::Log`]) and its backends (embedded files by default);
 //! - [`delivery`]: consumer groups with per-key ordered, at-least-once delivery;
 //! - [`routing`]: participants directory, mailboxes, and the router with receipts;
+//! - [`security`]: mTLS identities, authorization, test certificates;
 //! - [`grpc`]: the gRPC services; [`server`]: wiring and `run(listener, shutdown)`;
 //! - [`cli`] and [`bench`]: the `justizbus` command line, used by the thin `main`;
 //! - [`process`]: a `justizbus serve` child process, for the benchmark and end-to-end tests.
@@ -23,6 +24,7 @@ pub mod log;
 pub mod partitioner;
 pub mod process;
 pub mod routing;
+pub mod security;
 pub mod server;
 
 pub use error::{Error, Result};

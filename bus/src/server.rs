@@ -4,6 +4,7 @@
 //! benchmark can run the server on any port and stop it cleanly.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use crate::grpc::{admin::AdminService, publish::PublisherService, replay::Replay
 use crate::routing::directory::DirectoryHandle;
 use crate::routing::mailbox::MailboxLog;
 use crate::routing::router::Router;
+use crate::security::auth::Gate;
 use crate::{log, Error, Result};
 
 /// How long a shutdown waits for clients to close their connections.
@@ -25,6 +27,21 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// Serves the bus on `listener` until `shutdown` completes; then stops accepting, persists
 /// group positions and closes the log.
 pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    // Refuse unsafe or broken setups before anything is opened or stored.
+    let addr = listener.local_addr().map_err(|e| Error::io("reading the listen address", e))?;
+    if config.tls.is_none() && !addr.ip().is_loopback() {
+        return Err(Error::invalid(
+            "listen",
+            format!("{addr} is not a loopback address: without [tls] the bus serves this machine only; configure mTLS to serve the network"),
+        ));
+    }
+    let tls = match &config.tls {
+        Some(settings) => Some((crate::security::tls::server_config(settings)?, Duration::from_millis(settings.handshake_timeout_ms.max(100)))),
+        None => None,
+    };
+    if tls.is_some() && config.routing.directory.is_none() {
+        return Err(Error::invalid("tls", "mTLS needs routing.directory: client certificates name participants of the directory"));
+    }
     let url = config.log_url();
     let mut log = log::open(&url, &config.log_settings).await?;
     // With a directory, mailboxes are layered over the log and a router runs beside the services.
@@ -40,7 +57,11 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     let delivery = Arc::new(Delivery::new(log.clone(), config.delivery.clone()));
     let blobs = Arc::new(crate::blob::BlobStore::open(&config.data_dir.join("blobs"), config.max_blob_bytes)?);
     let mailboxes = routing.as_ref().map(|(_, m)| m.clone());
-    let bus = Arc::new(Bus { log: log.clone(), delivery: delivery.clone(), config: config.clone(), blobs, mailboxes });
+    let gate = match (&tls, &routing) {
+        (Some(_), Some((directory, _))) => Gate::mtls(directory.clone()),
+        _ => Gate::open(),
+    };
+    let bus = Arc::new(Bus { log: log.clone(), delivery: delivery.clone(), config: config.clone(), blobs, mailboxes, gate });
     let router = match routing {
         Some((directory, mailboxes)) => {
             Some(Router { delivery: delivery.clone(), mailboxes, directory, settings: config.routing.clone() }.start().await?)
@@ -79,13 +100,12 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     let reflection_alpha = reflection_builder().build_v1alpha().map_err(|e| Error::Serve(e.to_string()))?;
 
     let stopping = delivery.clone();
-    let addr = listener.local_addr().map_err(|e| Error::io("reading the listen address", e))?;
-    tracing::info!(%addr, log = %url, "justizbus listening");
-    if addr.ip().is_loopback() {
-        tracing::info!("no TLS configured: listening on loopback only");
+    tracing::info!(%addr, log = %url, mtls = tls.is_some(), "justizbus listening");
+    if tls.is_none() {
+        tracing::info!("no TLS configured: listening on loopback only, every local client is the operator");
     }
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let serve = tonic::transport::Server::builder()
+    let routes = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(health)
         .add_service(reflection)
@@ -98,15 +118,21 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
         )
         .add_service(pb::replayer_server::ReplayerServer::new(ReplayerService::new(bus.clone())).max_encoding_message_size(max_message))
         .add_service(pb::blobs_server::BlobsServer::new(crate::grpc::blobs::BlobsService::new(bus.clone())))
-        .add_service(pb::admin_server::AdminServer::new(AdminService::new(bus.clone())).max_encoding_message_size(usize::MAX))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .add_service(pb::admin_server::AdminServer::new(AdminService::new(bus.clone())).max_encoding_message_size(usize::MAX));
+    let shutdown = async move {
             shutdown.await;
             tracing::info!("shutting down: storing group positions, ending subscriptions");
             // Subscriptions never end by themselves; stopping the groups ends them, so the
             // graceful shutdown does not wait for subscribers to hang up.
             stopping.shutdown().await;
             let _ = stopping_tx.send(());
-        });
+    };
+    let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
+        Some((tls_config, handshake_timeout)) => {
+            Box::pin(routes.serve_with_incoming_shutdown(crate::security::tls::incoming(listener, tls_config, handshake_timeout), shutdown))
+        }
+        None => Box::pin(routes.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)),
+    };
     // A client that keeps its half of a stream open would hold the graceful shutdown forever;
     // give connections a moment to close, then drop them.
     let result = tokio::select! {

@@ -10,6 +10,7 @@ use super::{replay_record, Bus};
 use crate::delivery::{dead_letter_topic, GroupStatus};
 use crate::event::{ms_timestamp, validate_name};
 use crate::log::{Quarantine, TopicConfig, TopicInfo};
+use crate::routing::directory::Role;
 use crate::Error;
 
 /// The `Admin` service.
@@ -24,7 +25,21 @@ impl AdminService {
     }
 }
 
+/// Roles that may read the admin API (besides `DescribeTopic`, open to every participant).
+const READERS: &[Role] = &[Role::Auditor, Role::Admin];
+/// Roles that may change topics and quarantines.
+const ADMINS: &[Role] = &[Role::Admin];
+
 impl AdminService {
+    /// Refuses the call unless the caller holds one of `roles` (none: any participant).
+    fn allow<T>(&self, request: &Request<T>, call: &str, roles: &[Role]) -> Result<(), Status> {
+        let caller = self.bus.gate.caller(request, call)?;
+        if !roles.is_empty() {
+            caller.require_role(call, roles)?;
+        }
+        Ok(())
+    }
+
     /// Releases (`skip` false) or skips a quarantined key.
     async fn resolve(&self, r: pb::QuarantineActionRequest, skip: bool) -> Result<Response<pb::QuarantineActionResponse>, Status> {
         let q = self.bus.delivery.resolve_quarantine(&r.topic, &r.group, Bytes::from(r.key.into_bytes()), skip).await?;
@@ -88,26 +103,31 @@ impl From<Quarantine> for pb::QuarantinedKey {
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
     async fn create_topic(&self, request: Request<pb::CreateTopicRequest>) -> Result<Response<pb::TopicInfo>, Status> {
+        self.allow(&request, "Admin.CreateTopic", ADMINS)?;
         let r = request.into_inner();
         let config = TopicConfig { partitions: r.partitions, retention_ms: r.retention_ms, retention_bytes: r.retention_bytes };
         Ok(Response::new(self.bus.log.create_topic(&r.topic, config).await?.into()))
     }
 
-    async fn list_topics(&self, _: Request<pb::ListTopicsRequest>) -> Result<Response<pb::ListTopicsResponse>, Status> {
+    async fn list_topics(&self, request: Request<pb::ListTopicsRequest>) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        self.allow(&request, "Admin.ListTopics", READERS)?;
         let topics = self.bus.log.list_topics().await?.into_iter().map(Into::into).collect();
         Ok(Response::new(pb::ListTopicsResponse { topics }))
     }
 
     async fn describe_topic(&self, request: Request<pb::DescribeTopicRequest>) -> Result<Response<pb::TopicInfo>, Status> {
+        self.allow(&request, "Admin.DescribeTopic", &[])?;
         Ok(Response::new(self.bus.log.describe_topic(&request.into_inner().topic).await?.into()))
     }
 
-    async fn list_groups(&self, _: Request<pb::ListGroupsRequest>) -> Result<Response<pb::ListGroupsResponse>, Status> {
+    async fn list_groups(&self, request: Request<pb::ListGroupsRequest>) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        self.allow(&request, "Admin.ListGroups", READERS)?;
         let groups = self.bus.delivery.list().await?.into_iter().map(Into::into).collect();
         Ok(Response::new(pb::ListGroupsResponse { groups }))
     }
 
     async fn describe_group(&self, request: Request<pb::DescribeGroupRequest>) -> Result<Response<pb::GroupInfo>, Status> {
+        self.allow(&request, "Admin.DescribeGroup", READERS)?;
         let r = request.into_inner();
         Ok(Response::new(self.bus.delivery.describe(&r.topic, &r.group).await?.into()))
     }
@@ -116,6 +136,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        self.allow(&request, "Admin.ListDeadLetters", READERS)?;
         let r = request.into_inner();
         validate_name("topic", &r.topic)?;
         validate_name("group", &r.group)?;
@@ -137,6 +158,7 @@ impl pb::admin_server::Admin for AdminService {
     }
 
     async fn list_quarantine(&self, request: Request<pb::ListQuarantineRequest>) -> Result<Response<pb::ListQuarantineResponse>, Status> {
+        self.allow(&request, "Admin.ListQuarantine", READERS)?;
         let r = request.into_inner();
         let keys = self.bus.delivery.quarantine(&r.topic, &r.group).await?.into_iter().map(Into::into).collect();
         Ok(Response::new(pb::ListQuarantineResponse { keys }))
@@ -146,6 +168,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::QuarantineActionRequest>,
     ) -> Result<Response<pb::QuarantineActionResponse>, Status> {
+        self.allow(&request, "Admin.ReleaseQuarantine", ADMINS)?;
         self.resolve(request.into_inner(), false).await
     }
 
@@ -153,6 +176,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::QuarantineActionRequest>,
     ) -> Result<Response<pb::QuarantineActionResponse>, Status> {
+        self.allow(&request, "Admin.SkipQuarantine", ADMINS)?;
         self.resolve(request.into_inner(), true).await
     }
 }

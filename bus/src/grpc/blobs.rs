@@ -39,6 +39,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 #[tonic::async_trait]
 impl pb::blobs_server::Blobs for BlobsService {
     async fn upload(&self, request: Request<Streaming<pb::UploadRequest>>) -> std::result::Result<Response<pb::Attachment>, Status> {
+        self.bus.gate.caller(&request, "Blobs.Upload")?;
         let mut stream = request.into_inner();
         let header = match stream.next().await {
             Some(Ok(pb::UploadRequest { part: Some(pb::upload_request::Part::Header(h)) })) => h,
@@ -73,6 +74,7 @@ impl pb::blobs_server::Blobs for BlobsService {
     type DownloadStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::DownloadResponse, Status>> + Send>>;
 
     async fn download(&self, request: Request<pb::DownloadRequest>) -> std::result::Result<Response<Self::DownloadStream>, Status> {
+        self.bus.gate.caller(&request, "Blobs.Download")?;
         let sha256 = request.into_inner().sha256;
         let store = self.bus.blobs.clone();
         let wanted = sha256.clone();
@@ -111,6 +113,7 @@ impl pb::blobs_server::Blobs for BlobsService {
     }
 
     async fn stat(&self, request: Request<pb::DownloadRequest>) -> std::result::Result<Response<pb::Attachment>, Status> {
+        self.bus.gate.caller(&request, "Blobs.Stat")?;
         let sha256 = request.into_inner().sha256;
         let store = self.bus.blobs.clone();
         let wanted = sha256.clone();

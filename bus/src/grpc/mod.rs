@@ -29,6 +29,8 @@ pub struct Bus {
     pub blobs: Arc<crate::blob::BlobStore>,
     /// Participants' mailboxes, when routing is on (the same store `log` serves them from).
     pub mailboxes: Option<Arc<crate::routing::mailbox::MailboxLog>>,
+    /// Identifies callers and checks what they may do.
+    pub gate: crate::security::auth::Gate,
 }
 
 /// A stored record as the wire type replay and admin calls return.

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::Bus;
 use crate::event::{now_ms, Event};
 use crate::log::NewRecord;
+use crate::security::auth::Caller;
 use crate::Error;
 
 /// Most events in one `PublishBatch` stream.
@@ -29,7 +30,7 @@ impl PublisherService {
     }
 
     /// Validates one request into (topic, record).
-    fn record(&self, req: pb::PublishRequest, index: Option<usize>) -> Result<(String, NewRecord), Error> {
+    fn record(&self, caller: &Caller, call: &str, req: pb::PublishRequest, index: Option<usize>) -> Result<(String, NewRecord), Error> {
         let at = |field: &str| index.map_or_else(|| field.to_string(), |i| format!("events[{i}].{field}"));
         if req.topic.is_empty() {
             return Err(Error::invalid(at("topic"), "the topic is required"));
@@ -42,6 +43,7 @@ impl PublisherService {
             Error::InvalidArgument { field, reason } => Error::invalid(at(&field), reason),
             other => other,
         })?;
+        self.bus.gate.check_sender(caller, call, &event.wire.sender)?;
         // Attachments must reference stored blobs of the stated size (a stat per attachment).
         for (i, a) in event.wire.attachments.iter().enumerate() {
             match self.bus.blobs.stat(&a.sha256)? {
@@ -69,7 +71,8 @@ fn response(id: String, a: crate::log::Appended) -> pb::PublishResponse {
 #[tonic::async_trait]
 impl pb::publisher_server::Publisher for PublisherService {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
-        let (topic, record) = self.record(request.into_inner(), None)?;
+        let caller = self.bus.gate.caller(&request, "Publish")?;
+        let (topic, record) = self.record(&caller, "Publish", request.into_inner(), None)?;
         let id = record.id.clone();
         let appended = self.bus.log.append(&topic, vec![record]).await?;
         let a = appended.into_iter().next().ok_or_else(|| Status::internal("append returned no result"))?;
@@ -78,6 +81,7 @@ impl pb::publisher_server::Publisher for PublisherService {
     }
 
     async fn publish_batch(&self, request: Request<Streaming<pb::PublishRequest>>) -> Result<Response<pb::PublishBatchResponse>, Status> {
+        let caller = self.bus.gate.caller(&request, "PublishBatch")?;
         let mut stream = request.into_inner();
         // Validate the whole batch before storing any of it.
         let mut by_topic: BTreeMap<String, (Vec<usize>, Vec<NewRecord>)> = BTreeMap::new();
@@ -86,7 +90,7 @@ impl pb::publisher_server::Publisher for PublisherService {
             if count >= MAX_BATCH_EVENTS {
                 return Err(Error::invalid("events", format!("a batch holds at most {MAX_BATCH_EVENTS} events")).into());
             }
-            let (topic, record) = self.record(req, Some(count))?;
+            let (topic, record) = self.record(&caller, "PublishBatch", req, Some(count))?;
             bytes += record.value.len();
             if bytes > MAX_BATCH_BYTES {
                 return Err(Error::invalid("events", format!("a batch holds at most {MAX_BATCH_BYTES} bytes")).into());

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::{replay_record, Bus};
 use crate::event::timestamp_ms;
+use crate::routing::directory::Role;
 use crate::{Error, Result};
 
 /// The `Replayer` service.
@@ -71,12 +72,14 @@ impl pb::replayer_server::Replayer for ReplayerService {
     type ReplayStream = Pin<Box<dyn Stream<Item = Result<pb::ReplayRecord, Status>> + Send>>;
 
     async fn replay(&self, request: Request<pb::ReplayRequest>) -> Result<Response<Self::ReplayStream>, Status> {
+        let caller = self.bus.gate.caller(&request, "Replay")?;
+        caller.require_role("Replay", &[Role::Auditor, Role::Admin])?;
         let req = request.into_inner();
         let ranges = self.ranges(&req).await?;
         let (tx, rx) = mpsc::channel(256);
         let log = self.bus.log.clone();
         let topic = req.topic;
-        tracing::info!(topic, partitions = ranges.len(), "replay started");
+        tracing::info!(topic, partitions = ranges.len(), caller = caller.id(), "replay started");
         tokio::spawn(async move {
             for range in ranges {
                 let mut next = range.from;

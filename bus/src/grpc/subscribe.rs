@@ -51,11 +51,13 @@ impl pb::subscriber_server::Subscriber for SubscriberService {
     type SubscribeStream = ResponseStream;
 
     async fn subscribe(&self, request: Request<Streaming<pb::SubscribeRequest>>) -> Result<Response<ResponseStream>, Status> {
+        let caller = self.bus.gate.caller(&request, "Subscribe")?;
         let mut inbound = request.into_inner();
         let init = match inbound.message().await?.and_then(|m| m.request) {
             Some(Req::Init(init)) => init,
             _ => return Err(Error::invalid("request", "the first message of a subscription must be init").into()),
         };
+        caller.check_read("Subscribe", &init.topic)?;
         let params = SubscribeParams {
             topic: init.topic.clone(),
             group: init.group.clone(),
@@ -69,7 +71,7 @@ impl pb::subscriber_server::Subscriber for SubscriberService {
             start: if init.start() == pb::StartPosition::Latest { StartPosition::Latest } else { StartPosition::Earliest },
         };
         let subscription = self.bus.delivery.subscribe(params).await?;
-        tracing::info!(topic = %init.topic, group = %init.group, max_unacked = subscription.max_unacked, "subscriber connected");
+        tracing::info!(topic = %init.topic, group = %init.group, caller = caller.id(), max_unacked = subscription.max_unacked, "subscriber connected");
         let subscribed = pb::SubscribeResponse {
             response: Some(Resp::Subscribed(pb::Subscribed {
                 topic: init.topic.clone(),

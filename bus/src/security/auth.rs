@@ -1,0 +1,123 @@
+//! Who is calling, and what they may do.
+//!
+//! | call | operator (no TLS, loopback) | participant (mTLS) |
+//! |---|---|---|
+//! | `Publish*` | any sender | only senders the directory maps to the participant |
+//! | `Subscribe` | any topic | its own mailbox; other topics need `admin` |
+//! | `Replay` | yes | `auditor` or `admin` |
+//! | `Admin.DescribeTopic` | yes | yes (clients learn partition counts) |
+//! | other `Admin` reads | yes | `auditor` or `admin` |
+//! | `Admin` changes | yes | `admin` |
+//! | `Blobs` | yes | yes (content-addressed: a hash is known only from an event) |
+//!
+//! Every refusal is logged (participant, call, reason) and answered with `PERMISSION_DENIED`,
+//! or `UNAUTHENTICATED` when the certificate names no known participant.
+
+use tonic::Request;
+
+use crate::routing::directory::{DirectoryHandle, Participant, Role};
+use crate::{Error, Result};
+
+/// Who made a call.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// A local client of a server without TLS (which listens on loopback only).
+    Operator,
+    /// An authenticated participant.
+    Participant(Participant),
+}
+
+/// Identifies callers: from the client certificate when the server runs mTLS.
+#[derive(Clone)]
+pub struct Gate {
+    /// The directory participants are looked up in; `None` without TLS.
+    directory: Option<DirectoryHandle>,
+}
+
+impl Gate {
+    /// Every caller is the operator (no TLS).
+    pub fn open() -> Self {
+        Gate { directory: None }
+    }
+
+    /// Callers are the participants their certificates name.
+    pub fn mtls(directory: DirectoryHandle) -> Self {
+        Gate { directory: Some(directory) }
+    }
+
+    /// Whether calls are authenticated.
+    pub fn is_mtls(&self) -> bool {
+        self.directory.is_some()
+    }
+
+    /// The caller of `request`; `call` names it in the log of a refusal.
+    pub fn caller<T>(&self, request: &Request<T>, call: &str) -> Result<Caller> {
+        let Some(directory) = &self.directory else { return Ok(Caller::Operator) };
+        let refuse = |reason: String| {
+            tracing::warn!(call, reason, "call refused: unauthenticated");
+            Error::Unauthenticated(reason)
+        };
+        let certs = request.peer_certs().ok_or_else(|| refuse("no client certificate".into()))?;
+        let first = certs.first().ok_or_else(|| refuse("no client certificate".into()))?;
+        let id = super::tls::participant_id(first).map_err(|e| refuse(e.to_string()))?;
+        match directory.get().participant(&id) {
+            Some(p) => Ok(Caller::Participant(p.clone())),
+            None => Err(refuse(format!("the certificate names {id:?}, which is not in the participants directory"))),
+        }
+    }
+
+    /// The caller, who must be allowed to publish an event with `sender` (a routing key such
+    /// as `court:A1001S`, or a participant id).
+    pub fn check_sender(&self, caller: &Caller, call: &str, sender: &str) -> Result<()> {
+        let (Caller::Participant(p), Some(directory)) = (caller, &self.directory) else { return Ok(()) };
+        if sender.is_empty() {
+            return Err(deny(p, call, "an event must name its sender".into()));
+        }
+        if sender == p.id {
+            return Ok(());
+        }
+        match directory.get().resolve(sender) {
+            Some(owner) if owner.id == p.id => Ok(()),
+            Some(owner) => Err(deny(p, call, format!("sender {sender:?} belongs to {}, not to {}", owner.id, p.id))),
+            None => Err(deny(p, call, format!("sender {sender:?} is not an address of {} in the participants directory", p.id))),
+        }
+    }
+}
+
+fn deny(p: &Participant, call: &str, reason: String) -> Error {
+    tracing::warn!(participant = %p.id, call, reason, "call refused: permission denied");
+    Error::PermissionDenied(reason)
+}
+
+impl Caller {
+    /// The participant id, or `operator`.
+    pub fn id(&self) -> &str {
+        match self {
+            Caller::Operator => "operator",
+            Caller::Participant(p) => &p.id,
+        }
+    }
+
+    /// Allowed when the caller is the operator or holds one of `roles`.
+    pub fn require_role(&self, call: &str, roles: &[Role]) -> Result<()> {
+        match self {
+            Caller::Operator => Ok(()),
+            Caller::Participant(p) if p.roles.iter().any(|r| roles.contains(r)) => Ok(()),
+            Caller::Participant(p) => {
+                let names: Vec<String> = roles.iter().map(|r| format!("{r:?}").to_lowercase()).collect();
+                Err(deny(p, call, format!("{call} needs the role {}", names.join(" or "))))
+            }
+        }
+    }
+
+    /// Allowed to subscribe to `topic`: a participant's own mailbox; any other topic (its
+    /// mailbox's dead letters too) needs `admin`.
+    pub fn check_read(&self, call: &str, topic: &str) -> Result<()> {
+        let Caller::Participant(p) = self else { return Ok(()) };
+        let own = p.mailbox();
+        if topic == own || p.roles.contains(&Role::Admin) {
+            return Ok(());
+        }
+        Err(deny(p, call, format!("{} may read only its own mailbox {own:?}, not {topic:?}", p.id)))
+    }
+}

@@ -1,0 +1,210 @@
+//! Identities and authorization end to end (DESIGN.md section 9): a server with mTLS and the
+//! example directory, real gRPC clients with certificates made by `justizbus certs`, and an
+//! outbound adapter that reads its mailbox over mTLS.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use justizbus::routing::directory::{mailbox_topic, Directory};
+use justizbus::security::certs::{self, Authority, CertsArgs, Validity};
+use justizbus_e2e::{files_below, run_cli, spawn, wait_exit, Subscriber, TestServer, ARRIVES};
+use justizbus_proto::v1 as pb;
+use justizbus_xjustiz::client::{endpoint, ClientTls};
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn example_directory() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/directory.toml")
+}
+
+/// The participant of the example directory a court code addresses.
+fn court(directory: &Directory, code: &str) -> String {
+    directory.resolve(&format!("court:{code}")).expect("court in the example directory").id.clone()
+}
+
+fn with_role(directory: &Directory, role: &str) -> String {
+    let p = directory.participants().iter().find(|p| p.roles.iter().any(|r| format!("{r:?}").eq_ignore_ascii_case(role)));
+    p.expect("role in the example directory").id.clone()
+}
+
+/// Client TLS settings for participant certificate `name` of `dir`, trusting `ca_dir`'s CA.
+fn tls(ca_dir: &Path, dir: &Path, name: &str) -> ClientTls {
+    let (cert, key) = certs::paths(dir, name);
+    ClientTls { tls_ca: Some(certs::paths(ca_dir, "ca").0), tls_cert: Some(cert), tls_key: Some(key) }
+}
+
+async fn channel(server: &TestServer, tls: &ClientTls) -> Channel {
+    endpoint(&server.url(), tls).expect("endpoint").connect_lazy()
+}
+
+fn xjustiz_event(id: &str, sender: &str, recipient: &str) -> pb::Event {
+    pb::Event {
+        id: id.into(),
+        source: "security-test".into(),
+        r#type: "nachricht.gds.uebermittlungschriftgutobjekte.0005005".into(),
+        subject: format!("case-{id}"),
+        sender: sender.into(),
+        recipients: vec![recipient.into()],
+        data: br#"{"x":1}"#.to_vec(),
+        data_content_type: "application/json".into(),
+        ..Default::default()
+    }
+}
+
+async fn publish(channel: &Channel, topic: &str, event: pb::Event) -> Result<pb::PublishResponse, tonic::Status> {
+    justizbus_e2e::publish(channel, topic, event).await
+}
+
+async fn ingest_end(channel: &Channel) -> u64 {
+    let info = justizbus_e2e::admin(channel.clone())
+        .describe_topic(pb::DescribeTopicRequest { topic: "xjustiz.ingest".into() })
+        .await
+        .expect("describe ingest")
+        .into_inner();
+    info.partition_info.iter().map(|p| p.end_offset).sum()
+}
+
+/// Waits until the server log holds `needle` (refusals are logged asynchronously).
+async fn logged(server: &TestServer, needle: &str) -> bool {
+    for _ in 0..100 {
+        if server.process.log().contains(needle) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_identities_and_authorization() {
+    let directory = Directory::load(&example_directory()).expect("example directory");
+    let work = tempfile::tempdir().expect("tempdir");
+    let pki = work.path().join("pki");
+    let args = CertsArgs { out: pki.clone(), directory: Some(example_directory()), participants: vec!["DE.Justiz.unknown.1".into()], hosts: vec!["localhost".into(), "127.0.0.1".into()], days: 30 };
+    certs::run(&args).expect("certs");
+    // A certificate from the right CA that has expired, and one from a CA the server does not know.
+    let bayern = court(&directory, "9D0000");
+    let ca = Authority::load(&certs::paths(&pki, "ca").0, &certs::paths(&pki, "ca").1).expect("load CA");
+    certs::write_issued(&pki, "expired", &ca.participant(&bayern, Validity::expired()).expect("expired cert")).expect("write");
+    let foreign = work.path().join("foreign");
+    certs::run(&CertsArgs { out: foreign.clone(), participants: vec![bayern.clone()], directory: None, hosts: vec!["localhost".into()], days: 30 }).expect("foreign CA");
+
+    let (server_cert, server_key) = certs::paths(&pki, "server");
+    let p = |p: PathBuf| p.display().to_string();
+    let server = TestServer::start(&[
+        "--directory",
+        &p(example_directory()),
+        "--tls-cert",
+        &p(server_cert),
+        "--tls-key",
+        &p(server_key),
+        "--tls-client-ca",
+        &p(certs::paths(&pki, "ca").0),
+    ]);
+    let bw = court(&directory, "9B0000");
+    let (auditor, admin_id) = (with_role(&directory, "auditor"), with_role(&directory, "admin"));
+    let as_bayern = channel(&server, &tls(&pki, &pki, &bayern)).await;
+    let as_bw = channel(&server, &tls(&pki, &pki, &bw)).await;
+
+    // Publishing as oneself is routed; the recipient reads its mailbox and the sender gets the receipt.
+    publish(&as_bayern, "xjustiz.ingest", xjustiz_event("ok-1", "court:9D0000", "court:9B0000")).await.expect("own sender accepted");
+    let mut inbox = Subscriber::simple(&as_bw, &mailbox_topic(&bw), "inbox", 10).await;
+    let d = inbox.next(ARRIVES).await.expect("delivered to the recipient");
+    assert_eq!(d.event.as_ref().map(|e| e.id.as_str()), Some("ok-1"));
+    inbox.ack(&[d.delivery_id]).await;
+    let mut receipts = Subscriber::simple(&as_bayern, &mailbox_topic(&bayern), "inbox", 10).await;
+    let r = receipts.next(ARRIVES).await.expect("receipt for the sender");
+    assert_eq!(r.event.as_ref().map(|e| e.r#type.as_str()), Some("justizbus.receipt"));
+
+    // A spoofed sender: PERMISSION_DENIED, unary and in a batch, and nothing stored.
+    let before = ingest_end(&as_bayern).await;
+    let err = publish(&as_bayern, "xjustiz.ingest", xjustiz_event("spoof-1", "court:9B0000", "court:9D0000")).await.expect_err("spoofed sender");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("court:9B0000"), "{err}");
+    let batch = vec![
+        pb::PublishRequest { topic: "xjustiz.ingest".into(), event: Some(xjustiz_event("b-1", "court:9D0000", "court:9B0000")) },
+        pb::PublishRequest { topic: "xjustiz.ingest".into(), event: Some(xjustiz_event("b-2", "other:Testsender", "court:9B0000")) },
+    ];
+    let err = justizbus_e2e::publisher(as_bayern.clone()).publish_batch(tokio_stream::iter(batch)).await.expect_err("spoofed batch");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let err = publish(&as_bayern, "xjustiz.ingest", xjustiz_event("nosender", "", "court:9B0000")).await.expect_err("no sender");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert_eq!(ingest_end(&as_bayern).await, before, "refused publishes store nothing");
+    assert!(logged(&server, "call refused: permission denied").await);
+    assert!(server.process.log().contains(&bayern), "the refusal names the participant");
+
+    // Reading another participant's mailbox.
+    let init = pb::SubscribeInit { topic: mailbox_topic(&bw), group: "peek".into(), max_unacked: 1, ..Default::default() };
+    let err = Subscriber::open(&as_bayern, init).await.err().expect("foreign mailbox refused");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+
+    // Replay and admin calls need roles.
+    let replay = |ch: &Channel| {
+        let mut client = pb::replayer_client::ReplayerClient::new(ch.clone());
+        async move { client.replay(pb::ReplayRequest { topic: "xjustiz.ingest".into(), ..Default::default() }).await.map(|_| ()) }
+    };
+    assert_eq!(replay(&as_bayern).await.expect_err("replay without role").code(), Code::PermissionDenied);
+    let as_auditor = channel(&server, &tls(&pki, &pki, &auditor)).await;
+    replay(&as_auditor).await.expect("the auditor replays");
+    let mut admin = justizbus_e2e::admin(as_bayern.clone());
+    assert_eq!(admin.list_topics(pb::ListTopicsRequest {}).await.expect_err("list without role").code(), Code::PermissionDenied);
+    let create = pb::CreateTopicRequest { topic: "made-by".into(), partitions: 1, ..Default::default() };
+    let mut auditor_admin = justizbus_e2e::admin(as_auditor.clone());
+    auditor_admin.list_topics(pb::ListTopicsRequest {}).await.expect("the auditor lists");
+    assert_eq!(auditor_admin.create_topic(create.clone()).await.expect_err("auditor creates").code(), Code::PermissionDenied);
+    let as_admin = channel(&server, &tls(&pki, &pki, &admin_id)).await;
+    justizbus_e2e::admin(as_admin).create_topic(create).await.expect("the admin creates");
+
+    // A certificate for an id the directory does not know: UNAUTHENTICATED.
+    let stranger = channel(&server, &tls(&pki, &pki, "DE.Justiz.unknown.1")).await;
+    let err = publish(&stranger, "xjustiz.ingest", xjustiz_event("x", "court:9D0000", "court:9B0000")).await.expect_err("unknown id");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+
+    // Expired, foreign-CA and missing client certificates never get past the handshake.
+    let expired = channel(&server, &tls(&pki, &pki, "expired")).await;
+    let err = publish(&expired, "xjustiz.ingest", xjustiz_event("x", "court:9D0000", "court:9B0000")).await.expect_err("expired cert");
+    // No HTTP/2 connection comes about, so there is no gRPC status from the server: the
+    // client sees a transport error (the alert, a broken pipe or a cancelled call, depending
+    // on timing), and the server's log says why.
+    assert!(!matches!(err.code(), Code::PermissionDenied | Code::Unauthenticated | Code::Ok), "{err:?}");
+    assert!(logged(&server, "certificate expired").await, "the expired certificate's refusal is logged:\n{}", server.process.log());
+    let foreign_ch = channel(&server, &tls(&pki, &foreign, &bayern)).await;
+    let err = publish(&foreign_ch, "xjustiz.ingest", xjustiz_event("x", "court:9D0000", "court:9B0000")).await.expect_err("foreign CA");
+    assert!(!matches!(err.code(), Code::PermissionDenied | Code::Unauthenticated | Code::Ok), "{err:?}");
+    assert!(logged(&server, "UnknownIssuer").await, "the foreign certificate's refusal is logged:\n{}", server.process.log());
+    let anonymous = channel(&server, &ClientTls { tls_ca: Some(certs::paths(&pki, "ca").0), ..Default::default() }).await;
+    assert!(publish(&anonymous, "xjustiz.ingest", xjustiz_event("x", "court:9D0000", "court:9B0000")).await.is_err());
+    let plain = endpoint(&server.url(), &ClientTls::default()).expect("endpoint").connect_lazy();
+    assert!(publish(&plain, "xjustiz.ingest", xjustiz_event("x", "court:9D0000", "court:9B0000")).await.is_err(), "plain HTTP/2 is refused");
+    assert!(server.process.log().matches("TLS connection refused").count() >= 4, "{}", server.process.log());
+
+    // The outbound adapter reads its own mailbox over mTLS (the delivery acknowledged above is
+    // gone; a second one arrives).
+    publish(&as_bayern, "xjustiz.ingest", xjustiz_event("ok-2", "court:9D0000", "court:9B0000")).await.expect("second event");
+    inbox.close().await;
+    let out = work.path().join("bw-inbox");
+    let (cert, key) = certs::paths(&pki, &bw);
+    let args: Vec<String> = [
+        "adapter", "outbound", "--server", &server.url(), "--participant", &bw, "--group", "inbox", "--out", &p(out.clone()), "--max", "1",
+        "--tls-ca", &p(certs::paths(&pki, "ca").0), "--tls-cert", &p(cert), "--tls-key", &p(key),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut adapter = spawn(&args);
+    assert!(wait_exit(&mut adapter, Duration::from_secs(60)).success(), "the outbound adapter delivers over mTLS");
+    assert!(files_below(&out).keys().any(|k| k.ends_with("justizbus-event.json")), "{:?}", files_below(&out).keys());
+}
+
+#[test]
+fn without_tls_the_server_refuses_to_listen_beyond_loopback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let out = run_cli(
+        &["serve", "--listen", "0.0.0.0:0", "--data-dir", &data.display().to_string()].iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        None,
+    );
+    assert!(!out.ok, "serve must fail");
+    assert!(out.stderr.contains("loopback"), "{}", out.stderr);
+    assert!(!data.exists(), "nothing is created");
+}
