@@ -58,6 +58,8 @@ enum Command {
     },
     /// List a group's dead-lettered events.
     DeadLetters(GroupArgs),
+    /// Run the whole path on this machine: bus, Land-system adapter, two courts and a law firm.
+    Demo(crate::demo::DemoArgs),
     /// Make a test CA, a server certificate and participant certificates for mTLS.
     Certs(crate::security::certs::CertsArgs),
     /// Measure publish and delivery through a real server; prints one JSON summary.
@@ -338,6 +340,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Quarantine { command } => quarantine(command).await,
         Command::DeadLetters(args) => dead_letters(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::Demo(args) => crate::demo::run(args).await,
         Command::Certs(args) => print_json(&serde_json::to_value(crate::security::certs::run(&args)?)?),
         Command::Adapter { command } => justizbus_xjustiz::cli::run_adapter(command).await,
         Command::Xjustiz { command } => tokio::task::spawn_blocking(move || justizbus_xjustiz::cli::run(command)).await?,

@@ -9,7 +9,7 @@
 //! - [`routing`]: participants directory, mailboxes, and the router with receipts;
 //! - [`security`]: mTLS identities, authorization, test certificates;
 //! - [`grpc`]: the gRPC services; [`server`]: wiring and `run(listener, shutdown)`;
-//! - [`cli`] and [`bench`]: the `justizbus` command line, used by the thin `main`;
+//! - [`cli`], [`bench`] and [`demo`]: the `justizbus` command line, used by the thin `main`;
 //! - [`process`]: a `justizbus serve` child process, for the benchmark and end-to-end tests.
 
 pub mod bench;
@@ -17,6 +17,7 @@ pub mod blob;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod demo;
 pub mod error;
 pub mod event;
 pub mod grpc;
