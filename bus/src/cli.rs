@@ -63,7 +63,7 @@ enum Command {
     /// Make a test CA, a server certificate and participant certificates for mTLS.
     Certs(crate::security::certs::CertsArgs),
     /// Measure publish and delivery through a real server; prints one JSON summary.
-    Bench(crate::bench::BenchArgs),
+    Bench(crate::bench::BenchCommand),
     /// XJustiz adapter processes: inbound (drop directory -> bus) and outbound (mailbox -> inbox).
     Adapter {
         #[command(subcommand)]
@@ -339,7 +339,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Groups { command } => groups(command).await,
         Command::Quarantine { command } => quarantine(command).await,
         Command::DeadLetters(args) => dead_letters(args).await,
-        Command::Bench(args) => crate::bench::run(args).await,
+        Command::Bench(args) => crate::bench::run_command(args).await,
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Certs(args) => print_json(&serde_json::to_value(crate::security::certs::run(&args)?)?),
         Command::Adapter { command } => justizbus_xjustiz::cli::run_adapter(command).await,

@@ -1,4 +1,5 @@
-//! `justizbus bench`: publish and delivery measured through a real gRPC server.
+//! `justizbus bench`: publish and delivery measured through a real gRPC server
+//! (`justizbus bench routing`: see [`routing`]).
 //!
 //! Without `--server` it starts `justizbus serve` as a child process on a temporary data
 //! directory (so the server's peak RSS can be read from /proc) and runs, in order:
@@ -26,6 +27,36 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::cli::connect;
 use crate::process::ServerProcess;
+
+pub mod routing;
+
+/// `justizbus bench [routing]`: the core benchmark, or the routed one.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchCommand {
+    /// A benchmark other than the core one.
+    #[command(subcommand)]
+    pub which: Option<Which>,
+    /// Options of the core benchmark.
+    #[command(flatten)]
+    pub core: BenchArgs,
+}
+
+/// The benchmarks besides the core one.
+#[derive(clap::Subcommand, Debug)]
+pub enum Which {
+    /// Routed throughput and latency: ingest -> router -> mailboxes -> subscribers, with a
+    /// generated directory of many participants; and the cost of reading one mailbox.
+    Routing(routing::RoutingBenchArgs),
+}
+
+/// Runs the benchmark the command names.
+pub async fn run_command(command: BenchCommand) -> anyhow::Result<()> {
+    match command.which {
+        Some(Which::Routing(args)) => routing::run(args).await,
+        None => run(command.core).await,
+    }
+}
 
 /// Options of `justizbus bench`.
 #[derive(Args, Debug, Clone)]
@@ -72,7 +103,7 @@ pub struct BenchArgs {
     pub data_dir: Option<std::path::PathBuf>,
 }
 
-fn payload(size: usize, i: u64) -> Vec<u8> {
+pub(crate) fn payload(size: usize, i: u64) -> Vec<u8> {
     let mut v = format!("{{\"n\":{i},\"pad\":\"").into_bytes();
     while v.len() + 2 < size {
         v.push(b'a' + (v.len() % 26) as u8);
@@ -98,11 +129,11 @@ fn event(args: &BenchArgs, i: u64, sent_ns: Option<u128>) -> pb::Event {
     e
 }
 
-fn now_ns() -> u128 {
+pub(crate) fn now_ns() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos()
 }
 
-fn per_sec(n: u64, d: Duration) -> f64 {
+pub(crate) fn per_sec(n: u64, d: Duration) -> f64 {
     (n as f64 / d.as_secs_f64()).round()
 }
 
@@ -268,7 +299,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// Drains a channel of nanosecond samples into a sorted vector.
-fn sorted(rx: &mut mpsc::UnboundedReceiver<u128>) -> Vec<u128> {
+pub(crate) fn sorted(rx: &mut mpsc::UnboundedReceiver<u128>) -> Vec<u128> {
     let mut v = Vec::new();
     while let Ok(x) = rx.try_recv() {
         v.push(x);
@@ -278,7 +309,7 @@ fn sorted(rx: &mut mpsc::UnboundedReceiver<u128>) -> Vec<u128> {
 }
 
 /// The `q` quantile of sorted nanosecond samples, in milliseconds (two decimals).
-fn percentile_ms(sorted: &[u128], q: f64) -> f64 {
+pub(crate) fn percentile_ms(sorted: &[u128], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -286,7 +317,7 @@ fn percentile_ms(sorted: &[u128], q: f64) -> f64 {
     (sorted[i] as f64 / 1e6 * 100.0).round() / 100.0
 }
 
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+pub(crate) fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("justizbus-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
