@@ -126,6 +126,9 @@ pub struct LogSettings {
     pub state_cache_bytes: u64,
     /// Most bytes one group commit writes before it syncs.
     pub max_batch_bytes: usize,
+    /// Memory for recently read batches, which several readers of one batch share (the
+    /// mailboxes above all); 0 turns the cache off.
+    pub read_cache_bytes: usize,
 }
 
 impl Default for LogSettings {
@@ -139,6 +142,7 @@ impl Default for LogSettings {
             retention_check_ms: 60_000,
             state_cache_bytes: 32 * 1024 * 1024,
             max_batch_bytes: 1024 * 1024,
+            read_cache_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -64,7 +64,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     let bus = Arc::new(Bus { log: log.clone(), delivery: delivery.clone(), config: config.clone(), blobs, mailboxes, gate });
     let router = match routing {
         Some((directory, mailboxes)) => {
-            Some(Router { delivery: delivery.clone(), mailboxes, directory, settings: config.routing.clone() }.start().await?)
+            Some(Router { mailboxes, directory, settings: config.routing.clone() }.start().await?)
         }
         None => None,
     };
@@ -150,9 +150,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     retention.abort();
     delivery.shutdown().await;
     if let Some(router) = router {
-        // Its subscription ended with the groups; an unfinished batch is redelivered at start.
-        router.abort();
-        let _ = router.await;
+        router.stop().await;
     }
     log.close().await?;
     tracing::info!("stopped");

@@ -249,6 +249,22 @@ pub async fn run(args: RoutingBenchArgs) -> anyhow::Result<()> {
 
     // 2. Throughput.
     let started = Instant::now();
+    let router_done = {
+        let (channel, target) = (channel.clone(), args.events / args.streams.max(1) as u64 * args.streams.max(1) as u64);
+        tokio::spawn(async move {
+            let mut admin = pb::admin_client::AdminClient::new(channel);
+            loop {
+                let req = pb::DescribeGroupRequest { topic: "xjustiz.ingest".into(), group: crate::routing::router::ROUTER_GROUP.into() };
+                if let Ok(g) = admin.describe_group(req).await {
+                    // The probe events of phase 1 were routed before.
+                    if g.into_inner().partitions.iter().map(|p| p.committed_offset).sum::<u64>() >= target + PROBE_EVENTS {
+                        return started.elapsed();
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
     let streams = args.streams.max(1) as u64;
     let per_stream = args.events / streams;
     let mut tasks = Vec::new();
@@ -274,6 +290,7 @@ pub async fn run(args: RoutingBenchArgs) -> anyhow::Result<()> {
     let publish_elapsed = started.elapsed();
     wait_for(&counters.delivered, published, Duration::from_secs(60), "routed deliveries").await?;
     let routed_elapsed = started.elapsed();
+    let router_elapsed = router_done.await?;
 
     // 3. Latency at a steady rate.
     let lat_events = args.rate * args.latency_secs;
@@ -315,6 +332,7 @@ pub async fn run(args: RoutingBenchArgs) -> anyhow::Result<()> {
             "events": published,
             "publish_seconds": publish_elapsed.as_secs_f64(),
             "publish_events_per_sec": per_sec(published, publish_elapsed),
+            "router_seconds": router_elapsed.as_secs_f64(),
             "routed_seconds": routed_elapsed.as_secs_f64(),
             "routed_deliveries_per_sec": per_sec(published, routed_elapsed),
         },

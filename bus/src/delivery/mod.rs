@@ -159,6 +159,14 @@ pub struct Delivery {
     next_subscriber: AtomicU64,
 }
 
+/// Group names the bus keeps for its own readers (the router); clients cannot join them.
+pub const RESERVED_GROUP_PREFIX: &str = "justizbus.";
+
+/// Whether `group` is one of the bus's own.
+pub fn is_reserved_group(group: &str) -> bool {
+    group.starts_with(RESERVED_GROUP_PREFIX)
+}
+
 /// Name of a group's dead-letter topic.
 pub fn dead_letter_topic(topic: &str, group: &str) -> String {
     format!("{topic}.{group}.dlq")
@@ -173,6 +181,9 @@ impl Delivery {
     async fn group(&self, topic: &str, group: &str, create: Option<StartPosition>) -> Result<mpsc::Sender<group::Command>> {
         validate_name("topic", topic)?;
         validate_name("group", group)?;
+        if is_reserved_group(group) {
+            return Err(Error::invalid("group", format!("group names beginning with {RESERVED_GROUP_PREFIX:?} belong to the bus itself")));
+        }
         if dead_letter_topic(topic, group).len() > crate::event::MAX_NAME_LEN {
             return Err(Error::invalid(
                 "group",
@@ -223,10 +234,35 @@ impl Delivery {
 
     /// State of a group.
     pub async fn describe(&self, topic: &str, group: &str) -> Result<GroupStatus> {
+        if is_reserved_group(group) {
+            return self.reader_status(topic, group).await;
+        }
         let tx = self.group(topic, group, None).await?;
         let (reply, rx) = oneshot::channel();
         tx.send(group::Command::Describe { reply }).await.map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// State of one of the bus's own readers (the router): its stored positions, no actor.
+    async fn reader_status(&self, topic: &str, group: &str) -> Result<GroupStatus> {
+        let info = self.log.describe_topic(topic).await?;
+        let (mut partitions, mut known) = (Vec::with_capacity(info.partitions.len()), false);
+        for (p, offsets) in info.partitions.iter().enumerate() {
+            let cursor = self.log.load_cursor(topic, group, p as u32).await?;
+            known |= cursor.is_some();
+            let committed = cursor.map_or(offsets.start, |c| c.committed);
+            partitions.push(group::PartitionStatus {
+                partition: p as u32,
+                committed,
+                end: offsets.end,
+                lag: offsets.end.saturating_sub(committed),
+                in_flight: 0,
+            });
+        }
+        if !known {
+            return Err(Error::UnknownGroup { topic: topic.into(), group: group.into() });
+        }
+        Ok(GroupStatus { topic: topic.into(), group: group.into(), subscribers: 0, partitions, quarantined_keys: 0, dead_letter_topic: String::new() })
     }
 
     /// All groups, described.

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex as SyncMutex};
 
 use async_trait::async_trait;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{oneshot, watch, Mutex};
 
 use super::directory::{DirectoryHandle, MAILBOX_PREFIX};
 use crate::log::{Appended, Cursor, GroupConfig, Log, NewRecord, PartitionOffsets, Quarantine, StoredRecord, TopicConfig, TopicInfo};
@@ -89,6 +89,24 @@ pub struct MailboxLog {
     index: SyncMutex<Index>,
     /// Serializes store appends, so sequence numbers become durable in order.
     writer: Mutex<()>,
+    /// Appends waiting for the writer: whoever holds it next writes them all at once, so
+    /// concurrent appends (receipts from many subscribers, the router) share one durable
+    /// write instead of queueing for one each.
+    waiting: SyncMutex<Vec<AppendJob>>,
+}
+
+/// One caller's records, waiting to be written.
+struct AppendJob {
+    records: Vec<(String, NewRecord)>,
+    reply: oneshot::Sender<Result<Vec<Appended>>>,
+}
+
+/// An error of a shared write, for each of the callers it failed.
+fn shared_error(e: &Error) -> Error {
+    match e {
+        Error::ShuttingDown => Error::ShuttingDown,
+        other => Error::State(format!("mailbox store append failed: {other}")),
+    }
 }
 
 fn encode_entry(seq: u64, key: &[u8], payload: &[u8]) -> Bytes {
@@ -128,7 +146,7 @@ impl MailboxLog {
             }
             Err(e) => return Err(e),
         };
-        let log = MailboxLog { inner, directory, partitions, index: SyncMutex::new(Index::default()), writer: Mutex::new(()) };
+        let log = MailboxLog { inner, directory, partitions, index: SyncMutex::new(Index::default()), writer: Mutex::new(()), waiting: SyncMutex::new(Vec::new()) };
         log.rebuild().await?;
         Ok(log)
     }
@@ -208,7 +226,36 @@ impl MailboxLog {
         if let Some(unknown) = topics.into_iter().find(|t| !self.exists(t)) {
             return Err(Error::UnknownTopic(unknown.clone()));
         }
-        let _writer = self.writer.lock().await;
+        let (reply, answer) = oneshot::channel();
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).push(AppendJob { records, reply });
+        {
+            let _writer = self.writer.lock().await;
+            let jobs = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+            // Empty when an earlier holder of the writer took this caller's job along.
+            if !jobs.is_empty() {
+                let lengths: Vec<usize> = jobs.iter().map(|j| j.records.len()).collect();
+                let (records, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.records, j.reply)).unzip();
+                match self.write(records.into_iter().flatten().collect()).await {
+                    Ok(results) => {
+                        let mut results = results.into_iter();
+                        for (reply, n) in replies.into_iter().zip(lengths) {
+                            let _ = reply.send(Ok(results.by_ref().take(n).collect()));
+                        }
+                    }
+                    Err(e) => {
+                        for reply in replies {
+                            let _ = reply.send(Err(shared_error(&e)));
+                        }
+                    }
+                }
+            }
+        }
+        answer.await.map_err(|_| Error::Internal("a mailbox append was abandoned".into()))?
+    }
+
+    /// Assigns sequence numbers, writes the fresh records in one store append, and indexes
+    /// them. Callers hold the writer.
+    async fn write(&self, records: Vec<(String, NewRecord)>) -> Result<Vec<Appended>> {
         let mut results: Vec<Option<Appended>> = vec![None; records.len()];
         let mut fresh = Vec::new();
         let mut placed = Vec::new();

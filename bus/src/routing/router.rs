@@ -1,33 +1,37 @@
-//! The router: consumes the ingest topic as the consumer group `justizbus.router` and appends
-//! one delivery per recipient to that recipient's mailbox, keyed by the case (DESIGN.md 5).
+//! The router: reads the ingest topic and appends one delivery per recipient to that
+//! recipient's mailbox, keyed by the case (DESIGN.md 5).
 //!
 //! - Recipients are the event's header addresses (`recipients`, routing keys such as
 //!   `court:A1001S`) mapped through the directory, plus the directory's copy rules.
 //! - Deliveries keep the event id, so the outbound side removes duplicates by event id; their
 //!   record ids are `<event id>><participant>`, which the mailbox store deduplicates, so a
 //!   router that crashes after appending and before acknowledging appends nothing twice.
-//! - The router acknowledges an ingest event only after its mailbox appends are durable, and
-//!   the group's committed position is the lowest unacknowledged offset: a crash redelivers to
-//!   the router, never skips.
+//! - The router reads every ingest partition in offset order from its stored position (kept as
+//!   the reserved group `justizbus.router`, which `DescribeGroup` shows), routes a whole batch
+//!   in one durable mailbox write, and only then stores the new positions: a crash routes some
+//!   events again (deduplicated), never skips one.
 //! - An address no participant answers to: the event goes to the unroutable topic
 //!   (`<ingest>.unroutable`) and the sender's mailbox receives a `justizbus.routing.error`
 //!   event naming the address (the bus's counterpart of XJustiz 0005007). Recipients that do
 //!   resolve still get their delivery.
-//! - Per-case order: the group hands the router event n+1 of a case only after n is
-//!   acknowledged, and appends of one batch keep their order in each mailbox.
+//! - Per-case order: a case lives in one ingest partition, read in order; a batch's appends
+//!   keep their order in each mailbox, and a failed batch is retried before anything after it.
+//!   Many events of one case fit in one batch, so the throughput does not depend on how many
+//!   cases are active.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use justizbus_proto::v1 as pb;
 use prost::Message;
+use tokio::sync::watch;
 use serde::{Deserialize, Serialize};
 
 use super::directory::{mailbox_topic, DirectoryHandle};
 use super::mailbox::MailboxLog;
-use crate::delivery::{Delivered, Delivery, GroupOverrides, Outgoing, StartPosition, SubscribeParams};
 use crate::event::{now_ms, now_timestamp, Event, SPEC_VERSION};
-use crate::log::{Log, NewRecord, TopicConfig};
+use crate::log::{Cursor, Log, NewRecord, StoredRecord, TopicConfig};
 use crate::{Error, Result};
 
 /// The router's consumer group on the ingest topic.
@@ -137,10 +141,27 @@ pub fn receipt_for(mailbox: &str, offset: u64, event: &pb::Event) -> Option<(Str
     Some((mailbox_topic(&event.sender), notice(id, RECEIPT_TYPE, &event.subject, recipient, &event.sender, &receipt)))
 }
 
+/// Most bytes the router reads from one ingest partition per batch.
+const MAX_READ_BYTES: usize = 16 << 20;
+
+/// The running router.
+pub struct RouterHandle {
+    /// Tells the router to stop after the batch in hand.
+    stop: watch::Sender<bool>,
+    /// The router task.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RouterHandle {
+    /// Stops the router and waits for it (a batch in hand is finished first).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
 /// The router task.
 pub struct Router {
-    /// Where subscriptions come from.
-    pub delivery: Arc<Delivery>,
     /// The mailboxes (and, through them, the rest of the log).
     pub mailboxes: Arc<MailboxLog>,
     /// The directory in force.
@@ -164,53 +185,98 @@ impl Router {
     }
 
     /// Prepares the topics (errors surface here, at server start) and routes in a task until
-    /// the subscription ends (server shutdown).
-    pub async fn start(self) -> Result<tokio::task::JoinHandle<()>> {
+    /// [`RouterHandle::stop`].
+    pub async fn start(self) -> Result<RouterHandle> {
         self.prepare().await?;
-        Ok(tokio::spawn(async move {
-            if let Err(e) = self.run().await {
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            if let Err(e) = self.run(stopped).await {
                 tracing::error!(error = %e, "router stopped with an error");
             }
-        }))
+        });
+        Ok(RouterHandle { stop, task })
     }
 
-    async fn run(self) -> Result<()> {
-        let mut sub = self
-            .delivery
-            .subscribe(SubscribeParams {
-                topic: self.settings.ingest_topic.clone(),
-                group: ROUTER_GROUP.into(),
-                max_unacked: self.settings.batch.max(1),
-                overrides: GroupOverrides::default(),
-                start: StartPosition::Earliest,
-            })
-            .await?;
-        tracing::info!(topic = %self.settings.ingest_topic, "router running");
-        let mut batch: Vec<Delivered> = Vec::new();
-        while let Some(first) = sub.receiver.recv().await {
-            push(&mut batch, first);
-            while batch.len() < self.settings.batch as usize {
-                match sub.receiver.try_recv() {
-                    Ok(next) => push(&mut batch, next),
-                    Err(_) => break,
+    /// Reads every ingest partition from its stored position, routes what it read in one
+    /// durable mailbox write, then stores the new positions; waits for appends when idle.
+    async fn run(self, mut stopped: watch::Receiver<bool>) -> Result<()> {
+        let topic = self.settings.ingest_topic.clone();
+        let log: Arc<dyn Log> = self.mailboxes.clone();
+        let partitions = log.describe_topic(&topic).await?.config.partitions;
+        let mut next = Vec::with_capacity(partitions as usize);
+        let mut ends = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            let start = log.offsets(&topic, p).await?.start;
+            next.push(log.load_cursor(&topic, ROUTER_GROUP, p).await?.map_or(start, |c| c.committed.max(start)));
+            ends.push(log.watch_end(&topic, p)?);
+        }
+        tracing::info!(topic, positions = ?next, "router running");
+        let mut failures = 0u32;
+        while !*stopped.borrow() {
+            let mut batch: Vec<StoredRecord> = Vec::new();
+            let mut advanced: Vec<(u32, u64)> = Vec::new();
+            for p in 0..partitions {
+                let at = next[p as usize];
+                if *ends[p as usize].borrow_and_update() <= at {
+                    continue;
+                }
+                let records = match log.read(&topic, p, at, self.settings.batch as usize, MAX_READ_BYTES).await {
+                    Ok(r) => r,
+                    // Retention removed events the router had not reached yet: go on from the
+                    // oldest stored one, and say so.
+                    Err(Error::OffsetOutOfRange { start, .. }) if start > at => {
+                        tracing::error!(partition = p, from = at, to = start, "ingest events removed by retention before routing");
+                        next[p as usize] = start;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if let Some(last) = records.last() {
+                    advanced.push((p, last.offset + 1));
+                    batch.extend(records);
                 }
             }
-            let ids: Vec<u64> = batch.iter().map(|d| d.delivery_id).collect();
-            match self.route(&batch).await {
-                Ok(()) => sub.control.ack(ids).await?,
-                Err(e) => {
-                    tracing::error!(error = %e, events = ids.len(), "routing failed; the events will be redelivered");
-                    sub.control.nack(ids).await?;
+            if batch.is_empty() {
+                let changed = futures_util::future::select_all(ends.iter_mut().map(|w| Box::pin(w.changed())));
+                tokio::select! {
+                    _ = stopped.changed() => {}
+                    (result, _, _) = changed => {
+                        if result.is_err() {
+                            break; // the log closed
+                        }
+                    }
                 }
+                continue;
             }
-            batch.clear();
+            if let Err(e) = self.route(&batch).await {
+                // Nothing advances: the same events are routed again (the mailbox store drops
+                // the deliveries that did get through).
+                failures += 1;
+                let wait = Duration::from_millis(100 * u64::from(failures.min(50)));
+                tracing::error!(error = %e, events = batch.len(), retry_in_ms = wait.as_millis() as u64, "routing failed");
+                tokio::select! { _ = stopped.changed() => {} _ = tokio::time::sleep(wait) => {} }
+                continue;
+            }
+            failures = 0;
+            let cursors: Vec<(u32, Cursor)> = advanced
+                .iter()
+                .map(|&(p, offset)| (p, Cursor { committed: offset, scanned: offset, unacked: Vec::new(), attempts: Vec::new() }))
+                .collect();
+            for &(p, offset) in &advanced {
+                next[p as usize] = offset;
+            }
+            // A position lost in a crash only means routing some events again, which the
+            // mailbox store deduplicates.
+            if let Err(e) = log.store_cursors(&topic, ROUTER_GROUP, &cursors).await {
+                tracing::warn!(error = %e, "storing the router's positions failed; will store them with the next batch");
+            }
         }
         tracing::info!("router stopped");
         Ok(())
     }
 
     /// Makes the deliveries, routing errors and unroutable copies of a batch durable.
-    async fn route(&self, batch: &[Delivered]) -> Result<()> {
+    async fn route(&self, batch: &[StoredRecord]) -> Result<()> {
         let directory = self.directory.get();
         let mut deliveries: Vec<(String, NewRecord)> = Vec::new();
         let mut unroutable: Vec<NewRecord> = Vec::new();
@@ -221,8 +287,7 @@ impl Router {
             timestamp_ms: now_ms(),
             value: r.value.clone(),
         };
-        for d in batch {
-            let record = &d.record;
+        for record in batch {
             let event = match Event::decode(&record.value) {
                 Ok(e) => e,
                 Err(e) => {
@@ -284,9 +349,3 @@ impl Router {
     }
 }
 
-fn push(batch: &mut Vec<Delivered>, out: Outgoing) {
-    match out {
-        Outgoing::Delivery(d) => batch.push(d),
-        Outgoing::AckError { delivery_id, error } => tracing::warn!(delivery_id, error = %error, "router ack refused"),
-    }
-}

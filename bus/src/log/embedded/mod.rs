@@ -36,6 +36,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use self::partition::Partition;
+use self::segment::BatchCache;
 use crate::config::LogSettings;
 use crate::event::{now_ms, validate_name};
 use crate::log::{Appended, Cursor, GroupConfig, Log, NewRecord, PartitionOffsets, Quarantine, StoredRecord, TopicConfig, TopicInfo};
@@ -63,6 +64,8 @@ pub struct EmbeddedLog {
     quarantine: sled::Tree,
     /// `topic \0 group \0` -> JSON [`GroupConfig`].
     group_configs: sled::Tree,
+    /// Recently read batches, shared by all partitions.
+    cache: Arc<BatchCache>,
     /// Open topics. Written only by `create_topic` (which serializes through the lock).
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
 }
@@ -82,6 +85,7 @@ impl EmbeddedLog {
             group_configs: db.open_tree("group_configs")?,
             db,
             dir,
+            cache: Arc::new(BatchCache::new(settings.read_cache_bytes)),
             settings,
             topics: RwLock::new(BTreeMap::new()),
         };
@@ -101,7 +105,7 @@ impl EmbeddedLog {
 
     fn open_topic(&self, name: &str, config: TopicConfig) -> Result<Arc<Topic>> {
         let partitions = (0..config.partitions)
-            .map(|p| Partition::open(name, p, &self.dir.join("log").join(name).join(p.to_string()), &self.settings))
+            .map(|p| Partition::open(name, p, &self.dir.join("log").join(name).join(p.to_string()), &self.settings, self.cache.clone()))
             .collect::<Result<Vec<_>>>()?;
         Ok(Arc::new(Topic { config, partitions }))
     }

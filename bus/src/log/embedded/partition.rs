@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::dedup::{id_hash, DedupIndex};
 use super::format;
-use super::segment::{self, ReadBudget, Segment, TornTail};
+use super::segment::{self, BatchCache, ReadBudget, Segment, TornTail};
 use crate::config::LogSettings;
 use crate::event::now_ms;
 use crate::log::{Appended, NewRecord, StoredRecord};
@@ -50,6 +50,8 @@ pub struct Partition {
     end: watch::Sender<u64>,
     /// Jobs for the writer task.
     writer: mpsc::Sender<WriterMsg>,
+    /// Recently read batches of the whole log.
+    cache: Arc<BatchCache>,
 }
 
 /// What only the writer task touches.
@@ -64,7 +66,7 @@ struct WriterState {
 
 impl Partition {
     /// Opens (or creates) a partition directory, recovering its active segment.
-    pub fn open(topic: &str, id: u32, dir: &Path, settings: &LogSettings) -> Result<Arc<Partition>> {
+    pub fn open(topic: &str, id: u32, dir: &Path, settings: &LogSettings, cache: Arc<BatchCache>) -> Result<Arc<Partition>> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let mut bases: Vec<u64> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
@@ -108,7 +110,7 @@ impl Partition {
         let (end, _) = watch::channel(end_offset);
         let (tx, rx) = mpsc::channel(1024);
         let partition =
-            Arc::new(Partition { topic: topic.to_string(), id, dir: dir.to_path_buf(), segments: RwLock::new(segments), end, writer: tx });
+            Arc::new(Partition { topic: topic.to_string(), id, dir: dir.to_path_buf(), segments: RwLock::new(segments), end, writer: tx, cache });
         let dedup = partition.load_dedup(settings)?;
         let state = WriterState { index_file, ids_file, since_index, settings: settings.clone(), dedup, buf: Vec::new() };
         tokio::spawn(run_writer(Arc::downgrade(&partition), state, rx));
@@ -199,7 +201,7 @@ impl Partition {
         let first = segments.partition_point(|s| s.base_offset <= from).saturating_sub(1);
         let mut budget = ReadBudget { upto, max_records, max_bytes, bytes_read: 0 };
         for seg in &segments[first..] {
-            if seg.base_offset >= upto || !seg.read(self.id, from, &mut budget, &mut out)? {
+            if seg.base_offset >= upto || !seg.read(self.id, from, &mut budget, &self.cache, &mut out)? {
                 break;
             }
         }

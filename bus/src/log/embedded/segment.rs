@@ -10,7 +10,8 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::format::{self, BadBatch, BatchHeader, BATCH_HEADER};
 use crate::log::StoredRecord;
@@ -76,6 +77,8 @@ pub struct ReadBudget {
 /// A segment of a partition.
 #[derive(Debug)]
 pub struct Segment {
+    /// Unique among the segments this process opened (the read cache's key).
+    uid: u64,
     /// Offset of the first record.
     pub base_offset: u64,
     /// Path of the `.log` file.
@@ -90,6 +93,60 @@ pub struct Segment {
     size: AtomicU64,
     next_offset: AtomicU64,
     max_ts: AtomicI64,
+}
+
+/// Source of [`Segment::uid`].
+static NEXT_SEGMENT_UID: AtomicU64 = AtomicU64::new(0);
+
+/// Recently read batches, checked and kept whole, shared by the partitions of one log.
+///
+/// Many readers of one batch are the rule for the mailbox store (every mailbox reads its own
+/// records out of the router's batches) and for several groups on one topic: without the
+/// cache, each read of one record reads and checks its whole batch again. First in, first out,
+/// bounded in bytes; a batch never changes once durable, so entries need no invalidation.
+#[derive(Debug)]
+pub struct BatchCache {
+    capacity: usize,
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Debug, Default)]
+struct CacheInner {
+    /// (segment uid, position) -> the batch's bytes.
+    batches: HashMap<(u64, u64), Arc<Vec<u8>>>,
+    /// Insertion order, for eviction.
+    order: VecDeque<(u64, u64)>,
+    bytes: usize,
+}
+
+impl BatchCache {
+    /// A cache of at most `capacity` bytes (0: no caching).
+    pub fn new(capacity: usize) -> Self {
+        BatchCache { capacity, inner: Mutex::new(CacheInner::default()) }
+    }
+
+    fn get(&self, key: (u64, u64)) -> Option<Arc<Vec<u8>>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).batches.get(&key).cloned()
+    }
+
+    fn put(&self, key: (u64, u64), batch: Arc<Vec<u8>>) {
+        if batch.len() > self.capacity / 4 {
+            return;
+        }
+        let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if c.batches.contains_key(&key) {
+            return;
+        }
+        c.bytes += batch.len();
+        c.batches.insert(key, batch);
+        c.order.push_back(key);
+        while c.bytes > self.capacity {
+            let Some(old) = c.order.pop_front() else { break };
+            if let Some(b) = c.batches.remove(&old) {
+                c.bytes -= b.len();
+            }
+        }
+    }
 }
 
 fn io(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> Error {
@@ -131,6 +188,7 @@ impl Segment {
         let file = OpenOptions::new().read(true).write(true).open(&log_path).map_err(io(&log_path, "opening"))?;
         let size = file.metadata().map_err(io(&log_path, "reading metadata of"))?.len();
         Ok(Segment {
+            uid: NEXT_SEGMENT_UID.fetch_add(1, Ordering::Relaxed),
             base_offset,
             log_path,
             index_path,
@@ -378,7 +436,7 @@ impl Segment {
 
     /// Reads records with offsets in `[from, budget.upto)` into `out` until the budget is spent.
     /// Returns false when the budget stopped it.
-    pub fn read(&self, partition: u32, from: u64, budget: &mut ReadBudget, out: &mut Vec<StoredRecord>) -> Result<bool> {
+    pub fn read(&self, partition: u32, from: u64, budget: &mut ReadBudget, cache: &BatchCache, out: &mut Vec<StoredRecord>) -> Result<bool> {
         let ReadBudget { upto, max_records, max_bytes, .. } = *budget;
         let (mut pos, _) = self.floor_entry(from);
         let size = self.size();
@@ -390,9 +448,17 @@ impl Segment {
                 return Ok(true);
             }
             if h.next_offset() > from {
-                let mut buf = vec![0u8; h.total_len as usize];
-                self.file.read_exact_at(&mut buf, pos).map_err(io(&self.log_path, "reading"))?;
-                format::check_crc(&h, &buf).map_err(|b| self.corrupt(pos, b))?;
+                let buf = match cache.get((self.uid, pos)) {
+                    Some(buf) => buf,
+                    None => {
+                        let mut buf = vec![0u8; h.total_len as usize];
+                        self.file.read_exact_at(&mut buf, pos).map_err(io(&self.log_path, "reading"))?;
+                        format::check_crc(&h, &buf).map_err(|b| self.corrupt(pos, b))?;
+                        let buf = Arc::new(buf);
+                        cache.put((self.uid, pos), buf.clone());
+                        buf
+                    }
+                };
                 format::decode_records(&h, &buf, partition, from, max_records.saturating_sub(out.len()), out)
                     .map_err(|b| self.corrupt(pos, b))?;
                 while out.last().is_some_and(|r| r.offset >= upto) {
