@@ -23,8 +23,6 @@ use crate::event::now_ms;
 use crate::log::{Cursor, GroupConfig, Log, NewRecord, Quarantine, StoredRecord, TopicConfig};
 use crate::{Error, Result};
 
-/// How often in-flight deliveries are checked against their ack deadline.
-const EXPIRY_SCAN: Duration = Duration::from_millis(10);
 
 /// Commands to a group actor.
 pub enum Command {
@@ -202,12 +200,14 @@ struct Actor {
     /// Round-robin position among subscribers.
     rr: u64,
     inflight: HashMap<u64, InFlight>,
+    /// Ack deadlines of `inflight`, earliest first: the actor sleeps until the first one
+    /// instead of polling.
+    deadlines: BTreeSet<(Instant, u64)>,
     ready: VecDeque<(u32, u64)>,
     backoff: BTreeSet<(Instant, u32, u64)>,
     quarantined: HashMap<Bytes, Quarantine>,
     next_delivery: u64,
     last_commit: Instant,
-    last_expiry_scan: Instant,
 }
 
 /// Loads a group's state and starts its actor.
@@ -239,9 +239,10 @@ pub async fn spawn(
         inflight: HashMap::new(),
         ready: VecDeque::new(),
         backoff: BTreeSet::new(),
+        deadlines: BTreeSet::new(),
         quarantined: HashMap::new(),
         next_delivery: 1,
-        last_expiry_scan: Instant::now(),
+        
         last_commit: Instant::now(),
     };
     for q in log.list_quarantine(topic, group).await? {
@@ -295,11 +296,10 @@ impl Actor {
         loop {
             self.fill().await;
             self.dispatch();
-            let tick = if self.inflight.is_empty() && self.backoff.is_empty() && !self.parts.iter().any(|p| p.dirty) {
-                far
-            } else {
-                Duration::from_millis(20)
-            };
+            // Sleep until the next thing due: an ack deadline, the end of a backoff, a commit.
+            let commit_due = self.parts.iter().any(|p| p.dirty).then(|| self.last_commit + Duration::from_millis(self.limits.commit_interval_ms));
+            let due = [self.deadlines.first().map(|d| d.0), self.backoff.first().map(|b| b.0), commit_due].into_iter().flatten().min();
+            let tick = due.map_or(far, |t| t.saturating_duration_since(Instant::now()));
             tokio::select! {
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { break };
@@ -492,10 +492,9 @@ impl Actor {
             sub.outstanding += 1;
             // The attempt count is part of the stored position.
             self.parts[p as usize].dirty = true;
-            self.inflight.insert(
-                delivery_id,
-                InFlight { partition: p, offset: off, sub: sub_id, deadline: Instant::now() + self.settings.ack_deadline },
-            );
+            let deadline = Instant::now() + self.settings.ack_deadline;
+            self.deadlines.insert((deadline, delivery_id));
+            self.inflight.insert(delivery_id, InFlight { partition: p, offset: off, sub: sub_id, deadline });
         }
     }
 
@@ -518,6 +517,7 @@ impl Actor {
             return Err(Error::UnknownDelivery(id));
         }
         let f = self.inflight.remove(&id).ok_or(Error::UnknownDelivery(id))?;
+        self.deadlines.remove(&(f.deadline, id));
         if let Some(s) = self.subs.get_mut(&sub) {
             s.outstanding = s.outstanding.saturating_sub(1);
         }
@@ -646,6 +646,7 @@ impl Actor {
         let mine: Vec<u64> = self.inflight.iter().filter(|(_, f)| f.sub == sub).map(|(id, _)| *id).collect();
         for id in mine {
             if let Some(f) = self.inflight.remove(&id) {
+                self.deadlines.remove(&(f.deadline, id));
                 if let Some(e) = self.parts[f.partition as usize].entries.get_mut(&f.offset) {
                     e.state = State::Ready;
                     self.ready.push_front((f.partition, f.offset));
@@ -658,18 +659,16 @@ impl Actor {
     /// Expired deliveries fail; backoffs that are over become ready.
     async fn expire(&mut self) {
         let now = Instant::now();
-        // Scanning every in-flight delivery after every command would cost O(credit) per event;
-        // deadlines are checked every EXPIRY_SCAN instead (deadline precision: that much).
-        if !self.inflight.is_empty() && now.duration_since(self.last_expiry_scan) >= EXPIRY_SCAN {
-            self.last_expiry_scan = now;
-            let expired: Vec<u64> = self.inflight.iter().filter(|(_, f)| f.deadline <= now).map(|(id, _)| *id).collect();
-            for id in expired {
-                if let Some(f) = self.inflight.remove(&id) {
-                    if let Some(s) = self.subs.get_mut(&f.sub) {
-                        s.outstanding = s.outstanding.saturating_sub(1);
-                    }
-                    self.failed(f.partition, f.offset, "ack deadline expired").await;
+        while let Some(&(deadline, id)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            if let Some(f) = self.inflight.remove(&id) {
+                if let Some(s) = self.subs.get_mut(&f.sub) {
+                    s.outstanding = s.outstanding.saturating_sub(1);
                 }
+                self.failed(f.partition, f.offset, "ack deadline expired").await;
             }
         }
         while let Some(&(until, p, off)) = self.backoff.first() {
