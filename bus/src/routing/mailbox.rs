@@ -22,7 +22,7 @@
 //! which makes router retries after a crash idempotent.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex as SyncMutex};
 
@@ -87,7 +87,15 @@ pub struct MailboxLog {
     partitions: u32,
     /// The index; locked briefly, never across an await.
     index: SyncMutex<Index>,
-    /// Serializes store appends, so sequence numbers become durable in order.
+    /// One write lane per store partition. A mailbox lives in one store partition, so its
+    /// sequence numbers are assigned in one lane; lanes write independently, so a receipt
+    /// waits only for the writes of its own partition.
+    lanes: Vec<Lane>,
+}
+
+/// The writes of one store partition.
+struct Lane {
+    /// Serializes this partition's appends, so sequence numbers become durable in order.
     writer: Mutex<()>,
     /// Appends waiting for the writer: whoever holds it next writes them all at once, so
     /// concurrent appends (receipts from many subscribers, the router) share one durable
@@ -146,7 +154,8 @@ impl MailboxLog {
             }
             Err(e) => return Err(e),
         };
-        let log = MailboxLog { inner, directory, partitions, index: SyncMutex::new(Index::default()), writer: Mutex::new(()), waiting: SyncMutex::new(Vec::new()) };
+        let lanes = (0..partitions).map(|_| Lane { writer: Mutex::new(()), waiting: SyncMutex::new(Vec::new()) }).collect();
+        let log = MailboxLog { inner, directory, partitions, index: SyncMutex::new(Index::default()), lanes };
         log.rebuild().await?;
         Ok(log)
     }
@@ -226,11 +235,31 @@ impl MailboxLog {
         if let Some(unknown) = topics.into_iter().find(|t| !self.exists(t)) {
             return Err(Error::UnknownTopic(unknown.clone()));
         }
+        let mut by_lane: BTreeMap<u32, (Vec<usize>, Vec<(String, NewRecord)>)> = BTreeMap::new();
+        let count = records.len();
+        for (i, (topic, r)) in records.into_iter().enumerate() {
+            let lane = by_lane.entry(partition_for_key(topic.as_bytes(), self.partitions)).or_default();
+            lane.0.push(i);
+            lane.1.push((topic, r));
+        }
+        let lanes = by_lane.into_iter().map(|(lane, (indexes, records))| async move { (indexes, self.append_lane(lane, records).await) });
+        let mut results: Vec<Option<Appended>> = vec![None; count];
+        for (indexes, appended) in futures_util::future::join_all(lanes).await {
+            for (i, a) in indexes.into_iter().zip(appended?) {
+                results[i] = Some(a);
+            }
+        }
+        results.into_iter().map(|r| r.ok_or_else(|| Error::Internal("a mailbox append lost a record".into()))).collect()
+    }
+
+    /// Appends records of one store partition, together with whatever else waits for it.
+    async fn append_lane(&self, lane: u32, records: Vec<(String, NewRecord)>) -> Result<Vec<Appended>> {
+        let lane = &self.lanes[lane as usize];
         let (reply, answer) = oneshot::channel();
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).push(AppendJob { records, reply });
+        lane.waiting.lock().unwrap_or_else(|e| e.into_inner()).push(AppendJob { records, reply });
         {
-            let _writer = self.writer.lock().await;
-            let jobs = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+            let _writer = lane.writer.lock().await;
+            let jobs = std::mem::take(&mut *lane.waiting.lock().unwrap_or_else(|e| e.into_inner()));
             // Empty when an earlier holder of the writer took this caller's job along.
             if !jobs.is_empty() {
                 let lengths: Vec<usize> = jobs.iter().map(|j| j.records.len()).collect();
@@ -454,7 +483,10 @@ impl Log for MailboxLog {
     }
 
     async fn close(&self) -> Result<()> {
-        let _writer = self.writer.lock().await;
+        let mut writers = Vec::with_capacity(self.lanes.len());
+        for lane in &self.lanes {
+            writers.push(lane.writer.lock().await);
+        }
         self.inner.close().await
     }
 }
