@@ -51,6 +51,19 @@ pub enum Command {
         /// Delivery ids.
         ids: Vec<u64>,
     },
+    /// Acknowledgements whose effects are still being made durable: the deliveries are done
+    /// and their keys move on, but the group's position keeps them until `Settle`.
+    Release {
+        /// Subscriber id.
+        sub: u64,
+        /// Delivery ids.
+        ids: Vec<u64>,
+    },
+    /// The effects of released deliveries are durable: they may be committed.
+    Settle {
+        /// Delivery ids given to `Release`.
+        ids: Vec<u64>,
+    },
     /// Negative acknowledgements.
     Nack {
         /// Subscriber id.
@@ -130,6 +143,9 @@ enum State {
     Backoff(Instant),
     /// Dead-lettered; its key waits for an operator.
     Quarantined,
+    /// Acknowledged, and its key has moved on, but not yet committed: it waits until what the
+    /// acknowledgement caused (a receipt) is durable, so a crash before that redelivers it.
+    Settling,
 }
 
 struct Entry {
@@ -200,6 +216,8 @@ struct Actor {
     /// Round-robin position among subscribers.
     rr: u64,
     inflight: HashMap<u64, InFlight>,
+    /// Released deliveries (id -> partition, offset) waiting for `Settle`.
+    settling: HashMap<u64, (u32, u64)>,
     /// Ack deadlines of `inflight`, earliest first: the actor sleeps until the first one
     /// instead of polling.
     deadlines: BTreeSet<(Instant, u64)>,
@@ -240,6 +258,7 @@ pub async fn spawn(
         ready: VecDeque::new(),
         backoff: BTreeSet::new(),
         deadlines: BTreeSet::new(),
+        settling: HashMap::new(),
         quarantined: HashMap::new(),
         next_delivery: 1,
         
@@ -347,6 +366,27 @@ impl Actor {
                     match self.take_inflight(sub, id) {
                         Ok((p, off)) => self.acked(p, off),
                         Err(e) => self.tell(sub, id, e),
+                    }
+                }
+            }
+            Command::Release { sub, ids } => {
+                for id in ids {
+                    match self.take_inflight(sub, id) {
+                        Ok((p, off)) => {
+                            self.release_key(p, off);
+                            if let Some(e) = self.parts[p as usize].entries.get_mut(&off) {
+                                e.state = State::Settling;
+                            }
+                            self.settling.insert(id, (p, off));
+                        }
+                        Err(e) => self.tell(sub, id, e),
+                    }
+                }
+            }
+            Command::Settle { ids } => {
+                for id in ids {
+                    if let Some((p, off)) = self.settling.remove(&id) {
+                        self.forget(p, off);
                     }
                 }
             }
@@ -526,11 +566,23 @@ impl Actor {
 
     /// Removes an acknowledged (or skipped) event; the next event of its key becomes eligible.
     fn acked(&mut self, p: u32, off: u64) {
+        self.release_key(p, off);
+        self.forget(p, off);
+    }
+
+    /// Drops a finished event from the buffer; the group's position may pass it.
+    fn forget(&mut self, p: u32, off: u64) {
         let part = &mut self.parts[p as usize];
-        let Some(entry) = part.entries.remove(&off) else { return };
-        part.dirty = true;
-        part.buffered_bytes -= entry.record.value.len() + entry.record.key.len();
-        let key = entry.record.key.clone();
+        if let Some(entry) = part.entries.remove(&off) {
+            part.dirty = true;
+            part.buffered_bytes -= entry.record.value.len() + entry.record.key.len();
+        }
+    }
+
+    /// Takes a finished event off its key's queue: the key's next event becomes eligible.
+    fn release_key(&mut self, p: u32, off: u64) {
+        let part = &mut self.parts[p as usize];
+        let Some(key) = part.entries.get(&off).map(|e| e.record.key.clone()) else { return };
         let next = match part.keys.get_mut(&key) {
             Some(queue) => {
                 // Only a key's head is ever handed out, so it is almost always the front.

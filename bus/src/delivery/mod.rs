@@ -111,6 +111,18 @@ impl SubscriberControl {
         self.send(group::Command::Ack { sub: self.id, ids: delivery_ids }).await
     }
 
+    /// Acknowledges deliveries whose consequences are still being made durable: the
+    /// subscriber's credit and the cases' next events are freed now, but the group's stored
+    /// position keeps the deliveries until [`Settler::settle`] (so a crash redelivers them).
+    pub async fn release(&self, delivery_ids: Vec<u64>) -> Result<()> {
+        self.send(group::Command::Release { sub: self.id, ids: delivery_ids }).await
+    }
+
+    /// A handle that settles released deliveries, usable after the subscriber has left.
+    pub fn settler(&self) -> Settler {
+        Settler { group: self.group.clone() }
+    }
+
     /// Rejects deliveries: they are redelivered after a backoff.
     pub async fn nack(&self, delivery_ids: Vec<u64>) -> Result<()> {
         self.send(group::Command::Nack { sub: self.id, ids: delivery_ids }).await
@@ -124,6 +136,20 @@ impl SubscriberControl {
 
     async fn send(&self, cmd: group::Command) -> Result<()> {
         self.group.send(cmd).await.map_err(|_| Error::ShuttingDown)
+    }
+}
+
+/// Settles deliveries released with [`SubscriberControl::release`].
+#[derive(Clone)]
+pub struct Settler {
+    /// The group's command channel.
+    group: mpsc::Sender<group::Command>,
+}
+
+impl Settler {
+    /// The consequences of these released deliveries are durable: they may be committed.
+    pub async fn settle(&self, delivery_ids: Vec<u64>) -> Result<()> {
+        self.group.send(group::Command::Settle { ids: delivery_ids }).await.map_err(|_| Error::ShuttingDown)
     }
 }
 

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use justizbus_proto::v1 as pb;
 use pb::subscribe_request::Request as Req;
@@ -19,7 +20,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Bus;
-use crate::delivery::{GroupOverrides, Outgoing, StartPosition, SubscribeParams, SubscriberControl};
+use crate::delivery::{GroupOverrides, Outgoing, Settler, StartPosition, SubscribeParams, SubscriberControl};
 use crate::event::{ms_timestamp, Event};
 use crate::routing::mailbox::{is_mailbox_topic, MailboxLog};
 use crate::routing::router::{receipt_for, RECIPIENT_HEADER};
@@ -162,20 +163,33 @@ impl Receipts {
     /// Makes the receipts of acknowledged deliveries durable in the senders' mailboxes; the
     /// ack is forwarded only afterwards, so a crash between the two repeats the receipt (stored
     /// once: receipt ids are per event and recipient) and never loses it.
-    async fn acknowledged(&self, ids: &[u64]) -> crate::Result<()> {
-        let receipts: Vec<_> = self.take(ids).iter().filter_map(|(offset, e)| receipt_for(&self.topic, *offset, e)).collect();
-        if receipts.is_empty() {
-            return Ok(());
-        }
+    /// The receipts acknowledging `ids` causes (taken out of the book).
+    fn receipts(&self, ids: &[u64]) -> Vec<(String, crate::log::NewRecord)> {
+        let receipts = self.take(ids).iter().filter_map(|(offset, e)| receipt_for(&self.topic, *offset, e)).collect::<Vec<_>>();
         // A sender that has left the directory has no mailbox: its receipts are dropped.
         let (known, unknown): (Vec<_>, Vec<_>) = receipts.into_iter().partition(|(mailbox, _)| self.mailboxes.exists(mailbox));
         for (mailbox, r) in &unknown {
             tracing::warn!(mailbox, id = %r.id, "receipt dropped: the sender has no mailbox");
         }
-        if !known.is_empty() {
-            self.mailboxes.append_many(known).await?;
+        known
+    }
+
+    /// Stores receipts, retrying until they are durable or the bus stops; then settles the
+    /// deliveries they acknowledge, which lets the group commit them.
+    async fn store(mailboxes: Arc<MailboxLog>, receipts: Vec<(String, crate::log::NewRecord)>, ids: Vec<u64>, settler: Settler) {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match mailboxes.append_many(receipts.clone()).await {
+                Ok(_) => break,
+                Err(Error::ShuttingDown) => return, // not settled: redelivered after the restart
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "storing receipts failed");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
         }
-        Ok(())
+        let _ = settler.settle(ids).await;
     }
 }
 
@@ -193,17 +207,20 @@ async fn forward_client_messages(
             Ok(None) | Err(_) => break,
         };
         let result = match msg.request {
-            Some(Req::Ack(ack)) if ack.delivery_ids.len() <= MAX_IDS_PER_MESSAGE => match &receipts {
-                Some(book) => match book.acknowledged(&ack.delivery_ids).await {
-                    Ok(()) => control.ack(ack.delivery_ids).await,
-                    Err(e) => {
-                        // Not acknowledged: the deliveries expire and come again, and so do their receipts.
-                        tracing::error!(error = %e, "storing receipts failed; the acknowledgement is dropped");
-                        Ok(())
+            Some(Req::Ack(ack)) if ack.delivery_ids.len() <= MAX_IDS_PER_MESSAGE => {
+                match receipts.as_ref().map(|book| book.receipts(&ack.delivery_ids)).filter(|r| !r.is_empty()) {
+                    // The case's next delivery need not wait for the receipt's disk write; the
+                    // group commits these deliveries only once their receipts are durable.
+                    Some(made) => {
+                        let result = control.release(ack.delivery_ids.clone()).await;
+                        if let Some(book) = &receipts {
+                            tokio::spawn(Receipts::store(book.mailboxes.clone(), made, ack.delivery_ids, control.settler()));
+                        }
+                        result
                     }
-                },
-                None => control.ack(ack.delivery_ids).await,
-            },
+                    None => control.ack(ack.delivery_ids).await,
+                }
+            }
             Some(Req::Nack(nack)) if nack.delivery_ids.len() <= MAX_IDS_PER_MESSAGE => {
                 if let Some(book) = &receipts {
                     book.take(&nack.delivery_ids);
