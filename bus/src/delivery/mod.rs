@@ -334,3 +334,74 @@ impl Delivery {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::log::{NewRecord, TopicConfig};
+
+    async fn next_delivery(sub: &mut Subscription) -> Delivered {
+        match tokio::time::timeout(Duration::from_secs(5), sub.receiver.recv()).await {
+            Ok(Some(Outgoing::Delivery(d))) => d,
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    }
+
+    fn params() -> SubscribeParams {
+        SubscribeParams { topic: "t".into(), group: "g".into(), max_unacked: 10, overrides: GroupOverrides::default(), start: StartPosition::Earliest }
+    }
+
+    /// A released delivery frees its case at once but is committed only when settled: a
+    /// restart before that redelivers it (and only it).
+    #[tokio::test]
+    async fn released_deliveries_are_committed_only_when_settled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}", dir.path().display());
+        let settings = DeliverySettings { commit_interval_ms: 10, ..DeliverySettings::default() };
+        let log = crate::log::open(&url, &crate::config::LogSettings::default()).await.expect("log");
+        log.create_topic("t", TopicConfig { partitions: 1, retention_ms: 0, retention_bytes: 0 }).await.expect("topic");
+        let records = (0..3)
+            .map(|i| NewRecord { id: format!("e{i}"), key: Bytes::from_static(b"case"), timestamp_ms: 0, value: Bytes::from(vec![i as u8]) })
+            .collect();
+        log.append("t", records).await.expect("append");
+
+        let delivery = Delivery::new(log.clone(), settings.clone());
+        let mut sub = delivery.subscribe(params()).await.expect("subscribe");
+        let first = next_delivery(&mut sub).await;
+        sub.control.release(vec![first.delivery_id]).await.expect("release");
+        // The case moves on without the settle.
+        let second = next_delivery(&mut sub).await;
+        assert_eq!(second.record.id, "e1");
+        sub.control.ack(vec![second.delivery_id]).await.expect("ack");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(sub);
+        delivery.shutdown().await;
+
+        // After a restart: e0 (never settled) comes again, e1 does not; then e2.
+        let delivery = Delivery::new(log.clone(), settings.clone());
+        let mut sub = delivery.subscribe(params()).await.expect("subscribe again");
+        let again = next_delivery(&mut sub).await;
+        assert_eq!(again.record.id, "e0", "an unsettled delivery is redelivered");
+        let settler = sub.control.settler();
+        sub.control.release(vec![again.delivery_id]).await.expect("release");
+        settler.settle(vec![again.delivery_id]).await.expect("settle");
+        let third = next_delivery(&mut sub).await;
+        assert_eq!(third.record.id, "e2");
+        sub.control.ack(vec![third.delivery_id]).await.expect("ack");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(sub);
+        delivery.shutdown().await;
+
+        // Settled and acknowledged: nothing comes again.
+        let delivery = Delivery::new(log.clone(), settings);
+        let mut sub = delivery.subscribe(params()).await.expect("subscribe a third time");
+        assert!(tokio::time::timeout(Duration::from_millis(300), sub.receiver.recv()).await.is_err(), "everything was committed");
+        drop(sub);
+        delivery.shutdown().await;
+        log.close().await.expect("close");
+    }
+}
