@@ -104,9 +104,12 @@ pub struct BenchArgs {
 }
 
 pub(crate) fn payload(size: usize, i: u64) -> Vec<u8> {
+    const ALPHABET: &[u8; 26] = b"abcdefghijklmnopqrstuvwxyz";
     let mut v = format!("{{\"n\":{i},\"pad\":\"").into_bytes();
+    v.reserve(size.saturating_sub(v.len()));
     while v.len() + 2 < size {
-        v.push(b'a' + (v.len() % 26) as u8);
+        let n = (size - 2 - v.len()).min(ALPHABET.len());
+        v.extend_from_slice(&ALPHABET[..n]);
     }
     v.extend_from_slice(b"\"}");
     v

@@ -53,10 +53,10 @@ pub struct RoutingBenchArgs {
     #[arg(long, default_value_t = 100_000)]
     pub events: u64,
     /// Events per `PublishBatch` call.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 1000)]
     pub batch: usize,
-    /// Concurrent batch streams.
-    #[arg(long, default_value_t = 2)]
+    /// Concurrent batch streams (4 publish faster than the bus routes, so routing is measured).
+    #[arg(long, default_value_t = 4)]
     pub streams: usize,
     /// Steady publish rate (events/s) of the latency phase.
     #[arg(long, default_value_t = 2_000)]

@@ -248,6 +248,7 @@ impl Router {
                 }
                 continue;
             }
+            let routing_started = std::time::Instant::now();
             if let Err(e) = self.route(&batch).await {
                 // Nothing advances: the same events are routed again (the mailbox store drops
                 // the deliveries that did get through).
@@ -258,6 +259,7 @@ impl Router {
                 continue;
             }
             failures = 0;
+            let routed_ms = (routing_started.elapsed().as_secs_f64() * 1e5).round() / 100.0;
             let cursors: Vec<(u32, Cursor)> = advanced
                 .iter()
                 .map(|&(p, offset)| (p, Cursor { committed: offset, scanned: offset, unacked: Vec::new(), attempts: Vec::new() }))
@@ -270,6 +272,7 @@ impl Router {
             if let Err(e) = log.store_cursors(&topic, ROUTER_GROUP, &cursors).await {
                 tracing::warn!(error = %e, "storing the router's positions failed; will store them with the next batch");
             }
+            tracing::debug!(events = batch.len(), routed_ms, "batch routed");
         }
         tracing::info!("router stopped");
         Ok(())
