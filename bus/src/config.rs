@@ -142,7 +142,7 @@ impl Default for LogSettings {
             retention_check_ms: 60_000,
             state_cache_bytes: 32 * 1024 * 1024,
             max_batch_bytes: 1024 * 1024,
-            read_cache_bytes: 64 * 1024 * 1024,
+            read_cache_bytes: 32 * 1024 * 1024,
         }
     }
 }
