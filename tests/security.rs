@@ -80,14 +80,27 @@ async fn mtls_identities_and_authorization() {
     let directory = Directory::load(&example_directory()).expect("example directory");
     let work = tempfile::tempdir().expect("tempdir");
     let pki = work.path().join("pki");
-    let args = CertsArgs { out: pki.clone(), directory: Some(example_directory()), participants: vec!["DE.Justiz.unknown.1".into()], hosts: vec!["localhost".into(), "127.0.0.1".into()], days: 30 };
+    let args = CertsArgs {
+        out: pki.clone(),
+        directory: Some(example_directory()),
+        participants: vec!["DE.Justiz.unknown.1".into()],
+        hosts: vec!["localhost".into(), "127.0.0.1".into()],
+        days: 30,
+    };
     certs::run(&args).expect("certs");
     // A certificate from the right CA that has expired, and one from a CA the server does not know.
     let bayern = court(&directory, "9D0000");
     let ca = Authority::load(&certs::paths(&pki, "ca").0, &certs::paths(&pki, "ca").1).expect("load CA");
     certs::write_issued(&pki, "expired", &ca.participant(&bayern, Validity::expired()).expect("expired cert")).expect("write");
     let foreign = work.path().join("foreign");
-    certs::run(&CertsArgs { out: foreign.clone(), participants: vec![bayern.clone()], directory: None, hosts: vec!["localhost".into()], days: 30 }).expect("foreign CA");
+    certs::run(&CertsArgs {
+        out: foreign.clone(),
+        participants: vec![bayern.clone()],
+        directory: None,
+        hosts: vec!["localhost".into()],
+        days: 30,
+    })
+    .expect("foreign CA");
 
     let (server_cert, server_key) = certs::paths(&pki, "server");
     let p = |p: PathBuf| p.display().to_string();
@@ -118,7 +131,8 @@ async fn mtls_identities_and_authorization() {
 
     // A spoofed sender: PERMISSION_DENIED, unary and in a batch, and nothing stored.
     let before = ingest_end(&as_bayern).await;
-    let err = publish(&as_bayern, "xjustiz.ingest", xjustiz_event("spoof-1", "court:9B0000", "court:9D0000")).await.expect_err("spoofed sender");
+    let err =
+        publish(&as_bayern, "xjustiz.ingest", xjustiz_event("spoof-1", "court:9B0000", "court:9D0000")).await.expect_err("spoofed sender");
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     assert!(err.message().contains("court:9B0000"), "{err}");
     let batch = vec![
@@ -175,7 +189,10 @@ async fn mtls_identities_and_authorization() {
     let anonymous = channel(&server, &ClientTls { tls_ca: Some(certs::paths(&pki, "ca").0), ..Default::default() }).await;
     assert!(publish(&anonymous, "xjustiz.ingest", xjustiz_event("x", "court:9D0000", "court:9B0000")).await.is_err());
     let plain = endpoint(&server.url(), &ClientTls::default()).expect("endpoint").connect_lazy();
-    assert!(publish(&plain, "xjustiz.ingest", xjustiz_event("x", "court:9D0000", "court:9B0000")).await.is_err(), "plain HTTP/2 is refused");
+    assert!(
+        publish(&plain, "xjustiz.ingest", xjustiz_event("x", "court:9D0000", "court:9B0000")).await.is_err(),
+        "plain HTTP/2 is refused"
+    );
     assert!(server.process.log().matches("TLS connection refused").count() >= 4, "{}", server.process.log());
 
     // The outbound adapter reads its own mailbox over mTLS (the delivery acknowledged above is
@@ -185,8 +202,24 @@ async fn mtls_identities_and_authorization() {
     let out = work.path().join("bw-inbox");
     let (cert, key) = certs::paths(&pki, &bw);
     let args: Vec<String> = [
-        "adapter", "outbound", "--server", &server.url(), "--participant", &bw, "--group", "inbox", "--out", &p(out.clone()), "--max", "1",
-        "--tls-ca", &p(certs::paths(&pki, "ca").0), "--tls-cert", &p(cert), "--tls-key", &p(key),
+        "adapter",
+        "outbound",
+        "--server",
+        &server.url(),
+        "--participant",
+        &bw,
+        "--group",
+        "inbox",
+        "--out",
+        &p(out.clone()),
+        "--max",
+        "1",
+        "--tls-ca",
+        &p(certs::paths(&pki, "ca").0),
+        "--tls-cert",
+        &p(cert),
+        "--tls-key",
+        &p(key),
     ]
     .iter()
     .map(|s| s.to_string())

@@ -73,7 +73,8 @@ fn read_inbox(inbox: &Path) -> Vec<Delivered> {
         if folder.starts_with('.') {
             continue;
         }
-        if let Some(envelope) = std::fs::read(entry.path().join("justizbus-event.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+        if let Some(envelope) = std::fs::read(entry.path().join("justizbus-event.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())
+        {
             out.push(Delivered { folder, envelope });
         }
     }
@@ -124,7 +125,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("  bus        {url}  (embedded log, {} participants in the directory)", directory.participants().len());
     let outbox = work.join("land-rp").join("outbox");
     std::fs::create_dir_all(&outbox)?;
-    let inbound: InboundArgs = adapter_args(&["--server", &url, "--watch", &outbox.display().to_string(), "--name", "fachverfahren-rp", "--poll-ms", "100"])?;
+    let inbound: InboundArgs =
+        adapter_args(&["--server", &url, "--watch", &outbox.display().to_string(), "--name", "fachverfahren-rp", "--poll-ms", "100"])?;
     println!("  inbound    Land system Rheinland-Pfalz, drop directory {}", outbox.display());
     let mut tasks = vec![tokio::spawn(justizbus_xjustiz::adapter::inbound(inbound))];
     let mut inboxes = Vec::new();
@@ -196,7 +198,9 @@ struct Report {
 
 /// What each inbox holds, checked against what was dropped.
 fn report(directory: &Directory, inboxes: &[(crate::routing::directory::Participant, PathBuf)]) -> Report {
-    let name_of = |address: &str| directory.resolve(address).or_else(|| directory.participant(address)).map_or(address.to_string(), |p| p.name.clone());
+    let name_of = |address: &str| {
+        directory.resolve(address).or_else(|| directory.participant(address)).map_or(address.to_string(), |p| p.name.clone())
+    };
     let dropped: BTreeMap<&str, &str> = MESSAGES.iter().copied().collect();
     // Event id -> dropped file name, from the deliveries.
     let mut files: BTreeMap<String, String> = BTreeMap::new();

@@ -32,11 +32,15 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     if config.tls.is_none() && !addr.ip().is_loopback() {
         return Err(Error::invalid(
             "listen",
-            format!("{addr} is not a loopback address: without [tls] the bus serves this machine only; configure mTLS to serve the network"),
+            format!(
+                "{addr} is not a loopback address: without [tls] the bus serves this machine only; configure mTLS to serve the network"
+            ),
         ));
     }
     let tls = match &config.tls {
-        Some(settings) => Some((crate::security::tls::server_config(settings)?, Duration::from_millis(settings.handshake_timeout_ms.max(100)))),
+        Some(settings) => {
+            Some((crate::security::tls::server_config(settings)?, Duration::from_millis(settings.handshake_timeout_ms.max(100))))
+        }
         None => None,
     };
     if tls.is_some() && config.routing.directory.is_none() {
@@ -63,9 +67,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     };
     let bus = Arc::new(Bus { log: log.clone(), delivery: delivery.clone(), config: config.clone(), blobs, mailboxes, gate });
     let router = match routing {
-        Some((directory, mailboxes)) => {
-            Some(Router { mailboxes, directory, settings: config.routing.clone() }.start().await?)
-        }
+        Some((directory, mailboxes)) => Some(Router { mailboxes, directory, settings: config.routing.clone() }.start().await?),
         None => None,
     };
 
@@ -120,12 +122,12 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
         .add_service(pb::blobs_server::BlobsServer::new(crate::grpc::blobs::BlobsService::new(bus.clone())))
         .add_service(pb::admin_server::AdminServer::new(AdminService::new(bus.clone())).max_encoding_message_size(usize::MAX));
     let shutdown = async move {
-            shutdown.await;
-            tracing::info!("shutting down: storing group positions, ending subscriptions");
-            // Subscriptions never end by themselves; stopping the groups ends them, so the
-            // graceful shutdown does not wait for subscribers to hang up.
-            stopping.shutdown().await;
-            let _ = stopping_tx.send(());
+        shutdown.await;
+        tracing::info!("shutting down: storing group positions, ending subscriptions");
+        // Subscriptions never end by themselves; stopping the groups ends them, so the
+        // graceful shutdown does not wait for subscribers to hang up.
+        stopping.shutdown().await;
+        let _ = stopping_tx.send(());
     };
     let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
         Some((tls_config, handshake_timeout)) => {

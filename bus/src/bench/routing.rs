@@ -87,7 +87,10 @@ fn address(i: u32) -> String {
 fn directory_toml(n: u32) -> String {
     let mut s = String::with_capacity(n as usize * 100);
     for i in 0..n {
-        s.push_str(&format!("[[participant]]\nid = \"{}\"\nkind = \"court\"\nname = \"Bench court {i}\"\ncourts = [\"BX{i:05}\"]\n\n", participant(i)));
+        s.push_str(&format!(
+            "[[participant]]\nid = \"{}\"\nkind = \"court\"\nname = \"Bench court {i}\"\ncourts = [\"BX{i:05}\"]\n\n",
+            participant(i)
+        ));
     }
     s
 }
@@ -123,7 +126,12 @@ struct Counters {
 
 /// One mailbox subscriber: acknowledges every delivery at once, reports latencies of events
 /// that carry a send time.
-async fn subscriber(channel: Channel, topic: String, counters: Arc<Counters>, latencies: mpsc::UnboundedSender<u128>) -> anyhow::Result<()> {
+async fn subscriber(
+    channel: Channel,
+    topic: String,
+    counters: Arc<Counters>,
+    latencies: mpsc::UnboundedSender<u128>,
+) -> anyhow::Result<()> {
     let mut client = pb::subscriber_client::SubscriberClient::new(channel).max_decoding_message_size(usize::MAX);
     let (tx, rx) = mpsc::channel(256);
     let init = pb::SubscribeInit { topic, group: "bench".into(), max_unacked: 100, ..Default::default() };
@@ -275,8 +283,9 @@ pub async fn run(args: RoutingBenchArgs) -> anyhow::Result<()> {
             let (mut i, end) = (s * per_stream, (s + 1) * per_stream);
             while i < end {
                 let n = (args.batch as u64).min(end - i);
-                let reqs: Vec<pb::PublishRequest> =
-                    (i..i + n).map(|k| pb::PublishRequest { topic: "xjustiz.ingest".into(), event: Some(case_event(&args, "tp", k, None)) }).collect();
+                let reqs: Vec<pb::PublishRequest> = (i..i + n)
+                    .map(|k| pb::PublishRequest { topic: "xjustiz.ingest".into(), event: Some(case_event(&args, "tp", k, None)) })
+                    .collect();
                 client.publish_batch(tokio_stream::iter(reqs)).await?;
                 i += n;
             }

@@ -23,7 +23,6 @@ use crate::event::now_ms;
 use crate::log::{Cursor, GroupConfig, Log, NewRecord, Quarantine, StoredRecord, TopicConfig};
 use crate::{Error, Result};
 
-
 /// Commands to a group actor.
 pub enum Command {
     /// A subscriber joins; answered with the topic's partition count.
@@ -261,7 +260,7 @@ pub async fn spawn(
         settling: HashMap::new(),
         quarantined: HashMap::new(),
         next_delivery: 1,
-        
+
         last_commit: Instant::now(),
     };
     for q in log.list_quarantine(topic, group).await? {
@@ -316,7 +315,8 @@ impl Actor {
             self.fill().await;
             self.dispatch();
             // Sleep until the next thing due: an ack deadline, the end of a backoff, a commit.
-            let commit_due = self.parts.iter().any(|p| p.dirty).then(|| self.last_commit + Duration::from_millis(self.limits.commit_interval_ms));
+            let commit_due =
+                self.parts.iter().any(|p| p.dirty).then(|| self.last_commit + Duration::from_millis(self.limits.commit_interval_ms));
             let due = [self.deadlines.first().map(|d| d.0), self.backoff.first().map(|b| b.0), commit_due].into_iter().flatten().min();
             let tick = due.map_or(far, |t| t.saturating_duration_since(Instant::now()));
             tokio::select! {

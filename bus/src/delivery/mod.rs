@@ -288,7 +288,14 @@ impl Delivery {
         if !known {
             return Err(Error::UnknownGroup { topic: topic.into(), group: group.into() });
         }
-        Ok(GroupStatus { topic: topic.into(), group: group.into(), subscribers: 0, partitions, quarantined_keys: 0, dead_letter_topic: String::new() })
+        Ok(GroupStatus {
+            topic: topic.into(),
+            group: group.into(),
+            subscribers: 0,
+            partitions,
+            quarantined_keys: 0,
+            dead_letter_topic: String::new(),
+        })
     }
 
     /// All groups, described.
@@ -352,7 +359,13 @@ mod tests {
     }
 
     fn params() -> SubscribeParams {
-        SubscribeParams { topic: "t".into(), group: "g".into(), max_unacked: 10, overrides: GroupOverrides::default(), start: StartPosition::Earliest }
+        SubscribeParams {
+            topic: "t".into(),
+            group: "g".into(),
+            max_unacked: 10,
+            overrides: GroupOverrides::default(),
+            start: StartPosition::Earliest,
+        }
     }
 
     /// A released delivery frees its case at once but is committed only when settled: a
@@ -365,7 +378,12 @@ mod tests {
         let log = crate::log::open(&url, &crate::config::LogSettings::default()).await.expect("log");
         log.create_topic("t", TopicConfig { partitions: 1, retention_ms: 0, retention_bytes: 0 }).await.expect("topic");
         let records = (0..3)
-            .map(|i| NewRecord { id: format!("e{i}"), key: Bytes::from_static(b"case"), timestamp_ms: 0, value: Bytes::from(vec![i as u8]) })
+            .map(|i| NewRecord {
+                id: format!("e{i}"),
+                key: Bytes::from_static(b"case"),
+                timestamp_ms: 0,
+                value: Bytes::from(vec![i as u8]),
+            })
             .collect();
         log.append("t", records).await.expect("append");
 

@@ -103,6 +103,9 @@ struct Lane {
     waiting: SyncMutex<Vec<AppendJob>>,
 }
 
+/// Records, each with the mailbox it goes to.
+type Addressed = Vec<(String, NewRecord)>;
+
 /// One caller's records, waiting to be written.
 struct AppendJob {
     records: Vec<(String, NewRecord)>,
@@ -235,7 +238,8 @@ impl MailboxLog {
         if let Some(unknown) = topics.into_iter().find(|t| !self.exists(t)) {
             return Err(Error::UnknownTopic(unknown.clone()));
         }
-        let mut by_lane: BTreeMap<u32, (Vec<usize>, Vec<(String, NewRecord)>)> = BTreeMap::new();
+        // Store partition -> (positions in `records`, those records).
+        let mut by_lane: BTreeMap<u32, (Vec<usize>, Addressed)> = BTreeMap::new();
         let count = records.len();
         for (i, (topic, r)) in records.into_iter().enumerate() {
             let lane = by_lane.entry(partition_for_key(topic.as_bytes(), self.partitions)).or_default();

@@ -25,8 +25,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use justizbus_proto::v1 as pb;
 use prost::Message;
-use tokio::sync::watch;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use super::directory::{mailbox_topic, DirectoryHandle};
 use super::mailbox::MailboxLog;
@@ -351,4 +351,3 @@ impl Router {
         Ok(())
     }
 }
-

@@ -80,7 +80,13 @@ impl Authority {
         Ok(Authority { cert_pem, key_pem, issuer })
     }
 
-    fn issue(&self, mut params: CertificateParams, common_name: &str, usage: ExtendedKeyUsagePurpose, validity: Validity) -> Result<Issued> {
+    fn issue(
+        &self,
+        mut params: CertificateParams,
+        common_name: &str,
+        usage: ExtendedKeyUsagePurpose,
+        validity: Validity,
+    ) -> Result<Issued> {
         let key = KeyPair::generate().map_err(tls_err("generating a key"))?;
         params.distinguished_name.push(DnType::CommonName, common_name);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -225,7 +231,13 @@ mod tests {
     #[test]
     fn an_existing_ca_issues_more_certificates() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let args = |p: &str| CertsArgs { out: dir.path().into(), directory: None, participants: vec![p.into()], hosts: vec!["localhost".into()], days: 2 };
+        let args = |p: &str| CertsArgs {
+            out: dir.path().into(),
+            directory: None,
+            participants: vec![p.into()],
+            hosts: vec!["localhost".into()],
+            days: 2,
+        };
         let first = run(&args("a")).expect("first");
         let ca = std::fs::read_to_string(&first.ca).expect("ca");
         let second = run(&args("b")).expect("second");

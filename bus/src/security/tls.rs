@@ -73,7 +73,11 @@ pub fn server_config(settings: &TlsSettings) -> Result<rustls::ServerConfig> {
 /// Accepts connections on `listener` and yields those whose TLS handshake succeeded. Each
 /// handshake runs in its own task, so a slow or hostile client holds up no one; a refused one
 /// is logged with the peer address and rustls' reason. Ends when the stream is dropped.
-pub fn incoming(listener: TcpListener, config: rustls::ServerConfig, handshake_timeout: Duration) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+pub fn incoming(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+    handshake_timeout: Duration,
+) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     // Established connections on their way to tonic; closed when tonic stops serving.
     let (tx, rx) = mpsc::channel(64);
@@ -99,7 +103,9 @@ pub fn incoming(listener: TcpListener, config: rustls::ServerConfig, handshake_t
                         let _ = tx.send(Ok(stream)).await;
                     }
                     // A connection closed before saying anything is a port probe, not a refusal.
-                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => tracing::debug!(%peer, "connection closed before the TLS handshake"),
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        tracing::debug!(%peer, "connection closed before the TLS handshake")
+                    }
                     Ok(Err(e)) => tracing::warn!(%peer, reason = %e, "TLS connection refused"),
                     Err(_) => tracing::warn!(%peer, reason = "handshake timed out", "TLS connection refused"),
                 }
@@ -111,7 +117,8 @@ pub fn incoming(listener: TcpListener, config: rustls::ServerConfig, handshake_t
 
 /// The participant id a client certificate names: its subject's common name.
 pub fn participant_id(cert: &CertificateDer<'_>) -> Result<String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| Error::Unauthenticated(format!("unreadable client certificate: {e}")))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| Error::Unauthenticated(format!("unreadable client certificate: {e}")))?;
     let cn = parsed
         .subject()
         .iter_common_name()

@@ -109,8 +109,15 @@ impl Partition {
         let end_offset = segments.last().map_or(0, |s| s.next_offset());
         let (end, _) = watch::channel(end_offset);
         let (tx, rx) = mpsc::channel(1024);
-        let partition =
-            Arc::new(Partition { topic: topic.to_string(), id, dir: dir.to_path_buf(), segments: RwLock::new(segments), end, writer: tx, cache });
+        let partition = Arc::new(Partition {
+            topic: topic.to_string(),
+            id,
+            dir: dir.to_path_buf(),
+            segments: RwLock::new(segments),
+            end,
+            writer: tx,
+            cache,
+        });
         let dedup = partition.load_dedup(settings)?;
         let state = WriterState { index_file, ids_file, since_index, settings: settings.clone(), dedup, buf: Vec::new() };
         tokio::spawn(run_writer(Arc::downgrade(&partition), state, rx));

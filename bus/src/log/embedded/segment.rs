@@ -5,12 +5,12 @@
 //! per `index_interval_bytes` of log. The index of the active segment is rebuilt on recovery;
 //! a sealed segment's index is synced when the segment is rolled.
 
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::format::{self, BadBatch, BatchHeader, BATCH_HEADER};
@@ -436,7 +436,14 @@ impl Segment {
 
     /// Reads records with offsets in `[from, budget.upto)` into `out` until the budget is spent.
     /// Returns false when the budget stopped it.
-    pub fn read(&self, partition: u32, from: u64, budget: &mut ReadBudget, cache: &BatchCache, out: &mut Vec<StoredRecord>) -> Result<bool> {
+    pub fn read(
+        &self,
+        partition: u32,
+        from: u64,
+        budget: &mut ReadBudget,
+        cache: &BatchCache,
+        out: &mut Vec<StoredRecord>,
+    ) -> Result<bool> {
         let ReadBudget { upto, max_records, max_bytes, .. } = *budget;
         let (mut pos, _) = self.floor_entry(from);
         let size = self.size();
