@@ -224,4 +224,18 @@ async fn unroutable_addresses_go_to_the_dead_letter_topic_and_the_sender_hears_o
     // Nobody may publish into a mailbox directly.
     let direct = justizbus_e2e::publish(&channel, &format!("mailbox.{court}"), event("forged", &[])).await;
     assert_eq!(direct.expect_err("refused").code(), tonic::Code::InvalidArgument);
+
+    // The router's position is visible as the reserved group justizbus.router, at the end of
+    // the ingest topic once everything is routed; no client may join it.
+    let mut admin = justizbus_e2e::admin(channel.clone());
+    let router = admin
+        .describe_group(pb::DescribeGroupRequest { topic: "xjustiz.ingest".into(), group: "justizbus.router".into() })
+        .await
+        .expect("describe the router")
+        .into_inner();
+    assert_eq!(router.partitions.iter().map(|p| p.lag).sum::<u64>(), 0, "{router:?}");
+    assert_eq!(router.partitions.iter().map(|p| p.committed_offset).sum::<u64>(), 2, "{router:?}");
+    let init = pb::SubscribeInit { topic: "xjustiz.ingest".into(), group: "justizbus.router".into(), max_unacked: 1, ..Default::default() };
+    let hijack = Subscriber::open(&channel, init).await.err().expect("the router's group is reserved");
+    assert_eq!(hijack.code(), tonic::Code::InvalidArgument, "{hijack}");
 }
