@@ -64,15 +64,20 @@ async fn ingest_end(channel: &Channel) -> u64 {
     info.partition_info.iter().map(|p| p.end_offset).sum()
 }
 
-/// Waits until the server log holds `needle` (refusals are logged asynchronously).
-async fn logged(server: &TestServer, needle: &str) -> bool {
+/// Waits until the server log holds `needle` at least `times` times (refusals are logged
+/// asynchronously, after the client has seen its error).
+async fn logged_times(server: &TestServer, needle: &str, times: usize) -> bool {
     for _ in 0..100 {
-        if server.process.log().contains(needle) {
+        if server.process.log().matches(needle).count() >= times {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+async fn logged(server: &TestServer, needle: &str) -> bool {
+    logged_times(server, needle, 1).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +198,7 @@ async fn mtls_identities_and_authorization() {
         publish(&plain, "xjustiz.ingest", xjustiz_event("x", "court:9D0000", "court:9B0000")).await.is_err(),
         "plain HTTP/2 is refused"
     );
-    assert!(server.process.log().matches("TLS connection refused").count() >= 4, "{}", server.process.log());
+    assert!(logged_times(&server, "TLS connection refused", 4).await, "{}", server.process.log());
 
     // The outbound adapter reads its own mailbox over mTLS (the delivery acknowledged above is
     // gone; a second one arrives).

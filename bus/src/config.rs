@@ -167,6 +167,9 @@ pub struct DeliverySettings {
     pub max_buffered_events: usize,
     /// Most payload bytes a group buffers.
     pub max_buffered_bytes: usize,
+    /// Most payload bytes all groups together buffer (a soft limit: over it, a group that
+    /// holds nothing still reads a few events, so every group makes progress).
+    pub max_buffered_bytes_total: usize,
     /// How often group cursors are persisted.
     pub commit_interval_ms: u64,
 }
@@ -182,6 +185,7 @@ impl Default for DeliverySettings {
             max_unacked_limit: 10_000,
             max_buffered_events: 20_000,
             max_buffered_bytes: 64 * 1024 * 1024,
+            max_buffered_bytes_total: 256 * 1024 * 1024,
             commit_interval_ms: 200,
         }
     }

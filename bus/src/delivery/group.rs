@@ -201,6 +201,10 @@ impl Settings {
 }
 
 struct Actor {
+    /// Read-ahead bytes of all groups together.
+    budget: Arc<Budget>,
+    /// The last fill stopped at the budget: try again soon (freed budget wakes nobody).
+    held_back: bool,
     topic: String,
     group: String,
     dlq: String,
@@ -227,6 +231,51 @@ struct Actor {
     last_commit: Instant,
 }
 
+/// How soon a group held back by the budget of all groups tries to read again.
+const BUDGET_RETRY: Duration = Duration::from_millis(50);
+
+/// Events a group reads while the budget of all groups is used up and it holds none.
+const STARVED_READ: usize = 16;
+
+/// The read-ahead of all groups together (`delivery.max_buffered_bytes_total`): a soft
+/// limit, so thousands of mailbox groups cannot buffer without bound.
+#[derive(Debug)]
+pub struct Budget {
+    used: std::sync::atomic::AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Budget { used: std::sync::atomic::AtomicUsize::new(0), limit }
+    }
+
+    fn exhausted(&self) -> bool {
+        self.used.load(std::sync::atomic::Ordering::Relaxed) >= self.limit
+    }
+
+    fn take(&self, bytes: usize) {
+        self.used.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn give(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes buffered by all groups now.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Actor {
+    fn drop(&mut self) {
+        // What the actor still buffers goes back to the budget when it stops.
+        self.budget.give(self.parts.iter().map(|p| p.buffered_bytes).sum());
+    }
+}
+
 /// Loads a group's state and starts its actor.
 pub async fn spawn(
     log: Arc<dyn Log>,
@@ -234,6 +283,7 @@ pub async fn spawn(
     group: &str,
     limits: DeliverySettings,
     start: StartPosition,
+    budget: Arc<Budget>,
 ) -> Result<mpsc::Sender<Command>> {
     let info = log.describe_topic(topic).await?;
     let dlq = dead_letter_topic(topic, group);
@@ -250,6 +300,8 @@ pub async fn spawn(
         config,
         limits,
         log: log.clone(),
+        budget,
+        held_back: false,
         parts: Vec::new(),
         subs: BTreeMap::new(),
         rr: 0,
@@ -317,7 +369,8 @@ impl Actor {
             // Sleep until the next thing due: an ack deadline, the end of a backoff, a commit.
             let commit_due =
                 self.parts.iter().any(|p| p.dirty).then(|| self.last_commit + Duration::from_millis(self.limits.commit_interval_ms));
-            let due = [self.deadlines.first().map(|d| d.0), self.backoff.first().map(|b| b.0), commit_due].into_iter().flatten().min();
+            let retry = self.held_back.then(|| Instant::now() + BUDGET_RETRY);
+            let due = [self.deadlines.first().map(|d| d.0), self.backoff.first().map(|b| b.0), commit_due, retry].into_iter().flatten().min();
             let tick = due.map_or(far, |t| t.saturating_duration_since(Instant::now()));
             tokio::select! {
                 cmd = rx.recv() => {
@@ -440,6 +493,7 @@ impl Actor {
     /// Reads more events while the buffer has room. Each partition gets an equal share of the
     /// buffer, so one partition's backlog cannot crowd out the keys of the others.
     async fn fill(&mut self) {
+        self.held_back = false;
         let share_events = (self.limits.max_buffered_events / self.parts.len().max(1)).max(64);
         let share_bytes = (self.limits.max_buffered_bytes / self.parts.len().max(1)).max(1 << 20);
         for p in 0..self.parts.len() {
@@ -448,7 +502,16 @@ impl Actor {
                 if part.next_read >= part.end || part.entries.len() >= share_events || part.buffered_bytes >= share_bytes {
                     break;
                 }
-                let room = (share_events - part.entries.len()).min(1024);
+                // Over the budget of all groups, a group still reads a little while it holds
+                // nothing, so that every group makes progress.
+                let room = match self.budget.exhausted() {
+                    false => (share_events - part.entries.len()).min(1024),
+                    true if self.parts.iter().all(|q| q.entries.is_empty()) => STARVED_READ,
+                    true => {
+                        self.held_back = true;
+                        break;
+                    }
+                };
                 let from = part.next_read;
                 let records = match self.log.read(&self.topic, p as u32, from, room, 1 << 20).await {
                     Ok(r) => r,
@@ -485,6 +548,7 @@ impl Actor {
         let key = record.key.clone();
         let part = &mut self.parts[p as usize];
         part.buffered_bytes += record.value.len() + record.key.len();
+        self.budget.take(record.value.len() + record.key.len());
         part.entries.insert(off, Entry { record, attempts: 0, state: State::Waiting });
         let queue = part.keys.entry(key).or_default();
         queue.push_back(off);
@@ -576,6 +640,7 @@ impl Actor {
         if let Some(entry) = part.entries.remove(&off) {
             part.dirty = true;
             part.buffered_bytes -= entry.record.value.len() + entry.record.key.len();
+            self.budget.give(entry.record.value.len() + entry.record.key.len());
         }
     }
 

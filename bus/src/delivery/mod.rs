@@ -183,6 +183,8 @@ pub struct Delivery {
     /// (topic, group) -> the actor's command channel. Locked only to look up or start actors.
     groups: Mutex<HashMap<(String, String), mpsc::Sender<group::Command>>>,
     next_subscriber: AtomicU64,
+    /// Read-ahead bytes of all groups together.
+    budget: Arc<group::Budget>,
 }
 
 /// Group names the bus keeps for its own readers (the router); clients cannot join them.
@@ -201,7 +203,8 @@ pub fn dead_letter_topic(topic: &str, group: &str) -> String {
 impl Delivery {
     /// A manager over a log.
     pub fn new(log: Arc<dyn Log>, settings: DeliverySettings) -> Self {
-        Delivery { log, settings, groups: Mutex::new(HashMap::new()), next_subscriber: AtomicU64::new(1) }
+        let budget = Arc::new(group::Budget::new(settings.max_buffered_bytes_total));
+        Delivery { log, settings, groups: Mutex::new(HashMap::new()), next_subscriber: AtomicU64::new(1), budget }
     }
 
     async fn group(&self, topic: &str, group: &str, create: Option<StartPosition>) -> Result<mpsc::Sender<group::Command>> {
@@ -232,7 +235,7 @@ impl Delivery {
                 StartPosition::Earliest
             }
         };
-        let tx = group::spawn(self.log.clone(), topic, group, self.settings.clone(), start).await?;
+        let tx = group::spawn(self.log.clone(), topic, group, self.settings.clone(), start, self.budget.clone()).await?;
         groups.insert((topic.to_string(), group.to_string()), tx.clone());
         Ok(tx)
     }
@@ -366,6 +369,50 @@ mod tests {
             overrides: GroupOverrides::default(),
             start: StartPosition::Earliest,
         }
+    }
+
+    /// With the read-ahead budget of all groups used up, every group still delivers
+    /// everything (a group that holds nothing reads a little), and gives its bytes back.
+    #[tokio::test]
+    async fn groups_make_progress_over_the_shared_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}", dir.path().display());
+        let log = crate::log::open(&url, &crate::config::LogSettings::default()).await.expect("log");
+        log.create_topic("t", TopicConfig { partitions: 2, retention_ms: 0, retention_bytes: 0 }).await.expect("topic");
+        let records = (0..200)
+            .map(|i| NewRecord {
+                id: format!("e{i}"),
+                key: Bytes::from(format!("case-{}", i % 7)),
+                timestamp_ms: 0,
+                value: Bytes::from(vec![0u8; 1000]),
+            })
+            .collect();
+        log.append("t", records).await.expect("append");
+        let settings = DeliverySettings { max_buffered_bytes_total: 1, ..DeliverySettings::default() };
+        let delivery = Delivery::new(log.clone(), settings);
+        let mut subs = Vec::new();
+        for group in ["g1", "g2"] {
+            subs.push(delivery.subscribe(SubscribeParams { group: group.into(), ..params() }).await.expect("subscribe"));
+        }
+        for sub in &mut subs {
+            let mut seen = std::collections::BTreeSet::new();
+            while seen.len() < 200 {
+                let d = next_delivery(sub).await;
+                seen.insert(d.record.id.clone());
+                sub.control.ack(vec![d.delivery_id]).await.expect("ack");
+            }
+        }
+        drop(subs);
+        delivery.shutdown().await;
+        // An actor answers the shutdown just before it is dropped.
+        for _ in 0..100 {
+            if delivery.budget.used() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(delivery.budget.used(), 0, "stopped groups give their read-ahead back");
+        log.close().await.expect("close");
     }
 
     /// A released delivery frees its case at once but is committed only when settled: a
