@@ -370,7 +370,8 @@ impl Actor {
             let commit_due =
                 self.parts.iter().any(|p| p.dirty).then(|| self.last_commit + Duration::from_millis(self.limits.commit_interval_ms));
             let retry = self.held_back.then(|| Instant::now() + BUDGET_RETRY);
-            let due = [self.deadlines.first().map(|d| d.0), self.backoff.first().map(|b| b.0), commit_due, retry].into_iter().flatten().min();
+            let due =
+                [self.deadlines.first().map(|d| d.0), self.backoff.first().map(|b| b.0), commit_due, retry].into_iter().flatten().min();
             let tick = due.map_or(far, |t| t.saturating_duration_since(Instant::now()));
             tokio::select! {
                 cmd = rx.recv() => {
