@@ -141,6 +141,22 @@ async fn route_samples(kills: usize) {
             assert!(data["acknowledged_at"].is_string() && data["offset"].is_u64(), "{data}");
         }
     }
+    // Order per case: in every mailbox, the deliveries of one case stand in the order the
+    // ingest topic holds them (a case is one ingest partition, replayed in offset order).
+    let position: BTreeMap<&str, usize> = ingested.iter().enumerate().map(|(i, e)| (e.id.as_str(), i)).collect();
+    let mut cases_with_several = 0;
+    for (p, _, _) in &adapters {
+        let mut last: BTreeMap<String, usize> = BTreeMap::new();
+        for e in replay(&server, &format!("mailbox.{p}")).await.iter().filter(|e| e.r#type != "justizbus.receipt") {
+            let at = position[e.id.as_str()];
+            if let Some(before) = last.insert(e.subject.clone(), at) {
+                cases_with_several += 1;
+                assert!(before < at, "mailbox of {p}: {} (case {}) came before an earlier event of its case", e.id, e.subject);
+            }
+        }
+    }
+    assert!(cases_with_several > 0, "the samples hold cases with several messages to one recipient");
+
     // EGVP folders arrive whole: every file of the folder, byte for byte, in each recipient's inbox.
     for name in EGVP_FOLDERS {
         let original = files_below(&egvp.join(name));

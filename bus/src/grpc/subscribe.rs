@@ -160,10 +160,9 @@ impl Receipts {
         ids.iter().filter_map(|id| pending.remove(id)).collect()
     }
 
-    /// Makes the receipts of acknowledged deliveries durable in the senders' mailboxes; the
-    /// ack is forwarded only afterwards, so a crash between the two repeats the receipt (stored
-    /// once: receipt ids are per event and recipient) and never loses it.
-    /// The receipts acknowledging `ids` causes (taken out of the book).
+    /// The receipts acknowledging `ids` causes (taken out of the book). They are stored before
+    /// the deliveries are settled, so a crash in between repeats the delivery and its receipt
+    /// (stored once: receipt ids are per event and recipient) and never loses the receipt.
     fn receipts(&self, ids: &[u64]) -> Vec<(String, crate::log::NewRecord)> {
         let receipts = self.take(ids).iter().filter_map(|(offset, e)| receipt_for(&self.topic, *offset, e)).collect::<Vec<_>>();
         // A sender that has left the directory has no mailbox: its receipts are dropped.
