@@ -249,8 +249,9 @@ async fn attempts_and_group_settings_survive_kill_9_so_a_poison_event_still_ends
             sub.nack(&[d.delivery_id]).await;
         }
     }
-    // Attempt 2 is held (as by a consumer that crashes on it); the bus is killed too.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Attempt 2 is held (as by a consumer that crashes on it); the bus is killed too, after
+    // the group has stored its position (every commit_interval_ms, 1 s by default).
+    tokio::time::sleep(Duration::from_millis(1600)).await;
     server.process.kill9();
     drop(sub);
     server.process.restart().expect("restart");

@@ -186,7 +186,7 @@ impl Default for DeliverySettings {
             max_buffered_events: 20_000,
             max_buffered_bytes: 64 * 1024 * 1024,
             max_buffered_bytes_total: 256 * 1024 * 1024,
-            commit_interval_ms: 200,
+            commit_interval_ms: 1000,
         }
     }
 }

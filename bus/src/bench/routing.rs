@@ -70,6 +70,9 @@ pub struct RoutingBenchArgs {
     /// Data directory of the started server (default: a temporary directory, removed after).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Configuration file for the started server (its `[routing] directory` is replaced).
+    #[arg(long)]
+    pub server_config: Option<PathBuf>,
 }
 
 /// Deliveries a read-cost probe reads.
@@ -232,7 +235,11 @@ pub async fn run(args: RoutingBenchArgs) -> anyhow::Result<()> {
     let directory = dir.join("directory.toml");
     std::fs::write(&directory, directory_toml(args.participants))?;
     let binary = std::env::current_exe().context("locating the justizbus binary")?;
-    let mut server = ServerProcess::start(&binary, &dir.join("data"), &["--directory".into(), directory.display().to_string()])?;
+    let mut serve_args = vec!["--directory".to_string(), directory.display().to_string()];
+    if let Some(config) = &args.server_config {
+        serve_args.extend(["--config".to_string(), config.display().to_string()]);
+    }
+    let mut server = ServerProcess::start(&binary, &dir.join("data"), &serve_args)?;
     let url = server.url();
     let channel = connect(&url).await?;
 
