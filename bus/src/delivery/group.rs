@@ -292,6 +292,7 @@ pub async fn spawn(
         Ok(_) | Err(Error::TopicExists { .. }) => {}
         Err(e) => return Err(e),
     }
+    let commit_interval_ms = limits.commit_interval_ms;
     let mut actor = Actor {
         topic: topic.to_string(),
         group: group.to_string(),
@@ -313,7 +314,15 @@ pub async fn spawn(
         quarantined: HashMap::new(),
         next_delivery: 1,
 
-        last_commit: Instant::now(),
+        // Spread over the interval, so that groups started together do not all store their
+        // positions in the same instant (a thousand mailbox groups would stall the workers).
+        last_commit: {
+            use std::hash::{BuildHasher, Hash, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            (topic, group).hash(&mut h);
+            let spread = h.finish() % commit_interval_ms.max(1);
+            Instant::now().checked_sub(Duration::from_millis(spread)).unwrap_or_else(Instant::now)
+        },
     };
     for q in log.list_quarantine(topic, group).await? {
         actor.quarantined.insert(Bytes::from(q.key.clone()), q);
