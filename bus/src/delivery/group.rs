@@ -317,10 +317,8 @@ pub async fn spawn(
         // Spread over the interval, so that groups started together do not all store their
         // positions in the same instant (a thousand mailbox groups would stall the workers).
         last_commit: {
-            use std::hash::{BuildHasher, Hash, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            (topic, group).hash(&mut h);
-            let spread = h.finish() % commit_interval_ms.max(1);
+            use std::hash::BuildHasher;
+            let spread = std::collections::hash_map::RandomState::new().hash_one((topic, group)) % commit_interval_ms.max(1);
             Instant::now().checked_sub(Duration::from_millis(spread)).unwrap_or_else(Instant::now)
         },
     };
