@@ -22,6 +22,7 @@ use crate::config::DeliverySettings;
 use crate::event::now_ms;
 use crate::log::{Cursor, GroupConfig, Log, NewRecord, Quarantine, StoredRecord, TopicConfig};
 use crate::{Error, Result};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 /// Commands to a group actor.
 pub enum Command {
@@ -241,31 +242,31 @@ const STARVED_READ: usize = 16;
 /// limit, so thousands of mailbox groups cannot buffer without bound.
 #[derive(Debug)]
 pub struct Budget {
-    used: std::sync::atomic::AtomicUsize,
+    used: AtomicUsize,
     limit: usize,
 }
 
 impl Budget {
     /// A budget of `limit` bytes.
     pub fn new(limit: usize) -> Self {
-        Budget { used: std::sync::atomic::AtomicUsize::new(0), limit }
+        Budget { used: AtomicUsize::new(0), limit }
     }
 
     fn exhausted(&self) -> bool {
-        self.used.load(std::sync::atomic::Ordering::Relaxed) >= self.limit
+        self.used() >= self.limit
     }
 
     fn take(&self, bytes: usize) {
-        self.used.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.used.fetch_add(bytes, Relaxed);
     }
 
     fn give(&self, bytes: usize) {
-        self.used.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.used.fetch_sub(bytes, Relaxed);
     }
 
     /// Bytes buffered by all groups now.
     pub fn used(&self) -> usize {
-        self.used.load(std::sync::atomic::Ordering::Relaxed)
+        self.used.load(Relaxed)
     }
 }
 
@@ -313,7 +314,6 @@ pub async fn spawn(
         settling: HashMap::new(),
         quarantined: HashMap::new(),
         next_delivery: 1,
-
         // Spread over the interval, so that groups started together do not all store their
         // positions in the same instant (a thousand mailbox groups would stall the workers).
         last_commit: {

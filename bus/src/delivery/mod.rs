@@ -361,6 +361,30 @@ mod tests {
         }
     }
 
+    /// A log in `dir` with topic `t` of `partitions` partitions holding `n` records of
+    /// `size` bytes, record i under key `case-<i % keys>`.
+    async fn log_with(dir: &std::path::Path, partitions: u32, n: usize, keys: usize, size: usize) -> Arc<dyn Log> {
+        let url = format!("file://{}", dir.display());
+        let log = crate::log::open(&url, &crate::config::LogSettings::default()).await.expect("log");
+        log.create_topic("t", TopicConfig { partitions, retention_ms: 0, retention_bytes: 0 }).await.expect("topic");
+        let records = (0..n)
+            .map(|i| NewRecord {
+                id: format!("e{i}"),
+                key: Bytes::from(format!("case-{}", i % keys)),
+                timestamp_ms: 0,
+                value: Bytes::from(vec![i as u8; size]),
+            })
+            .collect();
+        log.append("t", records).await.expect("append");
+        log
+    }
+
+    /// Leaves the group and stops the engine, as a server shutdown does.
+    async fn stop(delivery: &Delivery, sub: Subscription) {
+        drop(sub);
+        delivery.shutdown().await;
+    }
+
     fn params() -> SubscribeParams {
         SubscribeParams {
             topic: "t".into(),
@@ -376,18 +400,7 @@ mod tests {
     #[tokio::test]
     async fn groups_make_progress_over_the_shared_budget() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("file://{}", dir.path().display());
-        let log = crate::log::open(&url, &crate::config::LogSettings::default()).await.expect("log");
-        log.create_topic("t", TopicConfig { partitions: 2, retention_ms: 0, retention_bytes: 0 }).await.expect("topic");
-        let records = (0..200)
-            .map(|i| NewRecord {
-                id: format!("e{i}"),
-                key: Bytes::from(format!("case-{}", i % 7)),
-                timestamp_ms: 0,
-                value: Bytes::from(vec![0u8; 1000]),
-            })
-            .collect();
-        log.append("t", records).await.expect("append");
+        let log = log_with(dir.path(), 2, 200, 7, 1000).await;
         let settings = DeliverySettings { max_buffered_bytes_total: 1, ..DeliverySettings::default() };
         let delivery = Delivery::new(log.clone(), settings);
         let mut subs = Vec::new();
@@ -420,19 +433,8 @@ mod tests {
     #[tokio::test]
     async fn released_deliveries_are_committed_only_when_settled() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("file://{}", dir.path().display());
         let settings = DeliverySettings { commit_interval_ms: 10, ..DeliverySettings::default() };
-        let log = crate::log::open(&url, &crate::config::LogSettings::default()).await.expect("log");
-        log.create_topic("t", TopicConfig { partitions: 1, retention_ms: 0, retention_bytes: 0 }).await.expect("topic");
-        let records = (0..3)
-            .map(|i| NewRecord {
-                id: format!("e{i}"),
-                key: Bytes::from_static(b"case"),
-                timestamp_ms: 0,
-                value: Bytes::from(vec![i as u8]),
-            })
-            .collect();
-        log.append("t", records).await.expect("append");
+        let log = log_with(dir.path(), 1, 3, 1, 1).await;
 
         let delivery = Delivery::new(log.clone(), settings.clone());
         let mut sub = delivery.subscribe(params()).await.expect("subscribe");
@@ -443,8 +445,7 @@ mod tests {
         assert_eq!(second.record.id, "e1");
         sub.control.ack(vec![second.delivery_id]).await.expect("ack");
         tokio::time::sleep(Duration::from_millis(100)).await;
-        drop(sub);
-        delivery.shutdown().await;
+        stop(&delivery, sub).await;
 
         // After a restart: e0 (never settled) comes again, e1 does not; then e2.
         let delivery = Delivery::new(log.clone(), settings.clone());
@@ -458,15 +459,13 @@ mod tests {
         assert_eq!(third.record.id, "e2");
         sub.control.ack(vec![third.delivery_id]).await.expect("ack");
         tokio::time::sleep(Duration::from_millis(100)).await;
-        drop(sub);
-        delivery.shutdown().await;
+        stop(&delivery, sub).await;
 
         // Settled and acknowledged: nothing comes again.
         let delivery = Delivery::new(log.clone(), settings);
         let mut sub = delivery.subscribe(params()).await.expect("subscribe a third time");
         assert!(tokio::time::timeout(Duration::from_millis(300), sub.receiver.recv()).await.is_err(), "everything was committed");
-        drop(sub);
-        delivery.shutdown().await;
+        stop(&delivery, sub).await;
         log.close().await.expect("close");
     }
 }

@@ -206,20 +206,21 @@ async fn forward_client_messages(
             Ok(None) | Err(_) => break,
         };
         let result = match msg.request {
-            Some(Req::Ack(ack)) if ack.delivery_ids.len() <= MAX_IDS_PER_MESSAGE => {
-                match receipts.as_ref().map(|book| book.receipts(&ack.delivery_ids)).filter(|r| !r.is_empty()) {
-                    // The case's next delivery need not wait for the receipt's disk write; the
-                    // group commits these deliveries only once their receipts are durable.
-                    Some(made) => {
+            Some(Req::Ack(ack)) if ack.delivery_ids.len() <= MAX_IDS_PER_MESSAGE => match &receipts {
+                Some(book) => {
+                    let made = book.receipts(&ack.delivery_ids);
+                    if made.is_empty() {
+                        control.ack(ack.delivery_ids).await
+                    } else {
+                        // The case's next delivery need not wait for the receipt's disk write;
+                        // the group commits these deliveries only once their receipts are durable.
                         let result = control.release(ack.delivery_ids.clone()).await;
-                        if let Some(book) = &receipts {
-                            tokio::spawn(Receipts::store(book.mailboxes.clone(), made, ack.delivery_ids, control.settler()));
-                        }
+                        tokio::spawn(Receipts::store(book.mailboxes.clone(), made, ack.delivery_ids, control.settler()));
                         result
                     }
-                    None => control.ack(ack.delivery_ids).await,
                 }
-            }
+                None => control.ack(ack.delivery_ids).await,
+            },
             Some(Req::Nack(nack)) if nack.delivery_ids.len() <= MAX_IDS_PER_MESSAGE => {
                 if let Some(book) = &receipts {
                     book.take(&nack.delivery_ids);

@@ -108,7 +108,7 @@ type Addressed = Vec<(String, NewRecord)>;
 
 /// One caller's records, waiting to be written.
 struct AppendJob {
-    records: Vec<(String, NewRecord)>,
+    records: Addressed,
     reply: oneshot::Sender<Result<Vec<Appended>>>,
 }
 
@@ -257,7 +257,7 @@ impl MailboxLog {
     }
 
     /// Appends records of one store partition, together with whatever else waits for it.
-    async fn append_lane(&self, lane: u32, records: Vec<(String, NewRecord)>) -> Result<Vec<Appended>> {
+    async fn append_lane(&self, lane: u32, records: Addressed) -> Result<Vec<Appended>> {
         let lane = &self.lanes[lane as usize];
         let (reply, answer) = oneshot::channel();
         lane.waiting.lock().unwrap_or_else(|e| e.into_inner()).push(AppendJob { records, reply });

@@ -5,7 +5,7 @@
 //!   `court:A1001S`) mapped through the directory, plus the directory's copy rules.
 //! - Deliveries keep the event id, so the outbound side removes duplicates by event id; their
 //!   record ids are `<event id>><participant>`, which the mailbox store deduplicates, so a
-//!   router that crashes after appending and before acknowledging appends nothing twice.
+//!   router that crashes after appending and before storing its position appends nothing twice.
 //! - The router reads every ingest partition in offset order from its stored position (kept as
 //!   the reserved group `justizbus.router`, which `DescribeGroup` shows), routes a whole batch
 //!   in one durable mailbox write, and only then stores the new positions: a crash routes some
@@ -16,8 +16,6 @@
 //!   resolve still get their delivery.
 //! - Per-case order: a case lives in one ingest partition, read in order; a batch's appends
 //!   keep their order in each mailbox, and a failed batch is retried before anything after it.
-//!   Many events of one case fit in one batch, so the throughput does not depend on how many
-//!   cases are active.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -215,6 +213,7 @@ impl Router {
         while !*stopped.borrow() {
             let mut batch: Vec<StoredRecord> = Vec::new();
             let mut advanced: Vec<(u32, u64)> = Vec::new();
+            let mut unreadable = None;
             for p in 0..partitions {
                 let at = next[p as usize];
                 if *ends[p as usize].borrow_and_update() <= at {
@@ -229,14 +228,17 @@ impl Router {
                         next[p as usize] = start;
                         continue;
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        unreadable = Some(e);
+                        break;
+                    }
                 };
                 if let Some(last) = records.last() {
                     advanced.push((p, last.offset + 1));
                     batch.extend(records);
                 }
             }
-            if batch.is_empty() {
+            if batch.is_empty() && unreadable.is_none() {
                 let changed = futures_util::future::select_all(ends.iter_mut().map(|w| Box::pin(w.changed())));
                 tokio::select! {
                     _ = stopped.changed() => {}
@@ -249,9 +251,13 @@ impl Router {
                 continue;
             }
             let routing_started = std::time::Instant::now();
-            if let Err(e) = self.route(&batch).await {
-                // Nothing advances: the same events are routed again (the mailbox store drops
-                // the deliveries that did get through).
+            let outcome = match unreadable {
+                Some(e) => Err(e),
+                None => self.route(&batch).await,
+            };
+            if let Err(e) = outcome {
+                // Nothing advances: the same events are read and routed again (the mailbox
+                // store drops the deliveries that did get through).
                 failures += 1;
                 let wait = Duration::from_millis(100 * u64::from(failures.min(50)));
                 tracing::error!(error = %e, events = batch.len(), retry_in_ms = wait.as_millis() as u64, "routing failed");
