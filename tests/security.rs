@@ -107,11 +107,14 @@ async fn mtls_identities_and_authorization() {
     })
     .expect("foreign CA");
 
+    // The server reads a copy of the example directory, which the test changes later.
+    let live_directory = work.path().join("directory.toml");
+    std::fs::copy(example_directory(), &live_directory).expect("copy the directory");
     let (server_cert, server_key) = certs::paths(&pki, "server");
     let p = |p: PathBuf| p.display().to_string();
     let server = TestServer::start(&[
         "--directory",
-        &p(example_directory()),
+        &p(live_directory.clone()),
         "--tls-cert",
         &p(server_cert),
         "--tls-key",
@@ -232,6 +235,22 @@ async fn mtls_identities_and_authorization() {
     let mut adapter = spawn(&args);
     assert!(wait_exit(&mut adapter, Duration::from_secs(60)).success(), "the outbound adapter delivers over mTLS");
     assert!(files_below(&out).keys().any(|k| k.ends_with("justizbus-event.json")), "{:?}", files_below(&out).keys());
+
+    // A participant removed from the directory is shut out while the server runs.
+    let text = std::fs::read_to_string(&live_directory).expect("directory");
+    let kept: Vec<&str> = text.split("[[participant]]").filter(|block| !block.contains(&bayern)).collect();
+    std::fs::write(&live_directory, kept.join("[[participant]]")).expect("rewrite the directory");
+    let mut shut_out = None;
+    for _ in 0..100 {
+        match publish(&as_bayern, "xjustiz.ingest", xjustiz_event("after-removal", "court:9D0000", "court:9B0000")).await {
+            Err(e) if e.code() == Code::Unauthenticated => {
+                shut_out = Some(e);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(shut_out.is_some(), "a removed participant must be refused once the directory is reloaded");
 }
 
 #[test]
