@@ -9,6 +9,10 @@ if ! command -v xmllint >/dev/null; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libxml2-utils >/dev/null
 fi
+# The Kafka backend's tests need a real Kafka-protocol broker: install and start one.
+source scripts/kafka-broker.sh
 # The end-to-end tests run the binary, so build it first.
 cargo build --workspace --bins
 cargo test --workspace
+# The delivery tests again, unchanged, on the Kafka backend.
+JUSTIZBUS_TEST_BACKEND=kafka cargo test -p justizbus-e2e --test delivery

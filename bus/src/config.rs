@@ -38,6 +38,8 @@ pub struct ServerConfig {
     pub routing: crate::routing::router::RoutingSettings,
     /// Mutual TLS; without it the server listens on loopback only.
     pub tls: Option<crate::security::tls::TlsSettings>,
+    /// Kafka client settings, used with `log = "kafka://..."`.
+    pub kafka: crate::log::kafka::KafkaSettings,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +53,7 @@ impl Default for ServerConfig {
             max_blob_bytes: 1024 * 1024 * 1024,
             routing: Default::default(),
             tls: None,
+            kafka: Default::default(),
         }
     }
 }

@@ -122,6 +122,11 @@ pub enum Error {
     /// The log or the delivery engine has stopped (shutdown in progress).
     #[error("the bus is shutting down")]
     ShuttingDown,
+    /// The log backend cannot be reached or did not answer in time (e.g. a Kafka broker is
+    /// down); retrying later may succeed. A publish that failed this way may or may not be
+    /// stored: retry it with the same event id.
+    #[error("log backend unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl From<sled::Error> for Error {
@@ -152,7 +157,7 @@ impl Error {
             Error::NotQuarantined { .. } => Code::FailedPrecondition,
             Error::Corrupt { .. } => Code::DataLoss,
             Error::Io { .. } | Error::State(_) | Error::Serve(_) | Error::Internal(_) => Code::Internal,
-            Error::ShuttingDown => Code::Unavailable,
+            Error::ShuttingDown | Error::Unavailable(_) => Code::Unavailable,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::Tls(_) => Code::Internal,

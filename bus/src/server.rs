@@ -47,7 +47,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
         return Err(Error::invalid("tls", "mTLS needs routing.directory: client certificates name participants of the directory"));
     }
     let url = config.log_url();
-    let mut log = log::open(&url, &config.log_settings).await?;
+    let mut log = log::open(&url, &config.log_settings, &config.kafka).await?;
     // With a directory, mailboxes are layered over the log and a router runs beside the services.
     let routing = match &config.routing.directory {
         Some(path) => {

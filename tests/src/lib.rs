@@ -47,11 +47,21 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Starts a server with extra `serve` arguments.
+    /// Starts a server with extra `serve` arguments, on the backend the environment names
+    /// (see [`kafka_backend`]).
     pub fn start(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if let Some(broker) = kafka_backend() {
+            assert!(!extra.iter().any(|a| a == "--config"), "a test with its own --config cannot run on the Kafka backend");
+            let config = dir.path().join("kafka.toml");
+            std::fs::write(&config, kafka_config(&broker, &unique_prefix())).expect("writing the Kafka config");
+            extra.extend(["--config".to_string(), config.display().to_string()]);
+        }
         let process = ServerProcess::start(&binary(), &dir.path().join("data"), &extra).expect("server starts");
+        if kafka_backend().is_some() {
+            assert!(process.log().contains("Kafka log opened"), "the server did not open the Kafka log:\n{}", process.log());
+        }
         TestServer { process, dir }
     }
 
@@ -80,6 +90,32 @@ impl TestServer {
             .await
             .expect("create topic");
     }
+}
+
+/// The Kafka broker (`host:port`) the tests run on when `JUSTIZBUS_TEST_BACKEND=kafka`
+/// (set by `scripts/test.sh` for its second pass); None for the embedded backend.
+pub fn kafka_backend() -> Option<String> {
+    match std::env::var("JUSTIZBUS_TEST_BACKEND").as_deref() {
+        Ok("kafka") => Some(kafka_broker()),
+        Ok("embedded") | Err(_) => None,
+        Ok(other) => panic!("JUSTIZBUS_TEST_BACKEND={other:?}: expected kafka or embedded"),
+    }
+}
+
+/// The Kafka-protocol broker `scripts/test.sh` started (`JUSTIZBUS_TEST_KAFKA`).
+pub fn kafka_broker() -> String {
+    std::env::var("JUSTIZBUS_TEST_KAFKA")
+        .expect("JUSTIZBUS_TEST_KAFKA is not set: run the tests with `bash scripts/test.sh`, which starts a Kafka-protocol broker")
+}
+
+/// A topic prefix no other test uses, so tests share one broker.
+pub fn unique_prefix() -> String {
+    format!("t{}.", uuid::Uuid::now_v7().simple())
+}
+
+/// A server config for the Kafka backend.
+pub fn kafka_config(broker: &str, prefix: &str) -> String {
+    format!("log = \"kafka://{broker}\"\n\n[kafka]\ntopic_prefix = \"{prefix}\"\n")
 }
 
 /// What a CLI run produced.

@@ -28,6 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::cli::connect;
 use crate::process::ServerProcess;
 
+mod kafka_baseline;
 pub mod routing;
 
 /// `justizbus bench [routing]`: the core benchmark, or the routed one.
@@ -101,6 +102,11 @@ pub struct BenchArgs {
     /// Data directory of the started server (default: a temporary directory, removed after).
     #[arg(long)]
     pub data_dir: Option<std::path::PathBuf>,
+    /// Log of the started server: `kafka://host:port` runs the bus on Kafka (its topics under a
+    /// fresh prefix) and measures a plain rdkafka producer/consumer loop on the same broker
+    /// beside it, with the same events.
+    #[arg(long)]
+    pub log: Option<String>,
 }
 
 pub(crate) fn payload(size: usize, i: u64) -> Vec<u8> {
@@ -144,6 +150,8 @@ pub(crate) fn per_sec(n: u64, d: Duration) -> f64 {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // A temporary data directory (when none is given) is removed after the run.
     let mut temporary = None;
+    let kafka = args.log.as_deref().and_then(|l| l.strip_prefix("kafka://")).map(str::to_string);
+    let kafka_prefix = format!("bench{}.", std::process::id());
     let mut server = None;
     let url = match &args.server {
         Some(url) => url.clone(),
@@ -153,7 +161,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 None => temporary.insert(tempfile_dir()?).clone(),
             };
             let binary = std::env::current_exe().context("locating the justizbus binary")?;
-            let p = ServerProcess::start(&binary, &dir.join("data"), &[])?;
+            let mut extra = Vec::new();
+            if let Some(brokers) = &kafka {
+                let config = dir.join("kafka.toml");
+                std::fs::write(&config, format!("log = \"kafka://{brokers}\"\n[kafka]\ntopic_prefix = \"{kafka_prefix}\"\n"))?;
+                extra = vec!["--config".to_string(), config.display().to_string()];
+            } else if let Some(log) = &args.log {
+                extra = vec!["--log".to_string(), log.clone()];
+            }
+            let p = ServerProcess::start(&binary, &dir.join("data"), &extra)?;
             let url = p.url();
             server = Some(p);
             url
@@ -285,6 +301,28 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         if let Some((peak, rss)) = p.memory() {
             summary["server_rss"] = json!({"peak_mib": peak / (1 << 20), "current_mib": rss / (1 << 20)});
         }
+    }
+
+    // The plain rdkafka loop on the same broker, after the bus (which is idle by then).
+    if let Some(brokers) = &kafka {
+        let baseline = kafka_baseline::run(kafka_baseline::Baseline {
+            brokers,
+            topic: &format!("{kafka_prefix}baseline"),
+            events: batched,
+            size: args.size,
+            keys: args.keys,
+            partitions: args.partitions,
+            in_flight: args.batch * args.streams.max(1),
+        })
+        .await?;
+        let ratio = |bus: &serde_json::Value, plain: &serde_json::Value| {
+            (bus.as_f64().unwrap_or(0.0) / plain.as_f64().unwrap_or(f64::NAN) * 1000.0).round() / 1000.0
+        };
+        summary["kafka_plain_rdkafka"] = baseline.clone();
+        summary["bus_vs_plain"] = json!({
+            "publish_batched": ratio(&summary["publish_batched"]["events_per_sec"], &baseline["produce"]["events_per_sec"]),
+            "delivery": ratio(&summary["delivery"]["events_per_sec"], &baseline["consume"]["events_per_sec"]),
+        });
     }
 
     // 5. Large log: RSS while serving it, and restart time.

@@ -365,7 +365,7 @@ mod tests {
     /// `size` bytes, record i under key `case-<i % keys>`.
     async fn log_with(dir: &std::path::Path, partitions: u32, n: usize, keys: usize, size: usize) -> Arc<dyn Log> {
         let url = format!("file://{}", dir.display());
-        let log = crate::log::open(&url, &crate::config::LogSettings::default()).await.expect("log");
+        let log = crate::log::open(&url, &crate::config::LogSettings::default(), &Default::default()).await.expect("log");
         log.create_topic("t", TopicConfig { partitions, retention_ms: 0, retention_bytes: 0 }).await.expect("topic");
         let records = (0..n)
             .map(|i| NewRecord {

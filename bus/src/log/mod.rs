@@ -2,7 +2,7 @@
 //!
 //! - `file://DIR` (default): the embedded backend in [`embedded`]: segment files per partition
 //!   with a sparse index, group commit, torn-tail recovery, and `sled` for small mutable state.
-//! - `kafka://host:port,...`: Apache Kafka (a later backend).
+//! - `kafka://host:port,...`: Apache Kafka in [`kafka`], through `rdkafka`.
 //!
 //! Besides records the trait stores the small mutable state of consumer groups (cursors and
 //! quarantined keys), because on Kafka that state lives in Kafka too: a bus node keeps none.
@@ -20,6 +20,7 @@ use crate::{Error, Result};
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod embedded;
+pub mod kafka;
 
 /// A record to append. The log assigns partition (from the key) and offset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,13 +208,14 @@ pub trait Log: Send + Sync + 'static {
     async fn close(&self) -> Result<()>;
 }
 
-/// Opens the backend a URL names: `file://DIR` (embedded).
-pub async fn open(url: &str, settings: &crate::config::LogSettings) -> Result<Arc<dyn Log>> {
+/// Opens the backend a URL names: `file://DIR` (embedded) or `kafka://host:port,...`.
+pub async fn open(url: &str, settings: &crate::config::LogSettings, kafka_settings: &kafka::KafkaSettings) -> Result<Arc<dyn Log>> {
     if let Some(dir) = url.strip_prefix("file://") {
         let log = embedded::EmbeddedLog::open(dir.as_ref(), settings.clone()).await?;
         Ok(Arc::new(log))
-    } else if url.starts_with("kafka://") {
-        Err(Error::invalid("log", "the Kafka backend is not built into this version yet; use file://DIR"))
+    } else if let Some(brokers) = url.strip_prefix("kafka://") {
+        let log = kafka::KafkaLog::open(brokers.trim_end_matches('/'), settings.clone(), kafka_settings.clone()).await?;
+        Ok(Arc::new(log))
     } else {
         Err(Error::invalid("log", format!("unsupported log URL {url:?}: expected file://DIR or kafka://host:port")))
     }
