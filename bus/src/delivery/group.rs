@@ -157,6 +157,9 @@ struct Entry {
 
 #[derive(Default)]
 struct Part {
+    /// Served by this node: always, unless the group is shared with other nodes and the
+    /// partition is assigned elsewhere (then everything else here is empty).
+    owned: bool,
     next_read: u64,
     end: u64,
     entries: BTreeMap<u64, Entry>,
@@ -230,7 +233,20 @@ struct Actor {
     quarantined: HashMap<Bytes, Quarantine>,
     next_delivery: u64,
     last_commit: Instant,
+    /// Where a group without a stored position starts.
+    start: StartPosition,
+    /// Several bus nodes serve this group (Kafka): partitions are served as assigned.
+    shared: bool,
+    /// This node's share of a shared group, while it has subscribers.
+    membership: Option<crate::log::Membership>,
+    /// Assigned partitions whose loading failed are tried again at this time.
+    load_retry: Option<Instant>,
+    /// A read failed (the log's backend is unreachable): reading is tried again at this time.
+    read_retry: Option<Instant>,
 }
+
+/// How soon a group tries to read again after a read failed.
+const READ_RETRY: Duration = Duration::from_millis(500);
 
 /// How soon a group held back by the budget of all groups tries to read again.
 const BUDGET_RETRY: Duration = Duration::from_millis(50);
@@ -314,6 +330,11 @@ pub async fn spawn(
         settling: HashMap::new(),
         quarantined: HashMap::new(),
         next_delivery: 1,
+        start,
+        shared: log.shares_groups(topic),
+        membership: None,
+        load_retry: None,
+        read_retry: None,
         // Spread over the interval, so that groups started together do not all store their
         // positions in the same instant (a thousand mailbox groups would stall the workers).
         last_commit: {
@@ -327,38 +348,15 @@ pub async fn spawn(
     }
     let mut ends = StreamMap::new();
     for p in 0..info.config.partitions {
-        let offsets = info.partitions[p as usize];
-        let mut part = Part { end: offsets.end, ..Part::default() };
-        match log.load_cursor(topic, group, p).await? {
-            Some(cursor) => {
-                part.next_read = cursor.scanned.max(offsets.start);
-                actor.parts.push(part);
-                // Read the unacknowledged events back in runs, not one read per offset.
-                let mut wanted: BTreeSet<u64> = cursor.unacked.into_iter().filter(|o| *o >= offsets.start).collect();
-                while let Some(&from) = wanted.first() {
-                    let records = log.read(topic, p, from, 1024, 4 << 20).await?;
-                    let Some(last) = records.last().map(|r| r.offset) else { break };
-                    for rec in records.into_iter().filter(|r| wanted.contains(&r.offset)) {
-                        actor.insert(Arc::new(rec));
-                    }
-                    wanted = wanted.split_off(&(last + 1));
-                }
-                for (off, attempts) in cursor.attempts {
-                    if let Some(entry) = actor.parts[p as usize].entries.get_mut(&off) {
-                        entry.attempts = attempts;
-                    }
-                }
-            }
-            None => {
-                part.next_read = match start {
-                    StartPosition::Earliest => offsets.start,
-                    StartPosition::Latest => offsets.end,
-                };
-                part.dirty = true;
-                actor.parts.push(part);
-            }
-        }
+        actor.parts.push(Part { end: info.partitions[p as usize].end, ..Part::default() });
         ends.insert(p, WatchStream::new(log.watch_end(topic, p)?));
+    }
+    // A group of this node alone serves every partition from the start; a shared one serves
+    // what the group protocol assigns once it has subscribers.
+    if !actor.shared {
+        for p in 0..info.config.partitions {
+            actor.load_partition(p).await?;
+        }
     }
     actor.commit().await;
     tracing::info!(topic, group, partitions = info.config.partitions, quarantined = actor.quarantined.len(), "group loaded");
@@ -368,19 +366,183 @@ pub async fn spawn(
 }
 
 impl Actor {
+    /// Starts serving partition `p` from its stored position (or the group's start).
+    async fn load_partition(&mut self, p: u32) -> Result<()> {
+        let (topic, group) = (self.topic.clone(), self.group.clone());
+        let offsets = self.log.offsets(&topic, p).await?;
+        let cursor = self.log.load_cursor(&topic, &group, p).await?;
+        // Another node may have quarantined keys of this partition while it served it.
+        for q in self.log.list_quarantine(&topic, &group).await? {
+            if q.partition == p {
+                self.quarantined.insert(Bytes::from(q.key.clone()), q);
+            }
+        }
+        let end = self.parts[p as usize].end.max(offsets.end);
+        self.parts[p as usize] = Part { owned: true, end, ..Part::default() };
+        match cursor {
+            Some(cursor) => {
+                self.parts[p as usize].next_read = cursor.scanned.max(offsets.start);
+                // Read the unacknowledged events back in runs, not one read per offset.
+                let mut wanted: BTreeSet<u64> = cursor.unacked.into_iter().filter(|o| *o >= offsets.start).collect();
+                while let Some(&from) = wanted.first() {
+                    let records = self.log.read(&topic, p, from, 1024, 4 << 20).await?;
+                    let Some(last) = records.last().map(|r| r.offset) else { break };
+                    for rec in records.into_iter().filter(|r| wanted.contains(&r.offset)) {
+                        self.insert(Arc::new(rec));
+                    }
+                    wanted = wanted.split_off(&(last + 1));
+                }
+                for (off, attempts) in cursor.attempts {
+                    if let Some(entry) = self.parts[p as usize].entries.get_mut(&off) {
+                        entry.attempts = attempts;
+                    }
+                }
+            }
+            None => {
+                let part = &mut self.parts[p as usize];
+                part.next_read = match self.start {
+                    StartPosition::Earliest => offsets.start,
+                    StartPosition::Latest => offsets.end,
+                };
+                part.dirty = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops serving partition `p` (another node takes it over): its deliveries are dropped
+    /// (acks for them are refused as unknown; the next owner delivers them again).
+    fn release_partition(&mut self, p: u32) {
+        let ids: Vec<u64> = self.inflight.iter().filter(|(_, f)| f.partition == p).map(|(id, _)| *id).collect();
+        for id in ids {
+            if let Some(f) = self.inflight.remove(&id) {
+                self.deadlines.remove(&(f.deadline, id));
+                if let Some(s) = self.subs.get_mut(&f.sub) {
+                    s.outstanding = s.outstanding.saturating_sub(1);
+                }
+            }
+        }
+        self.settling.retain(|_, (sp, _)| *sp != p);
+        self.ready.retain(|(rp, _)| *rp != p);
+        self.backoff.retain(|(_, bp, _)| *bp != p);
+        self.quarantined.retain(|_, q| q.partition != p);
+        let part = &mut self.parts[p as usize];
+        self.budget.give(part.buffered_bytes);
+        *part = Part { end: part.end, ..Part::default() };
+    }
+
+    /// Follows a new assignment of a shared group: stores and releases what was taken away,
+    /// confirms, then loads what was added.
+    async fn rebalance(&mut self) {
+        let Some(membership) = &mut self.membership else { return };
+        let assignment = membership.assignment.borrow_and_update().clone();
+        let revoked: Vec<u32> =
+            (0..self.parts.len() as u32).filter(|p| self.parts[*p as usize].owned && !assignment.partitions.contains(p)).collect();
+        if !revoked.is_empty() {
+            self.commit().await;
+            for p in &revoked {
+                self.release_partition(*p);
+            }
+            tracing::info!(topic = %self.topic, group = %self.group, partitions = ?revoked, "partitions released to other nodes");
+        }
+        if let Some(m) = &self.membership {
+            m.confirm(assignment.generation);
+        }
+        self.load_assigned().await;
+    }
+
+    /// Loads assigned partitions not served yet; a failure is retried a second later.
+    async fn load_assigned(&mut self) {
+        self.load_retry = None;
+        let Some(membership) = &self.membership else { return };
+        let assigned: Vec<u32> = membership.assignment.borrow().partitions.iter().copied().collect();
+        for p in assigned {
+            if self.parts.get(p as usize).is_none_or(|part| part.owned) {
+                continue;
+            }
+            match self.load_partition(p).await {
+                Ok(()) => tracing::info!(topic = %self.topic, group = %self.group, partition = p, "serving partition"),
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, group = %self.group, partition = p, error = %e, "loading an assigned partition failed; retrying");
+                    self.parts[p as usize].owned = false;
+                    self.load_retry = Some(Instant::now() + Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Joins the shared group when the first subscriber arrives.
+    async fn join_shared(&mut self) -> Result<()> {
+        if !self.shared || self.membership.is_some() {
+            return Ok(());
+        }
+        match self.log.join_group(&self.topic, &self.group).await? {
+            Some(membership) => self.membership = Some(membership),
+            None => {
+                self.shared = false;
+                for p in 0..self.parts.len() as u32 {
+                    self.load_partition(p).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Leaves the shared group when the last subscriber is gone, so other nodes' subscribers
+    /// get every partition.
+    async fn leave_shared(&mut self) {
+        if self.membership.is_none() || !self.subs.is_empty() {
+            return;
+        }
+        self.commit().await;
+        for p in 0..self.parts.len() as u32 {
+            if self.parts[p as usize].owned {
+                self.release_partition(p);
+            }
+        }
+        self.membership = None;
+        tracing::info!(topic = %self.topic, group = %self.group, "left the shared group (no subscribers on this node)");
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut ends: StreamMap<u32, WatchStream<u64>>) {
         let far = Duration::from_secs(3600);
         loop {
+            if self.membership.as_ref().is_some_and(|m| m.assignment.has_changed().unwrap_or(false)) {
+                self.rebalance().await;
+            }
+            if self.load_retry.is_some_and(|t| t <= Instant::now()) {
+                self.load_assigned().await;
+            }
             self.fill().await;
             self.dispatch();
             // Sleep until the next thing due: an ack deadline, the end of a backoff, a commit.
             let commit_due =
                 self.parts.iter().any(|p| p.dirty).then(|| self.last_commit + Duration::from_millis(self.limits.commit_interval_ms));
             let retry = self.held_back.then(|| Instant::now() + BUDGET_RETRY);
-            let due =
-                [self.deadlines.first().map(|d| d.0), self.backoff.first().map(|b| b.0), commit_due, retry].into_iter().flatten().min();
+            let due = [
+                self.deadlines.first().map(|d| d.0),
+                self.backoff.first().map(|b| b.0),
+                commit_due,
+                retry,
+                self.load_retry,
+                self.read_retry,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let tick = due.map_or(far, |t| t.saturating_duration_since(Instant::now()));
+            let mut assignment = self.membership.as_ref().map(|m| m.assignment.clone());
+            let assignment_changed = async {
+                let changed = match assignment.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => false,
+                };
+                if !changed {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
+                _ = assignment_changed => {}
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { break };
                     if self.handle(cmd).await {
@@ -393,6 +555,7 @@ impl Actor {
                             Err(_) => break,
                         }
                     }
+                    self.leave_shared().await;
                 }
                 Some((p, end)) = ends.next() => {
                     if let Some(part) = self.parts.get_mut(p as usize) {
@@ -414,6 +577,10 @@ impl Actor {
         match cmd {
             Command::Join { sub, max_unacked, overrides, out, reply } => {
                 if let Err(e) = self.apply(overrides).await {
+                    let _ = reply.send(Err(e));
+                    return false;
+                }
+                if let Err(e) = self.join_shared().await {
                     let _ = reply.send(Err(e));
                     return false;
                 }
@@ -465,7 +632,7 @@ impl Actor {
                 }
             }
             Command::Describe { reply } => {
-                let _ = reply.send(self.status());
+                let _ = reply.send(self.status().await);
             }
             Command::Resolve { key, skip, reply } => {
                 let _ = reply.send(self.resolve(key, skip).await);
@@ -502,12 +669,13 @@ impl Actor {
     /// buffer, so one partition's backlog cannot crowd out the keys of the others.
     async fn fill(&mut self) {
         self.held_back = false;
+        self.read_retry = None;
         let share_events = (self.limits.max_buffered_events / self.parts.len().max(1)).max(64);
         let share_bytes = (self.limits.max_buffered_bytes / self.parts.len().max(1)).max(1 << 20);
         for p in 0..self.parts.len() {
             loop {
                 let part = &self.parts[p];
-                if part.next_read >= part.end || part.entries.len() >= share_events || part.buffered_bytes >= share_bytes {
+                if !part.owned || part.next_read >= part.end || part.entries.len() >= share_events || part.buffered_bytes >= share_bytes {
                     break;
                 }
                 // Over the budget of all groups, a group still reads a little while it holds
@@ -524,7 +692,8 @@ impl Actor {
                 let records = match self.log.read(&self.topic, p as u32, from, room, 1 << 20).await {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::error!(topic = %self.topic, group = %self.group, partition = p, from, error = %e, "reading for delivery failed");
+                        tracing::error!(topic = %self.topic, group = %self.group, partition = p, from, error = %e, "reading for delivery failed; retrying");
+                        self.read_retry = Some(Instant::now() + READ_RETRY);
                         break;
                     }
                 };
@@ -834,18 +1003,23 @@ impl Actor {
         }
     }
 
-    fn status(&self) -> GroupStatus {
-        let partitions = self
-            .parts
-            .iter()
-            .enumerate()
-            .map(|(p, part)| {
+    async fn status(&self) -> GroupStatus {
+        let mut partitions = Vec::with_capacity(self.parts.len());
+        for (p, part) in self.parts.iter().enumerate() {
+            let status = if part.owned {
                 let committed = part.entries.keys().next().copied().unwrap_or(part.next_read);
                 let in_flight = part.entries.values().filter(|e| matches!(e.state, State::InFlight(_))).count() as u32;
                 let lag = part.entries.len() as u64 + part.end.saturating_sub(part.next_read);
                 PartitionStatus { partition: p as u32, committed, end: part.end, lag, in_flight }
-            })
-            .collect();
+            } else {
+                // Served by another node (or by none right now): its stored position.
+                let cursor = self.log.load_cursor(&self.topic, &self.group, p as u32).await.ok().flatten();
+                let committed = cursor.as_ref().map_or(0, |c| c.committed);
+                let lag = cursor.map_or(part.end, |c| c.unacked.len() as u64 + part.end.saturating_sub(c.scanned));
+                PartitionStatus { partition: p as u32, committed, end: part.end, lag, in_flight: 0 }
+            };
+            partitions.push(status);
+        }
         GroupStatus {
             topic: self.topic.clone(),
             group: self.group.clone(),

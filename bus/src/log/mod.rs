@@ -162,6 +162,39 @@ pub struct Quarantine {
     pub since_ms: i64,
 }
 
+/// The partitions of a shared group this node serves, as of one rebalance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Assignment {
+    /// Grows with every change.
+    pub generation: u64,
+    /// Partitions this node serves.
+    pub partitions: std::collections::BTreeSet<u32>,
+}
+
+/// This node's membership in a consumer group that several bus nodes share (Kafka's group
+/// protocol): which partitions it serves, changing as nodes come and go. Leaves when dropped.
+pub struct Membership {
+    /// The current assignment.
+    pub assignment: watch::Receiver<Assignment>,
+    /// Called with a generation once every partition taken away up to it is released (its
+    /// position stored, its deliveries dropped): only then may another node take it over.
+    confirm: Box<dyn Fn(u64) + Send + Sync>,
+    /// Leaves the group when dropped.
+    _leave: Box<dyn Send + Sync>,
+}
+
+impl Membership {
+    /// A membership from its parts (for backends).
+    pub fn new(assignment: watch::Receiver<Assignment>, confirm: Box<dyn Fn(u64) + Send + Sync>, leave: Box<dyn Send + Sync>) -> Self {
+        Membership { assignment, confirm, _leave: leave }
+    }
+
+    /// Confirms that partitions revoked up to `generation` are released.
+    pub fn confirm(&self, generation: u64) {
+        (self.confirm)(generation)
+    }
+}
+
 /// The partitioned log: records, plus the small mutable state of consumer groups.
 #[async_trait]
 pub trait Log: Send + Sync + 'static {
@@ -202,6 +235,19 @@ pub trait Log: Send + Sync + 'static {
     async fn remove_quarantine(&self, topic: &str, group: &str, key: &[u8]) -> Result<Option<Quarantine>>;
     /// All quarantined keys of a group.
     async fn list_quarantine(&self, topic: &str, group: &str) -> Result<Vec<Quarantine>>;
+
+    /// Whether several bus nodes may serve a consumer group of `topic` on this storage (Kafka);
+    /// then a group serves only the partitions [`Log::join_group`] assigns to this node.
+    fn shares_groups(&self, topic: &str) -> bool {
+        let _ = topic;
+        false
+    }
+    /// Joins the group for this node; None where groups are not shared (every partition is
+    /// this node's).
+    async fn join_group(&self, topic: &str, group: &str) -> Result<Option<Membership>> {
+        let _ = (topic, group);
+        Ok(None)
+    }
 
     /// Finishes queued appends, stops accepting new ones and flushes state. Called on shutdown;
     /// afterwards the same storage may be opened again.

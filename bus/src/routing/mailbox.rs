@@ -486,6 +486,18 @@ impl Log for MailboxLog {
         self.inner.list_quarantine(topic, group).await
     }
 
+    fn shares_groups(&self, topic: &str) -> bool {
+        !is_mailbox_topic(topic) && self.inner.shares_groups(topic)
+    }
+
+    async fn join_group(&self, topic: &str, group: &str) -> Result<Option<crate::log::Membership>> {
+        // Mailboxes live in this node's index: their groups are this node's alone.
+        if is_mailbox_topic(topic) {
+            return Ok(None);
+        }
+        self.inner.join_group(topic, group).await
+    }
+
     async fn close(&self) -> Result<()> {
         let mut writers = Vec::with_capacity(self.lanes.len());
         for lane in &self.lanes {

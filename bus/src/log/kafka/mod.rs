@@ -16,6 +16,7 @@
 //! of recent ids up to the partition's current end (reading what other nodes appended), so a
 //! client retrying on another node is still answered with the first record's position.
 
+mod membership;
 mod reader;
 mod state;
 
@@ -33,7 +34,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Appended, Cursor, GroupConfig, Log, NewRecord, PartitionOffsets, Quarantine, StoredRecord, TopicConfig, TopicInfo};
+use super::{
+    Appended, Cursor, GroupConfig, Log, Membership, NewRecord, PartitionOffsets, Quarantine, StoredRecord, TopicConfig, TopicInfo,
+};
 use crate::config::LogSettings;
 use crate::event::{now_ms, validate_name};
 use crate::partitioner::partition_for_key;
@@ -60,6 +63,9 @@ pub struct KafkaSettings {
     /// How often the high watermarks of watched partitions are polled (appends of this node
     /// wake watchers at once; appends of other nodes are seen within this interval).
     pub watch_interval_ms: u64,
+    /// A node that stops heartbeating (killed) loses its share of a consumer group after this
+    /// long (Kafka's `session.timeout.ms`; brokers allow 6000 and more by default).
+    pub session_timeout_ms: u64,
     /// When a node first appends to a partition, it reads the ids of this many of its latest
     /// records (at most `log_settings.dedup_max_ids`): an event id is recognised as a
     /// duplicate across node restarts and between nodes within that many records.
@@ -77,6 +83,7 @@ impl Default for KafkaSettings {
             request_timeout_ms: 30_000,
             watch_interval_ms: 50,
             dedup_reload_records: 100_000,
+            session_timeout_ms: 6_000,
             options: BTreeMap::new(),
         }
     }
@@ -88,6 +95,21 @@ fn kafka_error(context: &str, e: KafkaError) -> Error {
     Error::Unavailable(format!("Kafka: {context}: {e}"))
 }
 
+/// A consumer error that reports a lost connection (librdkafka reconnects by itself and queues
+/// such reports, so they may arrive well after the connection is back): not a read failure.
+fn transient(e: &KafkaError) -> bool {
+    matches!(
+        e,
+        KafkaError::MessageConsumption(
+            RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::NetworkException
+        )
+    )
+}
+
+/// How long a read waits for records the high watermark promised before it fails (and the
+/// caller retries): short, so a group actor never stalls long on an unreachable broker.
+const READ_WAIT: Duration = Duration::from_secs(5);
+
 /// The Kafka backend.
 pub struct KafkaLog {
     inner: Arc<Inner>,
@@ -98,6 +120,8 @@ pub struct KafkaLog {
 struct Inner {
     settings: KafkaSettings,
     log_settings: LogSettings,
+    /// Settings every client starts from.
+    client_config: ClientConfig,
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     readers: Readers,
@@ -151,11 +175,13 @@ impl KafkaLog {
         let producer: FutureProducer = producer_config.create().map_err(|e| kafka_error("creating the producer", e))?;
         let admin: AdminClient<DefaultClientContext> = base.create().map_err(|e| kafka_error("creating the admin client", e))?;
         let readers = Readers::new(base.clone(), log_settings.max_event_bytes);
+        let state_base = base.clone();
         let state_name = format!("{}__justizbus_state", settings.topic_prefix);
         let inner = Inner {
-            state: StateTopic::new(state_name, base.clone(), producer.clone(), timeout),
+            state: StateTopic::new(state_name, state_base, producer.clone(), timeout),
             settings,
             log_settings,
+            client_config: base,
             producer,
             admin,
             readers,
@@ -726,6 +752,20 @@ impl Log for KafkaLog {
     async fn list_quarantine(&self, topic: &str, group: &str) -> Result<Vec<Quarantine>> {
         let entries = self.inner.state.scan(&state::quarantine_prefix(topic, group)).await?;
         entries.into_iter().map(|(_, v)| serde_json::from_slice(&v).map_err(|e| Error::State(format!("quarantine entry: {e}")))).collect()
+    }
+
+    fn shares_groups(&self, _topic: &str) -> bool {
+        true
+    }
+
+    async fn join_group(&self, topic: &str, group: &str) -> Result<Option<Membership>> {
+        self.inner.partitions(topic).await?;
+        // '/' never occurs in topic or group names, so the id is unambiguous.
+        let group_id = format!("{}justizbus/{topic}/{group}", self.inner.settings.topic_prefix);
+        let membership =
+            membership::join(&self.inner.client_config, &self.inner.kafka_name(topic), &group_id, self.inner.settings.session_timeout_ms)?;
+        tracing::info!(topic, group, kafka_group = %group_id, "joined the shared consumer group");
+        Ok(Some(membership))
     }
 
     async fn close(&self) -> Result<()> {

@@ -12,7 +12,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Mutex;
 
-use super::{blocking, kafka_error, ID_HEADER};
+use super::{blocking, kafka_error, transient, ID_HEADER, READ_WAIT};
 use crate::log::StoredRecord;
 use crate::{Error, Result};
 
@@ -81,6 +81,7 @@ impl Readers {
             (low.max(0) as u64, high.max(0) as u64)
         };
         let from = from.max(low);
+        tracing::trace!(topic, partition, from, low, high, "read");
         if from >= high || max_records == 0 {
             return Ok(Vec::new());
         }
@@ -90,7 +91,7 @@ impl Readers {
             reader.consumer.assign(&tpl).map_err(|e| kafka_error("assigning", e))?;
             reader.next = Some(from);
         }
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + timeout.min(READ_WAIT);
         let mut out = Vec::new();
         let mut bytes = 0usize;
         while out.len() < max_records && (out.is_empty() || bytes < max_bytes) {
@@ -100,6 +101,10 @@ impl Readers {
             }
             let message = match tokio::time::timeout_at(deadline, reader.consumer.recv()).await {
                 Ok(Ok(m)) => m,
+                Ok(Err(e)) if transient(&e) => {
+                    tracing::debug!(topic, partition, error = %e, "connection report while reading");
+                    continue;
+                }
                 Ok(Err(e)) => {
                     reader.next = None;
                     return Err(kafka_error("reading", e));

@@ -105,6 +105,7 @@ impl StateTopic {
         while *applied < end {
             let message = match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Ok(Ok(m)) => m,
+                Ok(Err(e)) if super::transient(&e) => continue,
                 Ok(Err(e)) => return Err(kafka_error("reading the state topic", e)),
                 Err(_) => return Err(Error::Unavailable(format!("Kafka: state topic {} not read up to {end} in time", self.name))),
             };
