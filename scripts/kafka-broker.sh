@@ -13,7 +13,7 @@ if ! "$JUSTIZBUS_TANSU" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
 fi
 tansu_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 tansu_dir=$(mktemp -d)
-(cd "$tansu_dir" && exec "$JUSTIZBUS_TANSU" broker --storage-engine sqlite://broker.db \
+(cd "$tansu_dir" && RUST_LOG=${TANSU_LOG:-warn} exec "$JUSTIZBUS_TANSU" broker --storage-engine sqlite://broker.db \
     --listener-url "tcp://127.0.0.1:$tansu_port" --advertised-listener-url "tcp://127.0.0.1:$tansu_port" \
     >"$tansu_dir/broker.log" 2>&1) &
 tansu_pid=$!

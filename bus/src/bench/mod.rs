@@ -308,7 +308,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let baseline = kafka_baseline::run(kafka_baseline::Baseline {
             brokers,
             topic: &format!("{kafka_prefix}baseline"),
-            events: batched,
+            // As many as the bus's delivery phase read (tansu's fetch cost grows with the backlog).
+            events: total,
             size: args.size,
             keys: args.keys,
             partitions: args.partitions,

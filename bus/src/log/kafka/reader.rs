@@ -20,6 +20,9 @@ use crate::{Error, Result};
 struct PartitionReader {
     consumer: Arc<StreamConsumer>,
     next: Option<u64>,
+    /// The partition's (start, end) as last asked: while a reader is behind it, no need to ask
+    /// again (the offsets below a known end only ever become readable or deleted).
+    known: (u64, u64),
 }
 
 /// A shared reader, by (Kafka topic, partition).
@@ -56,7 +59,7 @@ impl Readers {
             return Ok(r.clone());
         }
         let consumer: StreamConsumer = self.config.create().map_err(|e| kafka_error("creating a consumer", e))?;
-        let reader = Arc::new(Mutex::new(PartitionReader { consumer: Arc::new(consumer), next: None }));
+        let reader = Arc::new(Mutex::new(PartitionReader { consumer: Arc::new(consumer), next: None, known: (0, 0) }));
         readers.insert((topic.to_string(), partition), reader.clone());
         Ok(reader)
     }
@@ -74,11 +77,14 @@ impl Readers {
     ) -> Result<Vec<StoredRecord>> {
         let reader = self.reader(topic, partition)?;
         let mut reader = reader.lock().await;
-        let (low, high) = {
+        let (low, high) = if from >= reader.known.0 && from < reader.known.1 {
+            reader.known
+        } else {
             let (consumer, t, p) = (reader.consumer.clone(), topic.to_string(), partition as i32);
             let watermarks = blocking(move || consumer.client().fetch_watermarks(&t, p, timeout)).await?;
             let (low, high) = watermarks.map_err(|e| kafka_error("reading offsets", e))?;
-            (low.max(0) as u64, high.max(0) as u64)
+            reader.known = (low.max(0) as u64, high.max(0) as u64);
+            reader.known
         };
         let from = from.max(low);
         tracing::trace!(topic, partition, from, low, high, "read");
@@ -110,9 +116,10 @@ impl Readers {
                     return Err(kafka_error("reading", e));
                 }
                 Err(_) if !out.is_empty() => break,
+                // The fetch goes on: the next read from here takes what it brings (a slow broker
+                // is waited for, not asked again from scratch).
                 Err(_) => {
-                    reader.next = None;
-                    return Err(Error::Unavailable(format!("Kafka: no record of {topic}/{partition} from offset {next} arrived in time")));
+                    return Err(Error::Unavailable(format!("Kafka: no record of {topic}/{partition} from offset {next} arrived in time")))
                 }
             };
             let offset = message.offset().max(0) as u64;
