@@ -282,3 +282,38 @@ async fn create_kafka_topic(broker: &str, name: &str, partitions: i32) {
         admin.create_topics([&NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &AdminOptions::new()).await.expect("create");
     assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_uploaded_through_one_node_is_served_by_another() {
+    use justizbus_xjustiz::client::{download, upload};
+    let broker = kafka_broker();
+    let prefix = unique_prefix();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = node(dir.path(), "a", &broker, &prefix);
+    let mut b = node(dir.path(), "b", &broker, &prefix);
+    let (ca, cb) = (justizbus::cli::connect(&a.url()).await.expect("a"), justizbus::cli::connect(&b.url()).await.expect("b"));
+    // Larger than one chunk in Kafka, and not a multiple of it.
+    let content: Vec<u8> = (0..1_300_000u32).map(|i| (i % 251) as u8).collect();
+    let attachment = upload(&ca, "schriftsatz.pdf", "application/pdf", content.clone()).await.expect("upload to a");
+    // Node a is gone: node b has the blob from Kafka (its own data directory never saw it).
+    a.kill9();
+    let stat = pb::blobs_client::BlobsClient::new(cb.clone())
+        .stat(pb::DownloadRequest { sha256: attachment.sha256.clone() })
+        .await
+        .expect("stat on b")
+        .into_inner();
+    assert_eq!(stat.size, content.len() as u64);
+    assert_eq!(download(&cb, &attachment).await.expect("download from b"), content);
+    admin(cb.clone())
+        .create_topic(pb::CreateTopicRequest { topic: "filed".into(), partitions: 1, ..Default::default() })
+        .await
+        .expect("create");
+    let mut e = event("with-doc", "case-1", "{}");
+    e.attachments.push(attachment.clone());
+    publish(&cb, "filed", e).await.expect("an event referring to the blob is accepted on b");
+    let unknown = pb::Attachment { sha256: "0".repeat(64), ..attachment };
+    let mut e = event("with-unknown-doc", "case-1", "{}");
+    e.attachments.push(unknown);
+    assert_eq!(publish(&cb, "filed", e).await.expect_err("unknown blob").code(), Code::NotFound);
+    b.stop().expect("stop b");
+}

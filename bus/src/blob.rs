@@ -57,7 +57,8 @@ impl BlobStore {
         self.max_bytes
     }
 
-    fn path_of(&self, sha256: &str) -> PathBuf {
+    /// Where a stored blob's file is.
+    pub fn path_of(&self, sha256: &str) -> PathBuf {
         self.root.join("sha256").join(&sha256[..2]).join(sha256)
     }
 

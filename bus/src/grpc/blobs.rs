@@ -68,6 +68,8 @@ impl pb::blobs_server::Blobs for BlobsService {
         let store = self.bus.blobs.clone();
         let (sha, size) = (header.sha256.clone(), header.size);
         let info = blocking(move || store.commit(up, &sha, size)).await?;
+        // Acknowledged only once the log holds it too (on Kafka: where every node can serve it).
+        self.bus.log.put_blob(&info.sha256, info.size, &self.bus.blobs.path_of(&info.sha256)).await?;
         Ok(Response::new(attachment(info, header.name, header.media_type)))
     }
 
@@ -76,9 +78,7 @@ impl pb::blobs_server::Blobs for BlobsService {
     async fn download(&self, request: Request<pb::DownloadRequest>) -> std::result::Result<Response<Self::DownloadStream>, Status> {
         self.bus.gate.caller(&request, "Blobs.Download")?;
         let sha256 = request.into_inner().sha256;
-        let store = self.bus.blobs.clone();
-        let wanted = sha256.clone();
-        let file = blocking(move || store.open_blob(&wanted)).await?.ok_or_else(|| Status::from(Error::UnknownBlob(sha256.clone())))?;
+        let file = self.bus.open_blob(&sha256).await?.ok_or_else(|| Status::from(Error::UnknownBlob(sha256.clone())))?;
         let (tx, rx) = mpsc::channel(4);
         // Reads on a blocking thread; the hash is checked as the last chunk goes out.
         tokio::task::spawn_blocking(move || {
@@ -115,9 +115,7 @@ impl pb::blobs_server::Blobs for BlobsService {
     async fn stat(&self, request: Request<pb::DownloadRequest>) -> std::result::Result<Response<pb::Attachment>, Status> {
         self.bus.gate.caller(&request, "Blobs.Stat")?;
         let sha256 = request.into_inner().sha256;
-        let store = self.bus.blobs.clone();
-        let wanted = sha256.clone();
-        let info = blocking(move || store.stat(&wanted)).await?.ok_or_else(|| Status::from(Error::UnknownBlob(sha256)))?;
+        let info = self.bus.blob_info(&sha256).await?.ok_or_else(|| Status::from(Error::UnknownBlob(sha256)))?;
         Ok(Response::new(attachment(info, String::new(), String::new())))
     }
 }

@@ -33,6 +33,37 @@ pub struct Bus {
     pub gate: crate::security::auth::Gate,
 }
 
+impl Bus {
+    /// A blob's size: from this node's blob store, or from the log when another node of a
+    /// shared log (Kafka) stored it.
+    pub async fn blob_info(&self, sha256: &str) -> Result<Option<crate::blob::BlobInfo>> {
+        if let Some(info) = self.blobs.stat(sha256)? {
+            return Ok(Some(info));
+        }
+        Ok(self.log.blob_size(sha256).await?.map(|size| crate::blob::BlobInfo { sha256: sha256.to_string(), size }))
+    }
+
+    /// Opens a blob for reading; one that only the log holds (stored through another node) is
+    /// fetched into this node's store first, and checked against its hash on the way.
+    pub async fn open_blob(&self, sha256: &str) -> Result<Option<std::fs::File>> {
+        if let Some(file) = self.blobs.open_blob(sha256)? {
+            return Ok(Some(file));
+        }
+        let store = self.blobs.clone();
+        let mut upload = store.begin()?;
+        if !self.log.read_blob(sha256, &mut |chunk| upload.write(chunk)).await? {
+            return Ok(None);
+        }
+        let wanted = sha256.to_string();
+        tokio::task::spawn_blocking(move || {
+            store.commit(upload, &wanted, 0)?;
+            store.open_blob(&wanted)
+        })
+        .await
+        .map_err(|e| crate::Error::Internal(format!("blob task: {e}")))?
+    }
+}
+
 /// A stored record as the wire type replay and admin calls return.
 pub fn replay_record(topic: &str, r: &StoredRecord) -> Result<pb::ReplayRecord> {
     Ok(pb::ReplayRecord {

@@ -30,7 +30,13 @@ impl PublisherService {
     }
 
     /// Validates one request into (topic, record).
-    fn record(&self, caller: &Caller, call: &str, req: pb::PublishRequest, index: Option<usize>) -> Result<(String, NewRecord), Error> {
+    async fn record(
+        &self,
+        caller: &Caller,
+        call: &str,
+        req: pb::PublishRequest,
+        index: Option<usize>,
+    ) -> Result<(String, NewRecord), Error> {
         let at = |field: &str| index.map_or_else(|| field.to_string(), |i| format!("events[{i}].{field}"));
         if req.topic.is_empty() {
             return Err(Error::invalid(at("topic"), "the topic is required"));
@@ -46,7 +52,7 @@ impl PublisherService {
         self.bus.gate.check_sender(caller, call, &event.wire.sender)?;
         // Attachments must reference stored blobs of the stated size (a stat per attachment).
         for (i, a) in event.wire.attachments.iter().enumerate() {
-            match self.bus.blobs.stat(&a.sha256)? {
+            match self.bus.blob_info(&a.sha256).await? {
                 None => return Err(Error::UnknownBlob(a.sha256.clone())),
                 Some(info) if info.size != a.size => {
                     return Err(Error::invalid(at(&format!("event.attachments[{i}].size")), format!("the blob has {} bytes", info.size)))
@@ -72,7 +78,7 @@ fn response(id: String, a: crate::log::Appended) -> pb::PublishResponse {
 impl pb::publisher_server::Publisher for PublisherService {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
         let caller = self.bus.gate.caller(&request, "Publish")?;
-        let (topic, record) = self.record(&caller, "Publish", request.into_inner(), None)?;
+        let (topic, record) = self.record(&caller, "Publish", request.into_inner(), None).await?;
         let id = record.id.clone();
         let appended = self.bus.log.append(&topic, vec![record]).await?;
         let a = appended.into_iter().next().ok_or_else(|| Status::internal("append returned no result"))?;
@@ -90,7 +96,7 @@ impl pb::publisher_server::Publisher for PublisherService {
             if count >= MAX_BATCH_EVENTS {
                 return Err(Error::invalid("events", format!("a batch holds at most {MAX_BATCH_EVENTS} events")).into());
             }
-            let (topic, record) = self.record(&caller, "PublishBatch", req, Some(count))?;
+            let (topic, record) = self.record(&caller, "PublishBatch", req, Some(count)).await?;
             bytes += record.value.len();
             if bytes > MAX_BATCH_BYTES {
                 return Err(Error::invalid("events", format!("a batch holds at most {MAX_BATCH_BYTES} bytes")).into());

@@ -249,6 +249,25 @@ pub trait Log: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Stores a blob (the verified local file at `path`) where every node can read it; where
+    /// each node has the whole storage (embedded), the local blob store already is that place
+    /// and nothing needs doing. Idempotent; returns once the blob is durable.
+    async fn put_blob(&self, sha256: &str, size: u64, path: &std::path::Path) -> Result<()> {
+        let _ = (sha256, size, path);
+        Ok(())
+    }
+    /// The size of a blob stored with [`Log::put_blob`]; None when it is not stored.
+    async fn blob_size(&self, sha256: &str) -> Result<Option<u64>> {
+        let _ = sha256;
+        Ok(None)
+    }
+    /// Hands a blob stored with [`Log::put_blob`] to `sink` chunk by chunk; false when it is
+    /// not stored.
+    async fn read_blob(&self, sha256: &str, sink: &mut (dyn for<'c> FnMut(&'c [u8]) -> Result<()> + Send)) -> Result<bool> {
+        let _ = (sha256, sink);
+        Ok(false)
+    }
+
     /// Finishes queued appends, stops accepting new ones and flushes state. Called on shutdown;
     /// afterwards the same storage may be opened again.
     async fn close(&self) -> Result<()>;

@@ -486,6 +486,18 @@ impl Log for MailboxLog {
         self.inner.list_quarantine(topic, group).await
     }
 
+    async fn put_blob(&self, sha256: &str, size: u64, path: &std::path::Path) -> Result<()> {
+        self.inner.put_blob(sha256, size, path).await
+    }
+
+    async fn blob_size(&self, sha256: &str) -> Result<Option<u64>> {
+        self.inner.blob_size(sha256).await
+    }
+
+    async fn read_blob(&self, sha256: &str, sink: &mut (dyn for<'c> FnMut(&'c [u8]) -> Result<()> + Send)) -> Result<bool> {
+        self.inner.read_blob(sha256, sink).await
+    }
+
     fn shares_groups(&self, topic: &str) -> bool {
         !is_mailbox_topic(topic) && self.inner.shares_groups(topic)
     }

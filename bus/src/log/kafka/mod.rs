@@ -141,6 +141,17 @@ struct AppendRequest {
     reply: oneshot::Sender<Result<Vec<Appended>>>,
 }
 
+/// Where a blob's chunks are in the blobs topic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredBlob {
+    size: u64,
+    /// Offsets of its chunks in partition 0, in content order.
+    chunks: Vec<u64>,
+}
+
+/// Chunk size of blobs in Kafka (well below the default `message.max.bytes` of 1 MB).
+const BLOB_CHUNK: usize = 512 * 1024;
+
 /// What the bus stores about a topic beyond what Kafka's metadata says.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct StoredTopic {
@@ -219,10 +230,21 @@ impl Inner {
 
     async fn ensure_state_topic(&self) -> Result<()> {
         let name = self.state.topic().to_string();
-        if self.fetch_partitions(&name).await?.is_some() {
+        self.ensure_internal_topic(&name, "compact").await
+    }
+
+    fn blobs_topic(&self) -> String {
+        format!("{}__justizbus_blobs", self.settings.topic_prefix)
+    }
+
+    /// Creates a one-partition topic of the bus's own unless it exists.
+    async fn ensure_internal_topic(&self, name: &str, cleanup: &str) -> Result<()> {
+        if self.fetch_partitions(name).await?.is_some() {
             return Ok(());
         }
-        let topic = NewTopic::new(&name, 1, TopicReplication::Fixed(self.settings.replication_factor)).set("cleanup.policy", "compact");
+        let topic = NewTopic::new(name, 1, TopicReplication::Fixed(self.settings.replication_factor))
+            .set("cleanup.policy", cleanup)
+            .set("retention.ms", "-1");
         match self.create(&topic).await {
             Ok(()) | Err(Error::TopicExists { .. }) => Ok(()),
             Err(e) => Err(e),
@@ -752,6 +774,69 @@ impl Log for KafkaLog {
     async fn list_quarantine(&self, topic: &str, group: &str) -> Result<Vec<Quarantine>> {
         let entries = self.inner.state.scan(&state::quarantine_prefix(topic, group)).await?;
         entries.into_iter().map(|(_, v)| serde_json::from_slice(&v).map_err(|e| Error::State(format!("quarantine entry: {e}")))).collect()
+    }
+
+    async fn put_blob(&self, sha256: &str, size: u64, path: &std::path::Path) -> Result<()> {
+        use tokio::io::AsyncReadExt;
+        let inner = &self.inner;
+        let key = state::blob_key(sha256);
+        if inner.state.get(&key).await?.is_some() {
+            return Ok(());
+        }
+        let topic = inner.blobs_topic();
+        inner.ensure_internal_topic(&topic, "delete").await?;
+        let mut file = tokio::fs::File::open(path).await.map_err(|e| Error::io(format!("reading blob {}", path.display()), e))?;
+        let mut futures = Vec::new();
+        loop {
+            let mut chunk = vec![0u8; BLOB_CHUNK];
+            let mut filled = 0;
+            while filled < BLOB_CHUNK {
+                match file.read(&mut chunk[filled..]).await.map_err(|e| Error::io(format!("reading blob {}", path.display()), e))? {
+                    0 => break,
+                    n => filled += n,
+                }
+            }
+            if filled == 0 && !futures.is_empty() {
+                break;
+            }
+            chunk.truncate(filled);
+            let record = FutureRecord::to(&topic).partition(0).key(sha256).payload(chunk.as_slice());
+            futures.push(inner.producer.send_result(record).map_err(|(e, _)| kafka_error("storing a blob", e))?);
+            if filled < BLOB_CHUNK {
+                break;
+            }
+        }
+        let mut chunks = Vec::with_capacity(futures.len());
+        for f in futures {
+            match f.await {
+                Ok(Ok(delivery)) => chunks.push(delivery.offset as u64),
+                Ok(Err((e, _))) => return Err(kafka_error("storing a blob", e)),
+                Err(_) => return Err(Error::Unavailable("Kafka producer stopped".into())),
+            }
+        }
+        inner.state.put(key, Some(state::to_json(&StoredBlob { size, chunks })?)).await?;
+        tracing::info!(sha256, size, "blob stored in Kafka");
+        Ok(())
+    }
+
+    async fn blob_size(&self, sha256: &str) -> Result<Option<u64>> {
+        Ok(self.inner.state.get_json::<StoredBlob>(&state::blob_key(sha256)).await?.map(|b| b.size))
+    }
+
+    async fn read_blob(&self, sha256: &str, sink: &mut (dyn for<'c> FnMut(&'c [u8]) -> Result<()> + Send)) -> Result<bool> {
+        let inner = &self.inner;
+        let Some(blob) = inner.state.get_json::<StoredBlob>(&state::blob_key(sha256)).await? else { return Ok(false) };
+        let topic = inner.blobs_topic();
+        for offset in blob.chunks {
+            let records = inner.readers.read(&topic, 0, offset, 1, 1, inner.timeout).await?;
+            let chunk: Option<bytes::Bytes> =
+                records.into_iter().next().filter(|r| r.offset == offset && r.key.as_ref() == sha256.as_bytes()).map(|r| r.value);
+            let Some(chunk) = chunk else {
+                return Err(Error::Corrupt { path: format!("{topic}/0@{offset}"), reason: format!("chunk of blob {sha256} missing") });
+            };
+            sink(chunk.as_ref())?;
+        }
+        Ok(true)
     }
 
     fn shares_groups(&self, _topic: &str) -> bool {

@@ -39,6 +39,10 @@ pub(super) fn parse_cursor_key(key: &str) -> Option<(String, String)> {
     Some((parts.next()?.to_string(), parts.next()?.to_string()))
 }
 
+pub(super) fn blob_key(sha256: &str) -> String {
+    format!("blob/{sha256}")
+}
+
 pub(super) fn group_config_key(topic: &str, group: &str) -> String {
     format!("group/{topic}/{group}")
 }
