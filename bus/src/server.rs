@@ -49,20 +49,23 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     let url = config.log_url();
     let mut log = log::open(&url, &config.log_settings, &config.kafka).await?;
     // With a directory, mailboxes are layered over the log and a router runs beside the services.
-    let routing = match &config.routing.directory {
-        Some(path) => {
-            let directory = DirectoryHandle::watch(path.clone(), Duration::from_millis(config.routing.reload_ms.max(10)))?;
+    let directory = match &config.routing.directory {
+        Some(path) => Some(DirectoryHandle::watch(path.clone(), Duration::from_millis(config.routing.reload_ms.max(10)))?),
+        None => None,
+    };
+    let routing = match &directory {
+        Some(directory) if config.routing.mailboxes => {
             let mailboxes = Arc::new(MailboxLog::open(log.clone(), directory.clone(), config.routing.mailbox_partitions).await?);
             log = mailboxes.clone();
-            Some((directory, mailboxes))
+            Some((directory.clone(), mailboxes))
         }
-        None => None,
+        _ => None,
     };
     let delivery = Arc::new(Delivery::new(log.clone(), config.delivery.clone()));
     let blobs = Arc::new(crate::blob::BlobStore::open(&config.data_dir.join("blobs"), config.max_blob_bytes)?);
     let mailboxes = routing.as_ref().map(|(_, m)| m.clone());
-    let gate = match (&tls, &routing) {
-        (Some(_), Some((directory, _))) => Gate::mtls(directory.clone()),
+    let gate = match (&tls, &directory) {
+        (Some(_), Some(directory)) => Gate::mtls(directory.clone()),
         _ => Gate::open(),
     };
     let bus = Arc::new(Bus { log: log.clone(), delivery: delivery.clone(), config: config.clone(), blobs, mailboxes, gate });

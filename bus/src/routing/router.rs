@@ -57,6 +57,10 @@ pub struct RoutingSettings {
     pub batch: u32,
     /// How often the directory file is checked for changes.
     pub reload_ms: u64,
+    /// This node runs the router and serves the mailboxes (true), or only uses the directory
+    /// to know its callers (false). On a Kafka log shared by several nodes exactly one node
+    /// may route: a mailbox's index lives in the node that writes it.
+    pub mailboxes: bool,
 }
 
 impl Default for RoutingSettings {
@@ -68,6 +72,7 @@ impl Default for RoutingSettings {
             mailbox_partitions: 8,
             batch: 1000,
             reload_ms: 1000,
+            mailboxes: true,
         }
     }
 }
