@@ -239,6 +239,9 @@ struct Actor {
     shared: bool,
     /// This node's share of a shared group, while it has subscribers.
     membership: Option<crate::log::Membership>,
+    /// The partitions' ends when a shared group was joined: where a group that starts at the
+    /// latest event begins, however long the assignment takes.
+    ends_at_join: Vec<u64>,
     /// Assigned partitions whose loading failed are tried again at this time.
     load_retry: Option<Instant>,
     /// A read failed (the log's backend is unreachable): reading is tried again at this time.
@@ -333,6 +336,7 @@ pub async fn spawn(
         start,
         shared: log.shares_groups(topic),
         membership: None,
+        ends_at_join: Vec::new(),
         load_retry: None,
         read_retry: None,
         // Spread over the interval, so that groups started together do not all store their
@@ -402,7 +406,7 @@ impl Actor {
                 let part = &mut self.parts[p as usize];
                 part.next_read = match self.start {
                     StartPosition::Earliest => offsets.start,
-                    StartPosition::Latest => offsets.end,
+                    StartPosition::Latest => self.ends_at_join.get(p as usize).copied().unwrap_or(offsets.end).max(offsets.start),
                 };
                 part.dirty = true;
             }
@@ -475,6 +479,13 @@ impl Actor {
     async fn join_shared(&mut self) -> Result<()> {
         if !self.shared || self.membership.is_some() {
             return Ok(());
+        }
+        if self.start == StartPosition::Latest {
+            let mut ends = Vec::with_capacity(self.parts.len());
+            for p in 0..self.parts.len() as u32 {
+                ends.push(self.log.offsets(&self.topic, p).await?.end);
+            }
+            self.ends_at_join = ends;
         }
         match self.log.join_group(&self.topic, &self.group).await? {
             Some(membership) => self.membership = Some(membership),

@@ -77,7 +77,8 @@ impl Readers {
     ) -> Result<Vec<StoredRecord>> {
         let reader = self.reader(topic, partition)?;
         let mut reader = reader.lock().await;
-        let (low, high) = if from >= reader.known.0 && from < reader.known.1 {
+        let cached = from >= reader.known.0 && from < reader.known.1;
+        let (low, mut high) = if cached {
             reader.known
         } else {
             let (consumer, t, p) = (reader.consumer.clone(), topic.to_string(), partition as i32);
@@ -103,6 +104,17 @@ impl Readers {
         while out.len() < max_records && (out.is_empty() || bytes < max_bytes) {
             let next = reader.next.unwrap_or(from);
             if next >= high {
+                // The cached end is reached: ask once whether the partition grew meanwhile.
+                if cached && high == reader.known.1 {
+                    let (consumer, t, p) = (reader.consumer.clone(), topic.to_string(), partition as i32);
+                    let watermarks = blocking(move || consumer.client().fetch_watermarks(&t, p, timeout)).await?;
+                    let (low, now) = watermarks.map_err(|e| kafka_error("reading offsets", e))?;
+                    reader.known = (low.max(0) as u64, now.max(0) as u64);
+                    if reader.known.1 > high {
+                        high = reader.known.1;
+                        continue;
+                    }
+                }
                 break;
             }
             let message = match tokio::time::timeout_at(deadline, reader.consumer.recv()).await {
