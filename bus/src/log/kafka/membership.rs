@@ -98,6 +98,10 @@ pub(super) fn join(base: &ClientConfig, kafka_topic: &str, group_id: &str, sessi
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", (session_timeout_ms / 3).max(100).to_string())
+        // The rebalance timeout: how long a rebalance waits for members to rejoin. Kafka's
+        // default (5 minutes) would keep a dead member's partitions unserved that long on
+        // brokers that wait for it (tansu does); this thread polls every 100 ms.
+        .set("max.poll.interval.ms", (session_timeout_ms * 2).max(10_000).to_string())
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false");
