@@ -20,6 +20,25 @@ fn node(dir: &Path, name: &str, broker: &str, prefix: &str) -> ServerProcess {
     ServerProcess::start(&binary(), &dir.join(name), &args).expect("node starts")
 }
 
+/// Two bus nodes on one Kafka log (the test broker, a fresh prefix) and a channel to each.
+struct TwoNodes {
+    dir: tempfile::TempDir,
+    a: ServerProcess,
+    b: ServerProcess,
+    ca: tonic::transport::Channel,
+    cb: tonic::transport::Channel,
+}
+
+async fn two_nodes() -> TwoNodes {
+    let (broker, prefix) = (kafka_broker(), unique_prefix());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = node(dir.path(), "a", &broker, &prefix);
+    let b = node(dir.path(), "b", &broker, &prefix);
+    let ca = justizbus::cli::connect(&a.url()).await.expect("connect to a");
+    let cb = justizbus::cli::connect(&b.url()).await.expect("connect to b");
+    TwoNodes { dir, a, b, ca, cb }
+}
+
 fn case_event(case: usize, seq: usize) -> pb::Event {
     event(&format!("c{case}-s{seq}"), &format!("case-{case}"), &format!("{case}:{seq}"))
 }
@@ -61,12 +80,7 @@ fn assert_ordered_per_case(received: &[(usize, usize)], who: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "tansu 0.6 does not always evict a killed group member; run with --ignored"]
 async fn nodes_share_a_group_and_a_killed_nodes_partitions_move_to_the_other() {
-    let broker = kafka_broker();
-    let prefix = unique_prefix();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut a = node(dir.path(), "a", &broker, &prefix);
-    let mut b = node(dir.path(), "b", &broker, &prefix);
-    let (ca, cb) = (justizbus::cli::connect(&a.url()).await.expect("a"), justizbus::cli::connect(&b.url()).await.expect("b"));
+    let TwoNodes { dir: _dir, mut a, mut b, ca, cb } = two_nodes().await;
     admin(ca.clone())
         .create_topic(pb::CreateTopicRequest { topic: "filings".into(), partitions: 4, ..Default::default() })
         .await
@@ -295,12 +309,7 @@ async fn create_kafka_topic(broker: &str, name: &str, partitions: i32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_uploaded_through_one_node_is_served_by_another() {
     use justizbus_xjustiz::client::{download, upload};
-    let broker = kafka_broker();
-    let prefix = unique_prefix();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut a = node(dir.path(), "a", &broker, &prefix);
-    let mut b = node(dir.path(), "b", &broker, &prefix);
-    let (ca, cb) = (justizbus::cli::connect(&a.url()).await.expect("a"), justizbus::cli::connect(&b.url()).await.expect("b"));
+    let TwoNodes { dir: _dir, mut a, mut b, ca, cb } = two_nodes().await;
     // Larger than one chunk in Kafka, and not a multiple of it.
     let content: Vec<u8> = (0..1_300_000u32).map(|i| (i % 251) as u8).collect();
     let attachment = upload(&ca, "schriftsatz.pdf", "application/pdf", content.clone()).await.expect("upload to a");

@@ -9,6 +9,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
@@ -57,10 +58,11 @@ pub async fn run(b: Baseline<'_>) -> anyhow::Result<serde_json::Value> {
             let future = loop {
                 match producer.send_result(record) {
                     Ok(f) => break f,
-                    Err((_, back)) => {
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         record = back;
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
+                    Err((e, _)) => return Err(e.into()),
                 }
             };
             futures.push(future);

@@ -273,6 +273,18 @@ pub trait Log: Send + Sync + 'static {
     async fn close(&self) -> Result<()>;
 }
 
+/// Most partitions a topic may have, on every backend.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// Checks the name and settings of a topic to create (the same rules on every backend).
+pub fn check_new_topic(name: &str, config: &TopicConfig) -> Result<()> {
+    crate::event::validate_name("topic", name)?;
+    if config.partitions == 0 || config.partitions > MAX_PARTITIONS {
+        return Err(Error::invalid("partitions", format!("must be between 1 and {MAX_PARTITIONS}, not {}", config.partitions)));
+    }
+    Ok(())
+}
+
 /// Opens the backend a URL names: `file://DIR` (embedded) or `kafka://host:port,...`.
 pub async fn open(url: &str, settings: &crate::config::LogSettings, kafka_settings: &kafka::KafkaSettings) -> Result<Arc<dyn Log>> {
     if let Some(dir) = url.strip_prefix("file://") {

@@ -38,13 +38,10 @@ use tokio::sync::watch;
 use self::partition::Partition;
 use self::segment::BatchCache;
 use crate::config::LogSettings;
-use crate::event::{now_ms, validate_name};
+use crate::event::now_ms;
 use crate::log::{Appended, Cursor, GroupConfig, Log, NewRecord, PartitionOffsets, Quarantine, StoredRecord, TopicConfig, TopicInfo};
 use crate::partitioner::partition_for_key;
 use crate::{Error, Result};
-
-/// Most partitions a topic may have.
-pub const MAX_PARTITIONS: u32 = 1024;
 
 struct Topic {
     config: TopicConfig,
@@ -148,10 +145,7 @@ fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
 #[async_trait]
 impl Log for EmbeddedLog {
     async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicInfo> {
-        validate_name("topic", name)?;
-        if config.partitions == 0 || config.partitions > MAX_PARTITIONS {
-            return Err(Error::invalid("partitions", format!("must be between 1 and {MAX_PARTITIONS}, not {}", config.partitions)));
-        }
+        super::check_new_topic(name, &config)?;
         // The write lock serializes creations; opening empty partitions is quick.
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = topics.get(name) {

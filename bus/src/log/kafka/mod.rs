@@ -47,8 +47,6 @@ use state::StateTopic;
 
 /// Header holding a record's event id.
 pub const ID_HEADER: &str = "justizbus.id";
-/// Most partitions a topic may have (as on the embedded backend).
-const MAX_PARTITIONS: u32 = 1024;
 
 /// Settings of the Kafka backend (`[kafka]` in the config file).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -415,8 +413,13 @@ async fn write_loop(inner: std::sync::Weak<Inner>, topic: String, partitions: u3
             Err(e) => {
                 // What was sent may be partly stored: forget the windows, they are rebuilt from Kafka.
                 windows.clear();
+                // Every waiting append gets the same retryable error.
+                let message = match e {
+                    Error::Unavailable(m) => m,
+                    other => other.to_string(),
+                };
                 for request in requests {
-                    let _ = request.reply.send(Err(Error::Unavailable(e.to_string())));
+                    let _ = request.reply.send(Err(Error::Unavailable(message.clone())));
                 }
             }
         }
@@ -465,8 +468,12 @@ async fn write_batch(
     }
     // Decide per record: duplicate of a stored one, duplicate of an earlier one in this batch, or new.
     enum Slot {
+        /// Stored before: its first position.
         Stored(Appended),
-        Pending(usize),
+        /// Sent now, as send number n.
+        Sent(usize),
+        /// The same id as send number n earlier in this batch.
+        Repeat(usize),
     }
     let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(requests.len());
     let mut batch_ids: HashMap<(u32, &str), usize> = HashMap::new();
@@ -482,7 +489,7 @@ async fn write_batch(
                     continue;
                 }
                 if let Some(&i) = batch_ids.get(&(p, rec.id.as_str())) {
-                    mine.push(Slot::Pending(i | (1 << 62)));
+                    mine.push(Slot::Repeat(i));
                     continue;
                 }
             }
@@ -505,7 +512,7 @@ async fn write_batch(
                 }
             };
             batch_ids.insert((p, rec.id.as_str()), futures.len());
-            mine.push(Slot::Pending(futures.len()));
+            mine.push(Slot::Sent(futures.len()));
             futures.push(future);
             sent.push((p, rec.id.as_str()));
         }
@@ -556,8 +563,8 @@ async fn write_batch(
             mine.into_iter()
                 .map(|slot| match slot {
                     Slot::Stored(a) => a,
-                    Slot::Pending(i) if i & (1 << 62) != 0 => Appended { duplicate: true, ..stored[i & !(1 << 62)] },
-                    Slot::Pending(i) => stored[i],
+                    Slot::Repeat(i) => Appended { duplicate: true, ..stored[i] },
+                    Slot::Sent(i) => stored[i],
                 })
                 .collect()
         })
@@ -603,10 +610,7 @@ async fn poll_watches(inner: std::sync::Weak<Inner>) {
 #[async_trait]
 impl Log for KafkaLog {
     async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicInfo> {
-        validate_name("topic", name)?;
-        if config.partitions == 0 || config.partitions > MAX_PARTITIONS {
-            return Err(Error::invalid("partitions", format!("must be between 1 and {MAX_PARTITIONS}, not {}", config.partitions)));
-        }
+        super::check_new_topic(name, &config)?;
         let inner = &self.inner;
         let kafka_name = inner.kafka_name(name);
         if let Some(partitions) = inner.fetch_partitions(&kafka_name).await? {
