@@ -46,6 +46,11 @@ enum Command {
     Subscribe(SubscribeArgs),
     /// Print stored events of a range without touching any consumer group.
     Replay(ReplayArgs),
+    /// Audit: signing keys, verify hash chains and checkpoints, check exports, event trails.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// List and describe consumer groups.
     Groups {
         #[command(subcommand)]
@@ -238,6 +243,86 @@ struct ReplayArgs {
     /// End offset (exclusive).
     #[arg(long)]
     to_offset: Option<u64>,
+    /// Write an export with hash chain values and signed checkpoints instead (needs
+    /// --partition), for `justizbus audit check-export`.
+    #[arg(long, requires = "partition")]
+    with_proof: bool,
+    /// Where the export goes (default: stdout).
+    #[arg(long, requires = "with_proof")]
+    output: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Create a checkpoint signing key (PKCS#8 PEM, mode 0600); prints its public key.
+    Keygen {
+        /// The key file to create (never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the public key that checks checkpoints: of a signing key file, a config's
+    /// audit.signing_key, or a running server.
+    Key {
+        /// Signing key file.
+        #[arg(long, conflicts_with_all = ["config", "server"])]
+        signing_key: Option<PathBuf>,
+        /// Server configuration whose audit.signing_key to read.
+        #[arg(long, conflicts_with = "server")]
+        config: Option<PathBuf>,
+        /// Ask a running server.
+        #[arg(long)]
+        server: Option<String>,
+        /// TLS towards the server.
+        #[command(flatten)]
+        tls: justizbus_xjustiz::client::ClientTls,
+    },
+    /// Recompute every hash chain and check every checkpoint: offline on a data directory
+    /// (a copy will do) or online through a server. Exit 0 only when everything matches.
+    Verify(VerifyArgs),
+    /// Check an export made by `replay --with-proof`, without access to the bus.
+    CheckExport {
+        /// The export file.
+        file: PathBuf,
+        /// The trusted public key (64 hex digits, or a file holding them).
+        #[arg(long)]
+        key: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The life of one event: published, routed, delivered (attempts), acknowledged, receipts.
+    Trail {
+        #[command(flatten)]
+        server: ServerArg,
+        /// The event id.
+        #[arg(long)]
+        event: String,
+        /// Print one JSON object per entry.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct VerifyArgs {
+    /// Verify the embedded log in this directory, reading its files only.
+    #[arg(long, conflicts_with = "server", required_unless_present = "server")]
+    data_dir: Option<PathBuf>,
+    /// Verify through a running server (auditor or admin role).
+    #[arg(long)]
+    server: Option<String>,
+    /// TLS towards the server.
+    #[command(flatten)]
+    tls: justizbus_xjustiz::client::ClientTls,
+    /// The trusted public key (64 hex digits, or a file holding them or the signing key).
+    #[arg(long)]
+    key: String,
+    /// Only this topic.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -335,7 +420,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Topics { command } => topics(command).await,
         Command::Publish(args) => publish(args).await,
         Command::Subscribe(args) => subscribe(args).await,
+        Command::Replay(args) if args.with_proof => replay_with_proof(args).await,
         Command::Replay(args) => replay(args).await,
+        Command::Audit { command } => audit(command).await,
         Command::Groups { command } => groups(command).await,
         Command::Quarantine { command } => quarantine(command).await,
         Command::DeadLetters(args) => dead_letters(args).await,
@@ -572,6 +659,184 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         print_json(&Value::Object(line))?;
     }
     Ok(())
+}
+
+/// Writes an export of one partition's range with its proof.
+async fn replay_with_proof(args: ReplayArgs) -> anyhow::Result<()> {
+    let partition = args.partition.context("--with-proof needs --partition")?;
+    let channel = args.server.connect().await?;
+    // A start time becomes the offset of the first record at or after it.
+    let from_offset = match (&args.from_time, args.from_offset) {
+        (Some(t), _) => {
+            let request = pb::ReplayRequest {
+                topic: args.topic.clone(),
+                partition: Some(partition),
+                from_offset: None,
+                from_time: Some(parse_time(t)?),
+                to_offset: None,
+            };
+            let mut stream = pb::replayer_client::ReplayerClient::new(channel.clone()).replay(request).await?.into_inner();
+            match stream.message().await? {
+                Some(first) => Some(first.offset),
+                None => anyhow::bail!("no record of {}/{partition} at or after {t}", args.topic),
+            }
+        }
+        (None, o) => o,
+    };
+    let request = pb::ExportRequest { topic: args.topic.clone(), partition, from_offset, to_offset: args.to_offset, prove: true };
+    let mut stream = pb::auditor_client::AuditorClient::new(channel).export(request).await?.into_inner();
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(path) => {
+            Box::new(std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?))
+        }
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let (mut records, mut checkpoints) = (0u64, 0u64);
+    while let Some(line) = stream.message().await? {
+        records += u64::from(line.json.starts_with("{\"record\""));
+        checkpoints += u64::from(line.json.starts_with("{\"checkpoint\""));
+        out.write_all(line.json.as_bytes())?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    eprintln!("exported {records} records of {}/{partition} with {checkpoints} signed checkpoints", args.topic);
+    Ok(())
+}
+
+async fn audit(command: AuditCommand) -> anyhow::Result<()> {
+    use crate::audit::checkpoint::{PublicKey, Signer};
+    match command {
+        AuditCommand::Keygen { out } => {
+            let signer = Signer::generate(&out)?;
+            print_json(&json!({"signing_key": out.display().to_string(), "public_key": signer.public_key().hex()}))
+        }
+        AuditCommand::Key { signing_key, config, server, tls } => {
+            let key = match (signing_key, config, server) {
+                (Some(path), _, _) => Signer::load(&path)?.public_key().hex(),
+                (_, Some(config), _) => {
+                    let config = ServerConfig::load(&config)?;
+                    let path = config.audit.signing_key.context("the configuration sets no audit.signing_key")?;
+                    Signer::load(&path)?.public_key().hex()
+                }
+                (_, _, Some(server)) => {
+                    let channel = ServerArg { server, tls }.connect().await?;
+                    let key = pb::auditor_client::AuditorClient::new(channel)
+                        .signing_key(pb::SigningKeyRequest {})
+                        .await?
+                        .into_inner()
+                        .public_key;
+                    anyhow::ensure!(!key.is_empty(), "the server signs no checkpoints (no audit.signing_key)");
+                    key
+                }
+                _ => anyhow::bail!("give --signing-key, --config or --server"),
+            };
+            println!("{key}");
+            Ok(())
+        }
+        AuditCommand::Verify(args) => {
+            let key = PublicKey::parse(&args.key)?;
+            let report = match (&args.data_dir, &args.server) {
+                (Some(dir), _) => {
+                    let (dir, topic) = (dir.clone(), args.topic.clone());
+                    tokio::task::spawn_blocking(move || crate::audit::offline::verify_data_dir(&dir, topic.as_deref(), key)).await??
+                }
+                (_, Some(server)) => {
+                    verify_online(ServerArg { server: server.clone(), tls: args.tls.clone() }, args.topic.as_deref(), key).await?
+                }
+                _ => anyhow::bail!("give --data-dir or --server"),
+            };
+            print_report(&report, args.json)?;
+            let failed = report.partitions.iter().filter(|p| !p.ok()).count();
+            anyhow::ensure!(report.ok, "verification failed: {failed} of {} partitions differ", report.partitions.len());
+            Ok(())
+        }
+        AuditCommand::CheckExport { file, key, json } => {
+            let key = PublicKey::parse(&key)?;
+            let reader = std::io::BufReader::new(std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?);
+            let report = crate::audit::export::check_export(reader, key)?;
+            let ok = report.ok();
+            let first = report.findings.first().map(|f| format!("offset {}: {}", f.offset, f.what));
+            if json {
+                print_json(&serde_json::to_value(&report)?)?;
+            } else {
+                println!("{}", report.line());
+            }
+            anyhow::ensure!(ok, "the export does not check out: {}", first.unwrap_or_default());
+            Ok(())
+        }
+        AuditCommand::Trail { server, event, json } => {
+            let channel = server.connect().await?;
+            let entries = pb::auditor_client::AuditorClient::new(channel)
+                .trail(pb::TrailRequest { event_id: event.clone() })
+                .await?
+                .into_inner()
+                .entries_json;
+            anyhow::ensure!(!entries.is_empty(), "the journal has no entries for event {event:?}");
+            for e in entries {
+                if json {
+                    println!("{e}");
+                } else {
+                    let v: Value = serde_json::from_str(&e)?;
+                    let time = v["time_ms"].as_i64().map(|ms| rfc3339(&crate::event::ms_timestamp(ms))).unwrap_or_default();
+                    let mut line = format!(
+                        "{time}  {:<20} {}/{}@{}",
+                        v["kind"].as_str().unwrap_or(""),
+                        v["topic"].as_str().unwrap_or(""),
+                        v["partition"],
+                        v["offset"]
+                    );
+                    if let Some(g) = v["group"].as_str().filter(|g| !g.is_empty()) {
+                        line.push_str(&format!("  group {g}"));
+                    }
+                    if let Some(a) = v["attempt"].as_u64() {
+                        line.push_str(&format!("  attempt {a}"));
+                    }
+                    if let Some(d) = v["detail"].as_str() {
+                        line.push_str(&format!("  {d}"));
+                    }
+                    println!("{line}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_report(report: &crate::audit::verify::VerifyReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        print_json(&serde_json::to_value(report)?)
+    } else {
+        print!("{}", report.text());
+        Ok(())
+    }
+}
+
+/// Verifies through a server: exports every partition whole and checks it here, trusting
+/// only the key.
+async fn verify_online(
+    server: ServerArg,
+    topic: Option<&str>,
+    key: crate::audit::checkpoint::PublicKey,
+) -> anyhow::Result<crate::audit::verify::VerifyReport> {
+    let started = std::time::Instant::now();
+    let mut client = pb::auditor_client::AuditorClient::new(server.connect().await?).max_decoding_message_size(usize::MAX);
+    let topics = client.topics(pb::ListTopicsRequest {}).await?.into_inner().topics;
+    anyhow::ensure!(topic.is_none_or(|t| topics.iter().any(|x| x.name == t)), "topic {:?} does not exist", topic.unwrap_or_default());
+    let mut reports = Vec::new();
+    let mut bytes = 0;
+    for t in topics.iter().filter(|t| topic.is_none_or(|x| x == t.name)) {
+        for partition in 0..t.partitions {
+            let request = pb::ExportRequest { topic: t.name.clone(), partition, from_offset: None, to_offset: None, prove: false };
+            let mut stream = client.export(request).await?.into_inner();
+            let mut check = crate::audit::export::ExportCheck::new(key);
+            while let Some(line) = stream.message().await? {
+                check.line(serde_json::from_str(&line.json).context("the server sent a malformed export line")?)?;
+            }
+            bytes += check.bytes;
+            reports.push(check.finish(false)?);
+        }
+    }
+    Ok(crate::audit::verify::VerifyReport::new(key, reports, bytes, started.elapsed().as_secs_f64()))
 }
 
 fn group_json(g: &pb::GroupInfo) -> Value {

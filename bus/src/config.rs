@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub tls: Option<crate::security::tls::TlsSettings>,
     /// Kafka client settings, used with `log = "kafka://..."`.
     pub kafka: crate::log::kafka::KafkaSettings,
+    /// Checkpoint signing and the delivery journal.
+    pub audit: crate::audit::AuditSettings,
 }
 
 impl Default for ServerConfig {
@@ -54,6 +56,7 @@ impl Default for ServerConfig {
             routing: Default::default(),
             tls: None,
             kafka: Default::default(),
+            audit: Default::default(),
         }
     }
 }
@@ -89,6 +92,10 @@ impl ServerConfig {
         }
         if self.tls.is_some() && self.routing.directory.is_none() {
             return Err(Error::invalid("tls", "mTLS needs routing.directory: client certificates name participants of the directory"));
+        }
+        let a = &self.audit;
+        if a.checkpoint_records == 0 || a.checkpoint_interval_ms < 10 {
+            return Err(Error::invalid("audit", "checkpoint_records must be at least 1, checkpoint_interval_ms at least 10"));
         }
         let d = &self.delivery;
         if d.default_max_unacked == 0 || d.default_max_unacked > d.max_unacked_limit {
@@ -132,6 +139,9 @@ pub struct LogSettings {
     /// Memory for recently read batches, which several readers of one batch share (the
     /// mailboxes above all); 0 turns the cache off.
     pub read_cache_bytes: usize,
+    /// Maintain the per-partition hash chain on append (DESIGN.md section 8). Off only to
+    /// measure what it costs: records appended without it cannot be verified.
+    pub hash_chain: bool,
 }
 
 impl Default for LogSettings {
@@ -146,6 +156,7 @@ impl Default for LogSettings {
             state_cache_bytes: 32 * 1024 * 1024,
             max_batch_bytes: 1024 * 1024,
             read_cache_bytes: 32 * 1024 * 1024,
+            hash_chain: true,
         }
     }
 }

@@ -7,11 +7,13 @@
 //! - [`log`]: the partitioned log trait ([`log::Log`]) and its backends (embedded files by default);
 //! - [`delivery`]: consumer groups with per-key ordered, at-least-once delivery;
 //! - [`routing`]: participants directory, mailboxes, and the router with receipts;
+//! - [`audit`]: hash chains, signed checkpoints, verification, proofs, the delivery journal;
 //! - [`security`]: mTLS identities, authorization, test certificates;
 //! - [`grpc`]: the gRPC services; [`server`]: wiring and `run(listener, shutdown)`;
 //! - [`cli`], [`bench`] and [`demo`]: the `justizbus` command line, used by the thin `main`;
 //! - [`process`]: a `justizbus serve` child process, for the benchmark and end-to-end tests.
 
+pub mod audit;
 pub mod bench;
 pub mod blob;
 pub mod cli;

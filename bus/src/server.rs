@@ -46,8 +46,27 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     if tls.is_some() && config.routing.directory.is_none() {
         return Err(Error::invalid("tls", "mTLS needs routing.directory: client certificates name participants of the directory"));
     }
+    let signer = match &config.audit.signing_key {
+        Some(path) => Some(Arc::new(crate::audit::checkpoint::Signer::load(path)?)),
+        None => None,
+    };
     let url = config.log_url();
     let mut log = log::open(&url, &config.log_settings, &config.kafka).await?;
+    // Chains, checkpoints and the journal cover the log as stored, beneath the mailbox view.
+    let stored_log = log.clone();
+    let chains = Arc::new(crate::audit::Chains::new(stored_log.clone()));
+    let checkpointer = signer.map(|signer| {
+        Arc::new(crate::audit::checkpointer::Checkpointer::new(stored_log.clone(), chains.clone(), signer, config.audit.clone()))
+    });
+    let journal = if config.audit.journal { Some(crate::audit::journal::Journal::start(stored_log.clone()).await?) } else { None };
+    let audit =
+        Arc::new(crate::audit::Audit { log: stored_log.clone(), chains, checkpointer: checkpointer.clone(), journal: journal.clone() });
+    match &checkpointer {
+        Some(c) => tracing::info!(public_key = %c.signer().public_key().hex(), every_records = config.audit.checkpoint_records,
+            every_ms = config.audit.checkpoint_interval_ms, "signing hash chain checkpoints"),
+        None => tracing::warn!("no audit.signing_key configured: the hash chain is kept, but no checkpoints are signed"),
+    }
+    let checkpointing = checkpointer.clone().map(|c| tokio::spawn(c.run()));
     // With a directory, mailboxes are layered over the log and a router runs beside the services.
     let directory = match &config.routing.directory {
         Some(path) => Some(DirectoryHandle::watch(path.clone(), Duration::from_millis(config.routing.reload_ms.max(10)))?),
@@ -61,16 +80,18 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
         }
         _ => None,
     };
-    let delivery = Arc::new(Delivery::new(log.clone(), config.delivery.clone()));
+    let delivery = Arc::new(Delivery::with_journal(log.clone(), config.delivery.clone(), journal.clone()));
     let blobs = Arc::new(crate::blob::BlobStore::open(&config.data_dir.join("blobs"), config.max_blob_bytes)?);
     let mailboxes = routing.as_ref().map(|(_, m)| m.clone());
     let gate = match (&tls, &directory) {
         (Some(_), Some(directory)) => Gate::mtls(directory.clone()),
         _ => Gate::open(),
     };
-    let bus = Arc::new(Bus { log: log.clone(), delivery: delivery.clone(), config: config.clone(), blobs, mailboxes, gate });
+    let bus = Arc::new(Bus { log: log.clone(), delivery: delivery.clone(), config: config.clone(), blobs, mailboxes, gate, audit });
     let router = match routing {
-        Some((directory, mailboxes)) => Some(Router { mailboxes, directory, settings: config.routing.clone() }.start().await?),
+        Some((directory, mailboxes)) => {
+            Some(Router { mailboxes, directory, settings: config.routing.clone(), journal: journal.clone() }.start().await?)
+        }
         None => None,
     };
 
@@ -95,6 +116,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     health_reporter.set_serving::<pb::replayer_server::ReplayerServer<ReplayerService>>().await;
     health_reporter.set_serving::<pb::admin_server::AdminServer<AdminService>>().await;
     health_reporter.set_serving::<pb::blobs_server::BlobsServer<crate::grpc::blobs::BlobsService>>().await;
+    health_reporter.set_serving::<pb::auditor_server::AuditorServer<crate::grpc::audit::AuditorService>>().await;
     // Reflection v1, and v1alpha for older clients (grpcurl before 1.9 asks only v1alpha).
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()
@@ -123,6 +145,10 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
         )
         .add_service(pb::replayer_server::ReplayerServer::new(ReplayerService::new(bus.clone())).max_encoding_message_size(max_message))
         .add_service(pb::blobs_server::BlobsServer::new(crate::grpc::blobs::BlobsService::new(bus.clone())))
+        .add_service(
+            pb::auditor_server::AuditorServer::new(crate::grpc::audit::AuditorService::new(bus.clone()))
+                .max_encoding_message_size(max_message * 2),
+        )
         .add_service(pb::admin_server::AdminServer::new(AdminService::new(bus.clone())).max_encoding_message_size(usize::MAX));
     let shutdown = async move {
         shutdown.await;
@@ -156,6 +182,18 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     delivery.shutdown().await;
     if let Some(router) = router {
         router.stop().await;
+    }
+    if let Some(journal) = &journal {
+        journal.flush().await;
+    }
+    if let Some(task) = checkpointing {
+        task.abort();
+    }
+    // Everything stored is signed before the log closes.
+    if let Some(c) = &checkpointer {
+        if let Err(e) = c.tick(true).await {
+            tracing::warn!(error = %e, "signing the last checkpoints failed");
+        }
     }
     log.close().await?;
     tracing::info!("stopped");

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{StreamExt, StreamMap};
 
 use super::{dead_letter_topic, Delivered, GroupOverrides, Outgoing, StartPosition};
+use crate::audit::journal::{Entry as JournalEntry, Journal, Kind};
 use crate::config::DeliverySettings;
 use crate::event::now_ms;
 use crate::log::{Cursor, GroupConfig, Log, NewRecord, Quarantine, StoredRecord, TopicConfig};
@@ -205,6 +206,8 @@ impl Settings {
 }
 
 struct Actor {
+    /// Where deliveries, acks and failures are journaled (DESIGN.md section 8).
+    journal: Option<Journal>,
     /// Read-ahead bytes of all groups together.
     budget: Arc<Budget>,
     /// The last fill stopped at the budget: try again soon (freed budget wakes nobody).
@@ -304,6 +307,7 @@ pub async fn spawn(
     limits: DeliverySettings,
     start: StartPosition,
     budget: Arc<Budget>,
+    journal: Option<Journal>,
 ) -> Result<mpsc::Sender<Command>> {
     let info = log.describe_topic(topic).await?;
     let dlq = dead_letter_topic(topic, group);
@@ -314,6 +318,7 @@ pub async fn spawn(
     }
     let commit_interval_ms = limits.commit_interval_ms;
     let mut actor = Actor {
+        journal,
         topic: topic.to_string(),
         group: group.to_string(),
         dlq,
@@ -603,7 +608,10 @@ impl Actor {
             Command::Ack { sub, ids } => {
                 for id in ids {
                     match self.take_inflight(sub, id) {
-                        Ok((p, off)) => self.acked(p, off),
+                        Ok((p, off)) => {
+                            self.journal(Kind::Acknowledged, p, off, None);
+                            self.acked(p, off)
+                        }
                         Err(e) => self.tell(sub, id, e),
                     }
                 }
@@ -612,6 +620,7 @@ impl Actor {
                 for id in ids {
                     match self.take_inflight(sub, id) {
                         Ok((p, off)) => {
+                            self.journal(Kind::Acknowledged, p, off, None);
                             self.release_key(p, off);
                             if let Some(e) = self.parts[p as usize].entries.get_mut(&off) {
                                 e.state = State::Settling;
@@ -632,7 +641,10 @@ impl Actor {
             Command::Nack { sub, ids } => {
                 for id in ids {
                     match self.take_inflight(sub, id) {
-                        Ok((p, off)) => self.failed(p, off, "negative acknowledgement").await,
+                        Ok((p, off)) => {
+                            self.journal(Kind::Nacked, p, off, None);
+                            self.failed(p, off, "negative acknowledgement").await
+                        }
                         Err(e) => self.tell(sub, id, e),
                     }
                 }
@@ -782,6 +794,7 @@ impl Actor {
             }
             entry.state = State::InFlight(delivery_id);
             sub.outstanding += 1;
+            self.journal(Kind::Delivered, p, off, None);
             // The attempt count is part of the stored position.
             self.parts[p as usize].dirty = true;
             let deadline = Instant::now() + self.settings.ack_deadline;
@@ -912,6 +925,7 @@ impl Actor {
         }
         tracing::warn!(topic = %self.topic, group = %self.group, partition = p, offset = off, event_id = %record.id,
             key = %String::from_utf8_lossy(&record.key), attempts, reason, dead_letter_topic = %self.dlq, "event dead-lettered; its key is quarantined");
+        self.journal(Kind::DeadLettered, p, off, Some(format!("{reason}; to {}", self.dlq)));
         if let Some(entry) = self.parts[p as usize].entries.get_mut(&off) {
             entry.state = State::Quarantined;
         }
@@ -928,6 +942,10 @@ impl Actor {
         let is_quarantined =
             self.parts.get(p as usize).and_then(|part| part.entries.get(&off)).is_some_and(|e| e.state == State::Quarantined);
         tracing::info!(topic = %self.topic, group = %self.group, key = %String::from_utf8_lossy(&key), partition = p, offset = off, skip, "quarantine resolved");
+        if let Some(journal) = &self.journal {
+            let kind = if skip { Kind::QuarantineSkipped } else { Kind::QuarantineReleased };
+            journal.record(JournalEntry::now(kind, &self.topic, p, off, &self.group, &q.event_id));
+        }
         if is_quarantined && skip {
             self.acked(p, off);
         } else if is_quarantined {
@@ -973,6 +991,7 @@ impl Actor {
                 if let Some(s) = self.subs.get_mut(&f.sub) {
                     s.outstanding = s.outstanding.saturating_sub(1);
                 }
+                self.journal(Kind::Expired, f.partition, f.offset, None);
                 self.failed(f.partition, f.offset, "ack deadline expired").await;
             }
         }
@@ -990,9 +1009,25 @@ impl Actor {
         }
     }
 
+    /// Journals what happened to the buffered event at `p`/`off`, with its attempt count.
+    fn journal(&self, kind: Kind, p: u32, off: u64, detail: Option<String>) {
+        let Some(journal) = &self.journal else { return };
+        let Some(entry) = self.parts.get(p as usize).and_then(|part| part.entries.get(&off)) else { return };
+        let mut e = JournalEntry::now(kind, &self.topic, p, off, &self.group, &entry.record.id);
+        e.attempt = Some(entry.attempts);
+        e.detail = detail;
+        journal.record(e);
+    }
+
     /// Persists the cursors of changed partitions.
     async fn commit(&mut self) {
         self.last_commit = Instant::now();
+        // A stored position must never get ahead of the journal of the acks it reflects.
+        if let Some(journal) = &self.journal {
+            if self.parts.iter().any(|p| p.dirty) {
+                journal.flush().await;
+            }
+        }
         let cursors: Vec<(u32, Cursor)> = self
             .parts
             .iter()

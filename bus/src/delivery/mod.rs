@@ -185,6 +185,8 @@ pub struct Delivery {
     next_subscriber: AtomicU64,
     /// Read-ahead bytes of all groups together.
     budget: Arc<group::Budget>,
+    /// The delivery journal, when on.
+    journal: Option<crate::audit::journal::Journal>,
 }
 
 /// Group names the bus keeps for its own readers (the router); clients cannot join them.
@@ -203,8 +205,13 @@ pub fn dead_letter_topic(topic: &str, group: &str) -> String {
 impl Delivery {
     /// A manager over a log.
     pub fn new(log: Arc<dyn Log>, settings: DeliverySettings) -> Self {
+        Self::with_journal(log, settings, None)
+    }
+
+    /// A manager whose groups journal what they do.
+    pub fn with_journal(log: Arc<dyn Log>, settings: DeliverySettings, journal: Option<crate::audit::journal::Journal>) -> Self {
         let budget = Arc::new(group::Budget::new(settings.max_buffered_bytes_total));
-        Delivery { log, settings, groups: Mutex::new(HashMap::new()), next_subscriber: AtomicU64::new(1), budget }
+        Delivery { log, settings, groups: Mutex::new(HashMap::new()), next_subscriber: AtomicU64::new(1), budget, journal }
     }
 
     async fn group(&self, topic: &str, group: &str, create: Option<StartPosition>) -> Result<mpsc::Sender<group::Command>> {
@@ -235,7 +242,8 @@ impl Delivery {
                 StartPosition::Earliest
             }
         };
-        let tx = group::spawn(self.log.clone(), topic, group, self.settings.clone(), start, self.budget.clone()).await?;
+        let tx =
+            group::spawn(self.log.clone(), topic, group, self.settings.clone(), start, self.budget.clone(), self.journal.clone()).await?;
         groups.insert((topic.to_string(), group.to_string()), tx.clone());
         Ok(tx)
     }

@@ -2,6 +2,7 @@
 //! the delivery engine. Conversions between generated and core types live here, at the edge.
 
 pub mod admin;
+pub mod audit;
 pub mod blobs;
 pub mod publish;
 pub mod replay;
@@ -31,6 +32,8 @@ pub struct Bus {
     pub mailboxes: Option<Arc<crate::routing::mailbox::MailboxLog>>,
     /// Identifies callers and checks what they may do.
     pub gate: crate::security::auth::Gate,
+    /// Hash chains, checkpoints and the delivery journal.
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 impl Bus {

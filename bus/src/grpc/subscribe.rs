@@ -20,6 +20,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Bus;
+use crate::audit::journal::{Entry as JournalEntry, Journal, Kind};
 use crate::delivery::{GroupOverrides, Outgoing, Settler, StartPosition, SubscribeParams, SubscriberControl};
 use crate::event::{ms_timestamp, Event};
 use crate::routing::mailbox::{is_mailbox_topic, MailboxLog};
@@ -82,9 +83,12 @@ impl pb::subscriber_server::Subscriber for SubscriberService {
             })),
         };
         let receipts = match &self.bus.mailboxes {
-            Some(mailboxes) if is_mailbox_topic(&init.topic) => {
-                Some(Arc::new(Receipts { mailboxes: mailboxes.clone(), topic: init.topic.clone(), pending: Default::default() }))
-            }
+            Some(mailboxes) if is_mailbox_topic(&init.topic) => Some(Arc::new(Receipts {
+                mailboxes: mailboxes.clone(),
+                topic: init.topic.clone(),
+                pending: Default::default(),
+                journal: self.bus.audit.journal.clone(),
+            })),
             _ => None,
         };
         let (violation_tx, violation_rx) = mpsc::channel(1);
@@ -139,6 +143,8 @@ struct Receipts {
     /// Delivery id -> (mailbox offset, the event's id, sender, subject, source and recipient
     /// header). Filled as deliveries go out, emptied by acks and nacks.
     pending: std::sync::Mutex<HashMap<u64, (u64, pb::Event)>>,
+    /// Where stored receipts are journaled.
+    journal: Option<Journal>,
 }
 
 impl Receipts {
@@ -163,19 +169,33 @@ impl Receipts {
     /// The receipts acknowledging `ids` causes (taken out of the book). They are stored before
     /// the deliveries are settled, so a crash in between repeats the delivery and its receipt
     /// (stored once: receipt ids are per event and recipient) and never loses the receipt.
-    fn receipts(&self, ids: &[u64]) -> Vec<(String, crate::log::NewRecord)> {
-        let receipts = self.take(ids).iter().filter_map(|(offset, e)| receipt_for(&self.topic, *offset, e)).collect::<Vec<_>>();
-        // A sender that has left the directory has no mailbox: its receipts are dropped.
-        let (known, unknown): (Vec<_>, Vec<_>) = receipts.into_iter().partition(|(mailbox, _)| self.mailboxes.exists(mailbox));
-        for (mailbox, r) in &unknown {
-            tracing::warn!(mailbox, id = %r.id, "receipt dropped: the sender has no mailbox");
+    fn receipts(&self, ids: &[u64]) -> (Vec<(String, crate::log::NewRecord)>, Vec<JournalEntry>) {
+        let mut journal = Vec::new();
+        let mut receipts = Vec::new();
+        for (offset, e) in self.take(ids) {
+            let Some((mailbox, record)) = receipt_for(&self.topic, offset, &e) else { continue };
+            // A sender that has left the directory has no mailbox: its receipt is dropped.
+            if !self.mailboxes.exists(&mailbox) {
+                tracing::warn!(mailbox, id = %record.id, "receipt dropped: the sender has no mailbox");
+                continue;
+            }
+            let mut entry = JournalEntry::now(Kind::Receipt, &self.topic, 0, offset, &mailbox, &e.id);
+            entry.detail = e.headers.get(RECIPIENT_HEADER).map(|r| format!("acknowledged by {r}"));
+            journal.push(entry);
+            receipts.push((mailbox, record));
         }
-        known
+        (receipts, journal)
     }
 
     /// Stores receipts, retrying until they are durable or the bus stops; then settles the
     /// deliveries they acknowledge, which lets the group commit them.
-    async fn store(mailboxes: Arc<MailboxLog>, receipts: Vec<(String, crate::log::NewRecord)>, ids: Vec<u64>, settler: Settler) {
+    async fn store(
+        mailboxes: Arc<MailboxLog>,
+        (receipts, entries): (Vec<(String, crate::log::NewRecord)>, Vec<JournalEntry>),
+        ids: Vec<u64>,
+        settler: Settler,
+        journal: Option<Journal>,
+    ) {
         let mut wait = Duration::from_millis(50);
         loop {
             match mailboxes.append_many(receipts.clone()).await {
@@ -187,6 +207,9 @@ impl Receipts {
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+        if let Some(journal) = journal {
+            entries.into_iter().for_each(|e| journal.record(e));
         }
         let _ = settler.settle(ids).await;
     }
@@ -209,13 +232,19 @@ async fn forward_client_messages(
             Some(Req::Ack(ack)) if ack.delivery_ids.len() <= MAX_IDS_PER_MESSAGE => match &receipts {
                 Some(book) => {
                     let made = book.receipts(&ack.delivery_ids);
-                    if made.is_empty() {
+                    if made.0.is_empty() {
                         control.ack(ack.delivery_ids).await
                     } else {
                         // The case's next delivery need not wait for the receipt's disk write;
                         // the group commits these deliveries only once their receipts are durable.
                         let result = control.release(ack.delivery_ids.clone()).await;
-                        tokio::spawn(Receipts::store(book.mailboxes.clone(), made, ack.delivery_ids, control.settler()));
+                        tokio::spawn(Receipts::store(
+                            book.mailboxes.clone(),
+                            made,
+                            ack.delivery_ids,
+                            control.settler(),
+                            book.journal.clone(),
+                        ));
                         result
                     }
                 }

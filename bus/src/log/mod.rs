@@ -15,6 +15,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::audit::chain::ChainHash;
+use crate::audit::checkpoint::Checkpoint;
 use crate::{Error, Result};
 
 #[cfg(any(test, feature = "conformance"))]
@@ -51,6 +53,9 @@ pub struct StoredRecord {
     pub key: Bytes,
     /// Payload.
     pub value: Bytes,
+    /// Its hash chain value where the backend stores one with the record (embedded); None
+    /// where it is computed on demand (Kafka, see [`crate::audit`]).
+    pub chain: Option<crate::audit::chain::ChainHash>,
 }
 
 /// Where an appended record is stored.
@@ -267,6 +272,18 @@ pub trait Log: Send + Sync + 'static {
         let _ = (sha256, sink);
         Ok(false)
     }
+
+    /// The hash chain value before `offset` where the backend stores the chain with its
+    /// records (embedded); None where it must be computed ([`crate::audit::Chains`]).
+    async fn stored_chain_before(&self, topic: &str, partition: u32, offset: u64) -> Result<Option<ChainHash>> {
+        let _ = (topic, partition, offset);
+        Ok(None)
+    }
+    /// Stores a signed checkpoint durably (embedded: beside the partition; Kafka: in the
+    /// checkpoint topic).
+    async fn put_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()>;
+    /// The checkpoints of a partition, ascending by offset.
+    async fn list_checkpoints(&self, topic: &str, partition: u32) -> Result<Vec<Checkpoint>>;
 
     /// Finishes queued appends, stops accepting new ones and flushes state. Called on shutdown;
     /// afterwards the same storage may be opened again.

@@ -31,6 +31,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::sync::{oneshot, watch, Mutex};
 
 use super::directory::{DirectoryHandle, MAILBOX_PREFIX};
+use crate::audit::chain::ChainHash;
+use crate::audit::checkpoint::Checkpoint;
 use crate::log::{Appended, Cursor, GroupConfig, Log, NewRecord, PartitionOffsets, Quarantine, StoredRecord, TopicConfig, TopicInfo};
 use crate::partitioner::partition_for_key;
 use crate::{Error, Result};
@@ -414,7 +416,7 @@ impl Log for MailboxLog {
                 let (seq, key, value) = decode_entry(&r.value)?;
                 debug_assert_eq!(seq, first + i as u64);
                 bytes += value.len();
-                out.push(StoredRecord { partition: 0, offset: seq, timestamp_ms: r.timestamp_ms, id: r.id, key, value });
+                out.push(StoredRecord { partition: 0, offset: seq, timestamp_ms: r.timestamp_ms, id: r.id, key, value, chain: None });
                 i += 1;
             }
         }
@@ -508,6 +510,18 @@ impl Log for MailboxLog {
             return Ok(None);
         }
         self.inner.join_group(topic, group).await
+    }
+
+    async fn stored_chain_before(&self, topic: &str, partition: u32, offset: u64) -> Result<Option<ChainHash>> {
+        self.inner.stored_chain_before(topic, partition, offset).await
+    }
+
+    async fn put_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()> {
+        self.inner.put_checkpoint(checkpoint).await
+    }
+
+    async fn list_checkpoints(&self, topic: &str, partition: u32) -> Result<Vec<Checkpoint>> {
+        self.inner.list_checkpoints(topic, partition).await
     }
 
     async fn close(&self) -> Result<()> {

@@ -28,6 +28,7 @@ use tokio::sync::watch;
 
 use super::directory::{mailbox_topic, DirectoryHandle};
 use super::mailbox::MailboxLog;
+use crate::audit::journal::{Entry as JournalEntry, Journal, Kind};
 use crate::event::{now_ms, now_timestamp, Event, SPEC_VERSION};
 use crate::log::{Cursor, Log, NewRecord, StoredRecord, TopicConfig};
 use crate::{Error, Result};
@@ -171,6 +172,8 @@ pub struct Router {
     pub directory: DirectoryHandle,
     /// Settings.
     pub settings: RoutingSettings,
+    /// Where routing decisions are journaled, when on.
+    pub journal: Option<Journal>,
 }
 
 impl Router {
@@ -279,7 +282,10 @@ impl Router {
                 next[p as usize] = offset;
             }
             // A position lost in a crash only means routing some events again, which the
-            // mailbox store deduplicates.
+            // mailbox store deduplicates. It never gets ahead of the journal.
+            if let Some(journal) = &self.journal {
+                journal.flush().await;
+            }
             if let Err(e) = log.store_cursors(&topic, ROUTER_GROUP, &cursors).await {
                 tracing::warn!(error = %e, "storing the router's positions failed; will store them with the next batch");
             }
@@ -294,6 +300,7 @@ impl Router {
         let directory = self.directory.get();
         let mut deliveries: Vec<(String, NewRecord)> = Vec::new();
         let mut unroutable: Vec<NewRecord> = Vec::new();
+        let mut journal: Vec<JournalEntry> = Vec::new();
         // The ingest record as it was, for the unroutable topic.
         let as_received = |r: &crate::log::StoredRecord| NewRecord {
             id: r.id.clone(),
@@ -312,6 +319,17 @@ impl Router {
             };
             let resolution = directory.route(&event.r#type, &event.sender, &event.recipients, &event.subject);
             let sender = resolution.sender.clone().unwrap_or_default();
+            let topic = &self.settings.ingest_topic;
+            if !resolution.recipients.is_empty() {
+                let mut e = JournalEntry::now(Kind::Routed, topic, record.partition, record.offset, ROUTER_GROUP, &event.id);
+                e.detail = Some(format!("to {}", resolution.recipients.join(", ")));
+                journal.push(e);
+            }
+            if !resolution.unresolved.is_empty() || resolution.recipients.is_empty() {
+                let mut e = JournalEntry::now(Kind::Unroutable, topic, record.partition, record.offset, ROUTER_GROUP, &event.id);
+                e.detail = Some(format!("unresolved: {}", resolution.unresolved.join(", ")));
+                journal.push(e);
+            }
             for recipient in &resolution.recipients {
                 let mut copy = event.clone();
                 copy.sender = sender.clone();
@@ -358,6 +376,9 @@ impl Router {
         }
         if !deliveries.is_empty() {
             self.mailboxes.append_many(deliveries).await?;
+        }
+        if let Some(j) = &self.journal {
+            journal.into_iter().for_each(|e| j.record(e));
         }
         Ok(())
     }

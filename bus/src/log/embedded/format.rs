@@ -4,31 +4,37 @@
 //! batch header (72 bytes)
 //!   0  u32  length      bytes after this field (header rest + records)
 //!   4  u32  crc32c      over bytes [8, 4 + length)
-//!   8  u8   version     1
 //!   9  u8   flags       0
 //!  10  u16  reserved
 //!  12  u64  base_offset
 //!  20  u32  record_count
 //!  24  i64  first_timestamp_ms
 //!  32  i64  max_timestamp_ms
-//!  40  [32] chain       reserved for the per-partition hash chain (DESIGN.md section 8); zeros
+//!   8  u8   version     2
+//!  40  [32] chain       the hash chain value before this batch, h(base_offset - 1)
 //! record (repeated record_count times)
-//!   u32 offset_delta | i64 timestamp_ms | u16 id_len | u32 key_len | u32 value_len | id | key | value
+//!   u32 offset_delta | i64 timestamp_ms | u16 id_len | u32 key_len | u32 value_len | [32] chain
+//!   | id | key | value
 //! ```
+//!
+//! `chain` is the record's value of the per-partition hash chain ([`crate::audit::chain`]),
+//! computed on append; all zeros when the log was opened without the chain (`hash_chain =
+//! false`, for measuring its cost only).
 //!
 //! A batch is the unit of a group commit and of recovery: it is written whole and synced, and a
 //! batch whose length or CRC does not check out marks the torn tail.
 
 use bytes::Bytes;
 
+use crate::audit::chain::{self, ChainHash, GENESIS};
 use crate::log::{NewRecord, StoredRecord};
 
 /// Size of the batch header.
 pub const BATCH_HEADER: usize = 72;
 /// Size of a record's fixed fields.
-pub const RECORD_HEADER: usize = 22;
+pub const RECORD_HEADER: usize = 54;
 /// Format version written.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// The decoded fixed part of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +51,8 @@ pub struct BatchHeader {
     pub first_timestamp_ms: i64,
     /// Largest record timestamp.
     pub max_timestamp_ms: i64,
+    /// The chain value before the batch.
+    pub chain_before: ChainHash,
 }
 
 impl BatchHeader {
@@ -59,8 +67,10 @@ pub fn record_size(r: &NewRecord) -> usize {
     RECORD_HEADER + r.id.len() + r.key.len() + r.value.len()
 }
 
-/// Encodes records as one batch starting at `base_offset`, appending to `out`.
-pub fn encode_batch(out: &mut Vec<u8>, base_offset: u64, records: &[&NewRecord]) {
+/// Encodes records as one batch starting at `base_offset`, appending to `out`. With `chain`
+/// (the value before the batch) it stores each record's chain value and returns the last one;
+/// without, it stores zeros.
+pub fn encode_batch(out: &mut Vec<u8>, base_offset: u64, records: &[&NewRecord], chain: Option<ChainHash>) -> Option<ChainHash> {
     let start = out.len();
     let first_ts = records.first().map(|r| r.timestamp_ms).unwrap_or(0);
     let max_ts = records.iter().map(|r| r.timestamp_ms).max().unwrap_or(0);
@@ -72,13 +82,16 @@ pub fn encode_batch(out: &mut Vec<u8>, base_offset: u64, records: &[&NewRecord])
     out.extend_from_slice(&(records.len() as u32).to_le_bytes());
     out.extend_from_slice(&first_ts.to_le_bytes());
     out.extend_from_slice(&max_ts.to_le_bytes());
-    out.extend_from_slice(&[0u8; 32]);
+    out.extend_from_slice(&chain.unwrap_or(GENESIS));
+    let mut running = chain;
     for (i, r) in records.iter().enumerate() {
         out.extend_from_slice(&(i as u32).to_le_bytes());
         out.extend_from_slice(&r.timestamp_ms.to_le_bytes());
         out.extend_from_slice(&(r.id.len() as u16).to_le_bytes());
         out.extend_from_slice(&(r.key.len() as u32).to_le_bytes());
         out.extend_from_slice(&(r.value.len() as u32).to_le_bytes());
+        running = running.map(|prev| chain::next(&prev, base_offset + i as u64, r.timestamp_ms, r.id.as_bytes(), &r.key, &r.value));
+        out.extend_from_slice(&running.unwrap_or(GENESIS));
         out.extend_from_slice(r.id.as_bytes());
         out.extend_from_slice(&r.key);
         out.extend_from_slice(&r.value);
@@ -87,6 +100,7 @@ pub fn encode_batch(out: &mut Vec<u8>, base_offset: u64, records: &[&NewRecord])
     out[start..start + 4].copy_from_slice(&length.to_le_bytes());
     let crc = crc32c::crc32c(&out[start + 8..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    running
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -147,6 +161,7 @@ pub fn decode_header(b: &[u8]) -> Result<BatchHeader, BadBatch> {
         record_count,
         first_timestamp_ms: u64_at(b, 24) as i64,
         max_timestamp_ms: u64_at(b, 32) as i64,
+        chain_before: b[40..72].try_into().unwrap_or(GENESIS),
     })
 }
 
@@ -175,6 +190,8 @@ pub struct RecordView<'a> {
     pub key: &'a [u8],
     /// Value bytes.
     pub value: &'a [u8],
+    /// The stored chain value.
+    pub chain: ChainHash,
 }
 
 /// Walks the records of a whole, CRC-checked batch in offset order, stopping at the first
@@ -196,6 +213,7 @@ pub fn records<'a>(header: &BatchHeader, batch: &'a [u8]) -> impl Iterator<Item 
         let id_len = u16::from_le_bytes([batch[at + 12], batch[at + 13]]) as usize;
         let key_len = u32_at(batch, at + 14) as usize;
         let value_len = u32_at(batch, at + 18) as usize;
+        let chain: ChainHash = batch[at + 22..at + 54].try_into().unwrap_or(GENESIS);
         let body = at + RECORD_HEADER;
         let stop = body + id_len + key_len + value_len;
         if stop > end {
@@ -209,6 +227,7 @@ pub fn records<'a>(header: &BatchHeader, batch: &'a [u8]) -> impl Iterator<Item 
             id: &batch[body..body + id_len],
             key: &batch[body + id_len..body + id_len + key_len],
             value: &batch[body + id_len + key_len..stop],
+            chain,
         }))
     })
 }
@@ -238,6 +257,7 @@ pub fn decode_records(
                 id: String::from_utf8_lossy(r.id).into_owned(),
                 key: Bytes::copy_from_slice(r.key),
                 value: Bytes::copy_from_slice(r.value),
+                chain: (r.chain != GENESIS).then_some(r.chain),
             });
         }
     }
@@ -261,7 +281,7 @@ mod tests {
             let recs: Vec<NewRecord> = records.iter().map(|(i, k, v, t)| rec(i, k, v, *t)).collect();
             let refs: Vec<&NewRecord> = recs.iter().collect();
             let mut buf = Vec::new();
-            encode_batch(&mut buf, base, &refs);
+            let last = encode_batch(&mut buf, base, &refs, Some(GENESIS));
             let header = decode_header(&buf).expect("header");
             prop_assert_eq!(header.total_len as usize, buf.len());
             check_crc(&header, &buf).expect("crc");
@@ -275,6 +295,13 @@ mod tests {
                 prop_assert_eq!(&o.value, &r.value);
                 prop_assert_eq!(o.timestamp_ms, r.timestamp_ms);
             }
+            // Each record carries its chain value, the last one is returned.
+            let mut h = GENESIS;
+            for o in &out {
+                h = chain::next(&h, o.offset, o.timestamp_ms, o.id.as_bytes(), &o.key, &o.value);
+                prop_assert_eq!(o.chain, Some(h));
+            }
+            prop_assert_eq!(last, Some(h));
             // Any single flipped byte after the length field is caught.
             let at = 4 + (base as usize % (buf.len() - 4));
             let mut bad = buf.clone();

@@ -6,6 +6,7 @@
 //! DIR/log/<topic>/<partition>/<base offset, 20 digits>.log     batches (see format)
 //! DIR/log/<topic>/<partition>/<base offset, 20 digits>.index   sparse offset/time index
 //! DIR/log/<topic>/<partition>/<base offset, 20 digits>.ids     id hashes for dedup
+//! DIR/log/<topic>/<partition>/checkpoints.jsonl                signed hash chain checkpoints
 //! DIR/state/                                                   sled: topics, cursors,
 //!                                                              quarantine
 //! ```
@@ -37,6 +38,8 @@ use tokio::sync::watch;
 
 use self::partition::Partition;
 use self::segment::BatchCache;
+use crate::audit::chain::ChainHash;
+use crate::audit::checkpoint::Checkpoint;
 use crate::config::LogSettings;
 use crate::event::now_ms;
 use crate::log::{Appended, Cursor, GroupConfig, Log, NewRecord, PartitionOffsets, Quarantine, StoredRecord, TopicConfig, TopicInfo};
@@ -305,6 +308,25 @@ impl Log for EmbeddedLog {
             }
         }
         Ok(out)
+    }
+
+    async fn stored_chain_before(&self, topic: &str, partition: u32, offset: u64) -> Result<Option<ChainHash>> {
+        let p = self.partition(topic, partition)?;
+        tokio::task::spawn_blocking(move || p.chain_before(offset).map(Some))
+            .await
+            .map_err(|e| Error::Internal(format!("reading the chain: {e}")))?
+    }
+
+    async fn put_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()> {
+        let p = self.partition(&checkpoint.topic, checkpoint.partition)?;
+        let checkpoint = checkpoint.clone();
+        tokio::task::spawn_blocking(move || p.append_checkpoint(&checkpoint))
+            .await
+            .map_err(|e| Error::Internal(format!("storing a checkpoint: {e}")))?
+    }
+
+    async fn list_checkpoints(&self, topic: &str, partition: u32) -> Result<Vec<Checkpoint>> {
+        self.partition(topic, partition)?.checkpoints()
     }
 
     async fn close(&self) -> Result<()> {

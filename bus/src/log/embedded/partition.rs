@@ -17,6 +17,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::dedup::{id_hash, DedupIndex};
 use super::format;
 use super::segment::{self, BatchCache, ReadBudget, Segment, TornTail};
+use crate::audit::chain::{ChainHash, GENESIS};
+use crate::audit::checkpoint::{parse_checkpoint_lines, Checkpoint, CHECKPOINT_FILE};
 use crate::config::LogSettings;
 use crate::event::now_ms;
 use crate::log::{Appended, NewRecord, StoredRecord};
@@ -52,6 +54,8 @@ pub struct Partition {
     writer: mpsc::Sender<WriterMsg>,
     /// Recently read batches of the whole log.
     cache: Arc<BatchCache>,
+    /// Serializes checkpoint appends.
+    checkpoint_lock: std::sync::Mutex<()>,
 }
 
 /// What only the writer task touches.
@@ -62,6 +66,8 @@ struct WriterState {
     settings: LogSettings,
     dedup: DedupIndex,
     buf: Vec<u8>,
+    /// The chain value of the last stored record (None: appending without the chain).
+    chain: Option<ChainHash>,
 }
 
 impl Partition {
@@ -117,9 +123,11 @@ impl Partition {
             end,
             writer: tx,
             cache,
+            checkpoint_lock: std::sync::Mutex::new(()),
         });
         let dedup = partition.load_dedup(settings)?;
-        let state = WriterState { index_file, ids_file, since_index, settings: settings.clone(), dedup, buf: Vec::new() };
+        let chain = if settings.hash_chain { Some(partition.chain_before(partition.end_offset())?) } else { None };
+        let state = WriterState { index_file, ids_file, since_index, settings: settings.clone(), dedup, buf: Vec::new(), chain };
         tokio::spawn(run_writer(Arc::downgrade(&partition), state, rx));
         Ok(partition)
     }
@@ -154,6 +162,52 @@ impl Partition {
         }
         dedup.expire(now);
         Ok(dedup)
+    }
+
+    /// The chain value before `offset`, h(offset - 1): stored with the record before it, or in
+    /// the header of the first stored batch when `offset` is the log start.
+    pub fn chain_before(&self, offset: u64) -> Result<ChainHash> {
+        if offset == 0 {
+            return Ok(GENESIS);
+        }
+        if offset > self.start_offset() {
+            return match self.read(offset - 1, 1, 1)?.as_slice() {
+                [r] if r.offset == offset - 1 => Ok(r.chain.unwrap_or(GENESIS)),
+                _ => Err(Error::OffsetOutOfRange { partition: self.id, offset, start: self.start_offset(), end: self.end_offset() }),
+            };
+        }
+        let first = self.segments().first().cloned().ok_or(Error::ShuttingDown)?;
+        Ok(first.first_chain_before()?.unwrap_or(GENESIS))
+    }
+
+    /// Appends a checkpoint to the partition's checkpoint file and syncs it.
+    pub fn append_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()> {
+        let path = self.dir.join(CHECKPOINT_FILE);
+        let mut line = serde_json::to_vec(checkpoint).map_err(|e| Error::Internal(format!("encoding a checkpoint: {e}")))?;
+        line.push(b'\n');
+        let _serial = self.checkpoint_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        file.write_all(&line).and_then(|()| file.sync_data()).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+
+    /// The partition's checkpoints, ascending by offset.
+    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        let path = self.dir.join(CHECKPOINT_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        let (mut good, bad) = parse_checkpoint_lines(&text);
+        for (line, error) in bad {
+            tracing::warn!(file = %path.display(), line, error, "unreadable checkpoint line skipped");
+        }
+        good.sort_by_key(|c| c.offset);
+        Ok(good)
     }
 
     /// Appends records durably (group commit).
@@ -347,7 +401,7 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
         return Ok(results);
     }
     st.buf.clear();
-    format::encode_batch(&mut st.buf, base, &fresh);
+    let chain = format::encode_batch(&mut st.buf, base, &fresh, st.chain);
     let len = st.buf.len() as u64;
     if active.size() > 0 && active.size() + len > st.settings.segment_bytes {
         st.index_file.sync_all().map_err(|e| Error::io(format!("syncing {}", active.index_path.display()), e))?;
@@ -374,6 +428,7 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
     let add_index = st.since_index >= st.settings.index_interval_bytes;
     active.commit(pos, len, next, max_ts, add_index.then_some((&mut st.index_file, base)));
     st.since_index = if add_index { len } else { st.since_index + len };
+    st.chain = chain;
     p.end.send_replace(next);
     // The sidecar is not synced, and a failed write is not fatal: opening the segment rebuilds a
     // sidecar whose length does not match from the records.

@@ -517,6 +517,16 @@ impl Segment {
         Ok(None)
     }
 
+    /// The chain value stored in the header of the segment's first batch; None when empty.
+    pub fn first_chain_before(&self) -> Result<Option<crate::audit::chain::ChainHash>> {
+        if self.size() < BATCH_HEADER as u64 {
+            return Ok(None);
+        }
+        let mut header = [0u8; BATCH_HEADER];
+        self.file.read_exact_at(&mut header, 0).map_err(io(&self.log_path, "reading"))?;
+        Ok(Some(format::decode_header(&header).map_err(|b| self.corrupt(0, b))?.chain_before))
+    }
+
     fn corrupt(&self, pos: u64, bad: BadBatch) -> Error {
         Error::Corrupt { path: self.log_path.display().to_string(), reason: format!("batch at byte {pos}: {bad}") }
     }

@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{
     Appended, Cursor, GroupConfig, Log, Membership, NewRecord, PartitionOffsets, Quarantine, StoredRecord, TopicConfig, TopicInfo,
 };
+use crate::audit::checkpoint::Checkpoint;
 use crate::config::LogSettings;
 use crate::event::{now_ms, validate_name};
 use crate::partitioner::partition_for_key;
@@ -116,6 +117,8 @@ pub struct KafkaLog {
 }
 
 struct Inner {
+    /// Signed hash chain checkpoints, keyed topic/partition/offset (a topic of their own).
+    checkpoints: StateTopic,
     settings: KafkaSettings,
     log_settings: LogSettings,
     /// Settings every client starts from.
@@ -186,7 +189,9 @@ impl KafkaLog {
         let readers = Readers::new(base.clone(), log_settings.max_event_bytes);
         let state_base = base.clone();
         let state_name = format!("{}__justizbus_state", settings.topic_prefix);
+        let checkpoints_name = format!("{}__justizbus_checkpoints", settings.topic_prefix);
         let inner = Inner {
+            checkpoints: StateTopic::new(checkpoints_name, state_base.clone(), producer.clone(), timeout),
             state: StateTopic::new(state_name, state_base, producer.clone(), timeout),
             settings,
             log_settings,
@@ -228,7 +233,10 @@ impl Inner {
 
     async fn ensure_state_topic(&self) -> Result<()> {
         let name = self.state.topic().to_string();
-        self.ensure_internal_topic(&name, "compact").await
+        self.ensure_internal_topic(&name, "compact").await?;
+        // Checkpoints are kept, never compacted: each has a key of its own.
+        let name = self.checkpoints.topic().to_string();
+        self.ensure_internal_topic(&name, "delete").await
     }
 
     fn blobs_topic(&self) -> String {
@@ -855,6 +863,16 @@ impl Log for KafkaLog {
             membership::join(&self.inner.client_config, &self.inner.kafka_name(topic), &group_id, self.inner.settings.session_timeout_ms)?;
         tracing::info!(topic, group, kafka_group = %group_id, "joined the shared consumer group");
         Ok(Some(membership))
+    }
+
+    async fn put_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()> {
+        let key = format!("{}/{}/{:020}", checkpoint.topic, checkpoint.partition, checkpoint.offset);
+        self.inner.checkpoints.put(key, Some(state::to_json(checkpoint)?)).await
+    }
+
+    async fn list_checkpoints(&self, topic: &str, partition: u32) -> Result<Vec<Checkpoint>> {
+        let entries = self.inner.checkpoints.scan(&format!("{topic}/{partition}/")).await?;
+        entries.into_iter().map(|(_, v)| serde_json::from_slice(&v).map_err(|e| Error::State(format!("checkpoint entry: {e}")))).collect()
     }
 
     async fn close(&self) -> Result<()> {

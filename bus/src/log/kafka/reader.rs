@@ -151,6 +151,7 @@ impl Readers {
                 id,
                 key: Bytes::copy_from_slice(message.key().unwrap_or_default()),
                 value,
+                chain: None,
             });
             reader.next = Some(offset + 1);
         }

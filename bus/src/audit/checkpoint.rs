@@ -1,0 +1,228 @@
+//! Signed checkpoints: Ed25519 signatures over (topic, partition, offset, chain value, time).
+//!
+//! The signing key is a PKCS#8 PEM file (`justizbus audit keygen`, or `openssl genpkey
+//! -algorithm ed25519`); the public key travels as 64 hex digits (`justizbus audit key`).
+
+use std::path::Path;
+
+use base64::Engine;
+use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+use serde::{Deserialize, Serialize};
+
+use super::chain::{hex, unhex, ChainHash};
+use crate::{Error, Result};
+
+/// What the signature covers is prefixed with this, so it cannot be mistaken for anything else.
+const DOMAIN: &[u8] = b"justizbus.checkpoint.v1\0";
+
+/// A signed statement: the chain of `topic`/`partition` had value `chain` after `offset`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// The last offset covered.
+    pub offset: u64,
+    /// h(offset), hex.
+    pub chain: String,
+    /// When it was signed (ms since the epoch).
+    pub time_ms: i64,
+    /// The signer's public key, hex (which key; trusting it is the verifier's decision).
+    pub key: String,
+    /// Ed25519 signature over [`Checkpoint::signed_bytes`], hex.
+    pub signature: String,
+}
+
+impl Checkpoint {
+    /// The bytes the signature covers.
+    pub fn signed_bytes(topic: &str, partition: u32, offset: u64, chain: &ChainHash, time_ms: i64) -> Vec<u8> {
+        let mut b = Vec::with_capacity(DOMAIN.len() + topic.len() + 56);
+        b.extend_from_slice(DOMAIN);
+        b.extend_from_slice(&(topic.len() as u32).to_le_bytes());
+        b.extend_from_slice(topic.as_bytes());
+        b.extend_from_slice(&partition.to_le_bytes());
+        b.extend_from_slice(&offset.to_le_bytes());
+        b.extend_from_slice(chain);
+        b.extend_from_slice(&time_ms.to_le_bytes());
+        b
+    }
+
+    /// The chain value as bytes (None when malformed).
+    pub fn chain_hash(&self) -> Option<ChainHash> {
+        unhex(&self.chain)
+    }
+
+    /// Checks the signature with a trusted key. Err says what is wrong.
+    pub fn check_signature(&self, key: &PublicKey) -> std::result::Result<(), String> {
+        let chain = self.chain_hash().ok_or("chain value is not 64 hex digits")?;
+        let signature = unhex::<64>(&self.signature).ok_or("signature is not 128 hex digits")?;
+        let message = Self::signed_bytes(&self.topic, self.partition, self.offset, &chain, self.time_ms);
+        UnparsedPublicKey::new(&ED25519, key.0)
+            .verify(&message, &signature)
+            .map_err(|_| format!("signature does not verify with key {}", key.hex()))
+    }
+}
+
+/// Name of the file beside a partition's segments (embedded log) that holds its checkpoints,
+/// one JSON object per line.
+pub const CHECKPOINT_FILE: &str = "checkpoints.jsonl";
+
+/// Parses a checkpoints file: the checkpoints, and the lines that are not one (numbered from
+/// 1), except an incomplete last line (an append cut short by a crash).
+pub fn parse_checkpoint_lines(text: &str) -> (Vec<Checkpoint>, Vec<(usize, String)>) {
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    let complete = text.ends_with('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Checkpoint>(line) {
+            Ok(cp) => good.push(cp),
+            Err(_) if i + 1 == lines.len() && !complete => {}
+            Err(e) => bad.push((i + 1, e.to_string())),
+        }
+    }
+    (good, bad)
+}
+
+/// An Ed25519 public key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl PublicKey {
+    /// Hex form.
+    pub fn hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    /// Parses 64 hex digits, or reads them from a file of that name.
+    pub fn parse(text_or_file: &str) -> Result<PublicKey> {
+        if let Some(k) = unhex::<32>(text_or_file) {
+            return Ok(PublicKey(k));
+        }
+        let path = Path::new(text_or_file);
+        if path.is_file() {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+            if let Some(k) = unhex::<32>(text.trim()) {
+                return Ok(PublicKey(k));
+            }
+            // A signing key file serves as well: its public half is derived.
+            return Ok(Signer::from_pem(&text, path)?.public_key());
+        }
+        Err(Error::invalid("key", format!("{text_or_file:?} is neither 64 hex digits nor a readable key file")))
+    }
+}
+
+/// The bus's checkpoint signing key.
+pub struct Signer {
+    pair: Ed25519KeyPair,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Signer({})", self.public_key().hex())
+    }
+}
+
+impl Signer {
+    /// Loads a PKCS#8 PEM private key file.
+    pub fn load(path: &Path) -> Result<Signer> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading signing key {}", path.display()), e))?;
+        Self::from_pem(&text, path)
+    }
+
+    fn from_pem(text: &str, path: &Path) -> Result<Signer> {
+        let bad = |why: String| Error::invalid("audit.signing_key", format!("{}: {why}", path.display()));
+        let body: String = text
+            .lines()
+            .skip_while(|l| l.trim() != "-----BEGIN PRIVATE KEY-----")
+            .skip(1)
+            .take_while(|l| l.trim() != "-----END PRIVATE KEY-----")
+            .map(str::trim)
+            .collect();
+        if body.is_empty() {
+            return Err(bad("no PEM block \"PRIVATE KEY\" (PKCS#8) found".into()));
+        }
+        let der = base64::engine::general_purpose::STANDARD.decode(body).map_err(|e| bad(format!("bad base64: {e}")))?;
+        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(|e| bad(format!("not an Ed25519 PKCS#8 key: {e}")))?;
+        Ok(Signer { pair })
+    }
+
+    /// Writes a new key to `path` (mode 0600), refusing to overwrite one.
+    pub fn generate(path: &Path) -> Result<Signer> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let rng = ring::rand::SystemRandom::new();
+        let der = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| Error::invalid("key", format!("generating a key: {e}")))?;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END PRIVATE KEY-----\n");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        file.write_all(pem.as_bytes()).and_then(|()| file.sync_all()).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        Self::from_pem(&pem, path)
+    }
+
+    /// The public half.
+    pub fn public_key(&self) -> PublicKey {
+        let mut k = [0u8; 32];
+        k.copy_from_slice(self.pair.public_key().as_ref());
+        PublicKey(k)
+    }
+
+    /// Signs a checkpoint.
+    pub fn sign(&self, topic: &str, partition: u32, offset: u64, chain: &ChainHash, time_ms: i64) -> Checkpoint {
+        let signature = self.pair.sign(&Checkpoint::signed_bytes(topic, partition, offset, chain, time_ms));
+        Checkpoint {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            chain: hex(chain),
+            time_ms,
+            key: self.public_key().hex(),
+            signature: hex(signature.as_ref()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_verifies_only_unchanged_and_with_its_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = Signer::generate(&dir.path().join("k.pem")).expect("generate");
+        assert!(Signer::generate(&dir.path().join("k.pem")).is_err(), "never overwrites a key");
+        let again = Signer::load(&dir.path().join("k.pem")).expect("load");
+        assert_eq!(again.public_key(), signer.public_key());
+        let key = signer.public_key();
+        let cp = signer.sign("t", 1, 41, &[7u8; 32], 1000);
+        cp.check_signature(&key).expect("verifies");
+        for altered in [
+            Checkpoint { offset: 42, ..cp.clone() },
+            Checkpoint { partition: 0, ..cp.clone() },
+            Checkpoint { topic: "u".into(), ..cp.clone() },
+            Checkpoint { chain: hex(&[8u8; 32]), ..cp.clone() },
+            Checkpoint { time_ms: 1001, ..cp.clone() },
+        ] {
+            assert!(altered.check_signature(&key).is_err(), "{altered:?}");
+        }
+        let other = Signer::generate(&dir.path().join("other.pem")).expect("generate").public_key();
+        assert!(cp.check_signature(&other).is_err());
+        assert_eq!(PublicKey::parse(&key.hex()).expect("hex"), key);
+        assert_eq!(PublicKey::parse(dir.path().join("k.pem").to_str().expect("utf8")).expect("pem"), key);
+    }
+}

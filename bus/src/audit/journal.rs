@@ -1,0 +1,228 @@
+//! The delivery journal: what happened to each event after it was stored — deliveries,
+//! acknowledgements, redeliveries, dead-lettering, quarantine actions, receipts — as records on
+//! the topic `justizbus.audit`, keyed by event id. The topic is a topic like any other, so the
+//! hash chain and the checkpoints cover it too.
+//!
+//! Entries are appended by one writer task in batches, off the delivery path. A group stores
+//! its position only after [`Journal::flush`], so every acknowledgement that a stored position
+//! reflects is in the journal; what a crash loses beyond that is redelivered and journaled again.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::event::now_ms;
+use crate::log::{Log, NewRecord, TopicConfig};
+use crate::{Error, Result};
+
+/// The journal's topic.
+pub const JOURNAL_TOPIC: &str = "justizbus.audit";
+/// Its partitions (an event's entries all land in one, by the event id).
+pub const JOURNAL_PARTITIONS: u32 = 4;
+/// Most entries appended at once.
+const MAX_BATCH: usize = 4096;
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Stored in the log (`time_ms` is the record's log time); made up by [`trail`] from the
+    /// record the first other entry names, not journaled itself.
+    Published,
+    /// The router stored a delivery in each recipient's mailbox (`detail` names them).
+    Routed,
+    /// The router could not resolve an address (`detail`); see the unroutable topic.
+    Unroutable,
+    /// Handed to a subscriber of a group (`attempt` counts from 1).
+    Delivered,
+    /// Acknowledged by the subscriber.
+    Acknowledged,
+    /// Negatively acknowledged: will be redelivered or dead-lettered.
+    Nacked,
+    /// Not acknowledged within the deadline: will be redelivered or dead-lettered.
+    Expired,
+    /// Moved to the group's dead-letter topic after its last attempt; its key is quarantined.
+    DeadLettered,
+    /// An admin released the quarantined key: the event is delivered again.
+    QuarantineReleased,
+    /// An admin skipped the quarantined event.
+    QuarantineSkipped,
+    /// A receipt for the recipient's acknowledgement was stored in the sender's mailbox.
+    Receipt,
+}
+
+/// One journal entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The event.
+    pub event_id: String,
+    /// What happened.
+    pub kind: Kind,
+    /// When (ms since the epoch).
+    pub time_ms: i64,
+    /// The topic the event was read from (a mailbox topic for deliveries to participants).
+    pub topic: String,
+    /// Its partition there.
+    pub partition: u32,
+    /// Its offset there.
+    pub offset: u64,
+    /// The consumer group (for receipts: the sender's mailbox).
+    pub group: String,
+    /// Delivery attempt, where it applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// More: the reason of a failure, the recipient of a receipt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Entry {
+    /// An entry of now about the record `record_id` read from `topic`.
+    pub fn now(kind: Kind, topic: &str, partition: u32, offset: u64, group: &str, record_id: &str) -> Entry {
+        Entry {
+            event_id: event_id_of(topic, record_id).to_string(),
+            kind,
+            time_ms: now_ms(),
+            topic: topic.to_string(),
+            partition,
+            offset,
+            group: group.to_string(),
+            attempt: None,
+            detail: None,
+        }
+    }
+}
+
+/// The event id of a record: a mailbox record's id is `<event id>><participant>` (one record
+/// per recipient); everywhere else the record id is the event id.
+pub fn event_id_of<'a>(topic: &str, record_id: &'a str) -> &'a str {
+    if topic.starts_with(crate::routing::directory::MAILBOX_PREFIX) {
+        if let Some((event, _)) = record_id.split_once('>') {
+            return event;
+        }
+    }
+    record_id
+}
+
+enum Msg {
+    Entry(Entry),
+    Flush(oneshot::Sender<()>),
+}
+
+/// A handle to the journal writer; cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl Journal {
+    /// Creates the journal topic if needed and starts the writer.
+    pub async fn start(log: Arc<dyn Log>) -> Result<Journal> {
+        match log.create_topic(JOURNAL_TOPIC, TopicConfig { partitions: JOURNAL_PARTITIONS, retention_ms: 0, retention_bytes: 0 }).await {
+            Ok(_) | Err(Error::TopicExists { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write(log, rx));
+        Ok(Journal { tx })
+    }
+
+    /// Records an entry (appended shortly after, in a batch).
+    pub fn record(&self, entry: Entry) {
+        if entry.topic == JOURNAL_TOPIC {
+            return; // reading the journal is not journaled
+        }
+        let _ = self.tx.send(Msg::Entry(entry));
+    }
+
+    /// Returns once every entry recorded before is durable (or the writer has stopped).
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+async fn write(log: Arc<dyn Log>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    let mut seq: u64 = 0;
+    let run = uuid::Uuid::now_v7();
+    while let Some(first) = rx.recv().await {
+        let mut batch = Vec::new();
+        let mut waiting = Vec::new();
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Entry(e) => batch.push(e),
+                Msg::Flush(done) => waiting.push(done),
+            }
+            if batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            let records: Vec<NewRecord> = batch
+                .iter()
+                .map(|e| {
+                    seq += 1;
+                    NewRecord {
+                        // Unique per writer run: the journal keeps every entry, also repeats.
+                        id: format!("journal.{run}.{seq}"),
+                        key: e.event_id.clone().into_bytes().into(),
+                        timestamp_ms: e.time_ms,
+                        value: serde_json::to_vec(e).unwrap_or_default().into(),
+                    }
+                })
+                .collect();
+            let mut wait = std::time::Duration::from_millis(50);
+            loop {
+                match log.append(JOURNAL_TOPIC, records.clone()).await {
+                    Ok(_) => break,
+                    Err(Error::ShuttingDown) => return,
+                    Err(e) => {
+                        tracing::error!(error = %e, entries = records.len(), "appending to the delivery journal failed; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+        for done in waiting {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// The journal entries of one event, oldest first: reads the partition its id maps to.
+pub async fn trail(log: &dyn Log, event_id: &str) -> Result<Vec<Entry>> {
+    let info = log.describe_topic(JOURNAL_TOPIC).await?;
+    let partition = crate::partitioner::partition_for_key(event_id.as_bytes(), info.config.partitions);
+    let offsets = info.partitions[partition as usize];
+    let mut next = offsets.start;
+    let mut out = Vec::new();
+    while next < offsets.end {
+        let records = log.read(JOURNAL_TOPIC, partition, next, 4096, 8 << 20).await?;
+        let Some(last) = records.last() else { break };
+        next = last.offset + 1;
+        for r in records.iter().filter(|r| r.key.as_ref() == event_id.as_bytes()) {
+            match serde_json::from_slice::<Entry>(&r.value) {
+                Ok(e) => out.push(e),
+                Err(e) => tracing::warn!(offset = r.offset, error = %e, "unreadable journal entry"),
+            }
+        }
+    }
+    out.sort_by_key(|e| e.time_ms);
+    // Where it was published: the record that the first entry outside a mailbox names.
+    let origin = out.iter().find(|e| !e.topic.starts_with(crate::routing::directory::MAILBOX_PREFIX)).cloned();
+    if let Some(first) = origin {
+        if let Ok(records) = log.read(&first.topic, first.partition, first.offset, 1, 1).await {
+            if let Some(r) = records.first().filter(|r| r.offset == first.offset) {
+                let published =
+                    Entry { kind: Kind::Published, time_ms: r.timestamp_ms, group: String::new(), attempt: None, detail: None, ..first };
+                out.insert(0, published);
+            }
+        }
+    }
+    Ok(out)
+}
