@@ -14,6 +14,6 @@ source scripts/kafka-broker.sh
 # The end-to-end tests run the binary, so build it first.
 cargo build --workspace --bins
 cargo test --workspace
-# The delivery, routing and security tests again, unchanged, on the Kafka backend (the other
+# The delivery, routing, security and audit tests again, unchanged, on the Kafka backend (the other
 # end-to-end tests are about the embedded log's files: torn segments, its data directory lock).
-JUSTIZBUS_TEST_BACKEND=kafka cargo test -p justizbus-e2e --test delivery --test routing --test security
+JUSTIZBUS_TEST_BACKEND=kafka cargo test -p justizbus-e2e --test delivery --test routing --test security --test audit

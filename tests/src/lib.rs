@@ -50,13 +50,20 @@ impl TestServer {
     /// Starts a server with extra `serve` arguments, on the backend the environment names
     /// (see [`kafka_backend`]).
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_configured("", extra)
+    }
+
+    /// Starts a server whose configuration file holds `config` (TOML sections), on the backend
+    /// the environment names.
+    pub fn start_configured(config: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        if let Some(broker) = kafka_backend() {
-            assert!(!extra.iter().any(|a| a == "--config"), "a test with its own --config cannot run on the Kafka backend");
-            let config = dir.path().join("kafka.toml");
-            std::fs::write(&config, kafka_config(&broker, &unique_prefix())).expect("writing the Kafka config");
-            extra.extend(["--config".to_string(), config.display().to_string()]);
+        let kafka = kafka_backend().map(|broker| kafka_config(&broker, &unique_prefix()));
+        if kafka.is_some() || !config.is_empty() {
+            assert!(!extra.iter().any(|a| a == "--config"), "give the configuration as text, not as --config");
+            let path = dir.path().join("server.toml");
+            std::fs::write(&path, format!("{}\n{config}", kafka.unwrap_or_default())).expect("writing the config");
+            extra.extend(["--config".to_string(), path.display().to_string()]);
         }
         let process = ServerProcess::start(&binary(), &dir.path().join("data"), &extra).expect("server starts");
         if kafka_backend().is_some() {

@@ -28,6 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::cli::connect;
 use crate::process::ServerProcess;
 
+pub mod audit;
 mod kafka_baseline;
 pub mod routing;
 
@@ -49,12 +50,16 @@ pub enum Which {
     /// Routed throughput and latency: ingest -> router -> mailboxes -> subscribers, with a
     /// generated directory of many participants; and the cost of reading one mailbox.
     Routing(routing::RoutingBenchArgs),
+    /// What the hash chain costs: batched publish with and without it, side by side in one run;
+    /// then `audit verify` over the chained log (MB/s).
+    Audit(audit::AuditBenchArgs),
 }
 
 /// Runs the benchmark the command names.
 pub async fn run_command(command: BenchCommand) -> anyhow::Result<()> {
     match command.which {
         Some(Which::Routing(args)) => routing::run(args).await,
+        Some(Which::Audit(args)) => audit::run(args).await,
         None => run(command.core).await,
     }
 }
@@ -146,6 +151,41 @@ pub(crate) fn per_sec(n: u64, d: Duration) -> f64 {
     (n as f64 / d.as_secs_f64()).round()
 }
 
+/// Publishes `count` events (numbered from `first`) in client-streamed batches of
+/// `args.batch`, `args.streams` streams at once; returns how many were published (a multiple
+/// of the streams).
+pub(crate) async fn publish_batched(
+    channel: &tonic::transport::Channel,
+    topic: &str,
+    args: &BenchArgs,
+    first: u64,
+    count: u64,
+) -> anyhow::Result<u64> {
+    let streams = args.streams.max(1) as u64;
+    let per_stream = count / streams;
+    let mut tasks = Vec::new();
+    for s in 0..streams {
+        let (channel, args, topic) = (channel.clone(), args.clone(), topic.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut client = pb::publisher_client::PublisherClient::new(channel).max_encoding_message_size(usize::MAX);
+            let mut i = first + s * per_stream;
+            let end = i + per_stream;
+            while i < end {
+                let n = (args.batch as u64).min(end - i);
+                let reqs: Vec<pb::PublishRequest> =
+                    (i..i + n).map(|k| pb::PublishRequest { topic: topic.clone(), event: Some(event(&args, k, None)) }).collect();
+                client.publish_batch(tokio_stream::iter(reqs)).await?;
+                i += n;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(per_stream * streams)
+}
+
 /// Runs the benchmark and prints one JSON summary.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // A temporary data directory (when none is given) is removed after the run.
@@ -183,28 +223,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // 1. Batched publish.
     let started = Instant::now();
-    let per_stream = args.events / args.streams.max(1) as u64;
-    let mut tasks = Vec::new();
-    for s in 0..args.streams.max(1) as u64 {
-        let (channel, args, topic) = (channel.clone(), args.clone(), topic.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut client = pb::publisher_client::PublisherClient::new(channel).max_encoding_message_size(usize::MAX);
-            let mut i = s * per_stream;
-            let end = i + per_stream;
-            while i < end {
-                let n = (args.batch as u64).min(end - i);
-                let reqs: Vec<pb::PublishRequest> =
-                    (i..i + n).map(|k| pb::PublishRequest { topic: topic.clone(), event: Some(event(&args, k, None)) }).collect();
-                client.publish_batch(tokio_stream::iter(reqs)).await?;
-                i += n;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let batched = per_stream * args.streams.max(1) as u64;
+    let batched = publish_batched(&channel, &topic, &args, 0, args.events).await?;
     let batched_elapsed = started.elapsed();
 
     // 2. One-by-one publish with concurrent publishers, each a client with its own connection

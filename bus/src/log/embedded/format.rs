@@ -71,27 +71,43 @@ pub fn record_size(r: &NewRecord) -> usize {
 /// (the value before the batch) it stores each record's chain value and returns the last one;
 /// without, it stores zeros.
 pub fn encode_batch(out: &mut Vec<u8>, base_offset: u64, records: &[&NewRecord], chain: Option<ChainHash>) -> Option<ChainHash> {
+    let mut chains = Vec::with_capacity(records.len());
+    let mut running = chain;
+    for (i, r) in records.iter().enumerate() {
+        running = running.map(|prev| chain::next(&prev, base_offset + i as u64, r.timestamp_ms, r.id.as_bytes(), &r.key, &r.value));
+        chains.push(running.unwrap_or(GENESIS));
+    }
+    write_batch(out, base_offset, &chain.unwrap_or(GENESIS), records.iter().copied().zip(chains.iter()));
+    running
+}
+
+/// Writes one batch with the chain values given (the record at `base_offset + i` is the i-th).
+pub fn write_batch<'a>(
+    out: &mut Vec<u8>,
+    base_offset: u64,
+    chain_before: &ChainHash,
+    records: impl Iterator<Item = (&'a NewRecord, &'a ChainHash)> + Clone,
+) {
     let start = out.len();
-    let first_ts = records.first().map(|r| r.timestamp_ms).unwrap_or(0);
-    let max_ts = records.iter().map(|r| r.timestamp_ms).max().unwrap_or(0);
+    let first_ts = records.clone().next().map(|(r, _)| r.timestamp_ms).unwrap_or(0);
+    let max_ts = records.clone().map(|(r, _)| r.timestamp_ms).max().unwrap_or(0);
+    let count = records.clone().count();
     out.extend_from_slice(&[0u8; 8]); // length and crc, patched below
     out.push(VERSION);
     out.push(0);
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&base_offset.to_le_bytes());
-    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(count as u32).to_le_bytes());
     out.extend_from_slice(&first_ts.to_le_bytes());
     out.extend_from_slice(&max_ts.to_le_bytes());
-    out.extend_from_slice(&chain.unwrap_or(GENESIS));
-    let mut running = chain;
-    for (i, r) in records.iter().enumerate() {
+    out.extend_from_slice(chain_before);
+    for (i, (r, chain)) in records.enumerate() {
         out.extend_from_slice(&(i as u32).to_le_bytes());
         out.extend_from_slice(&r.timestamp_ms.to_le_bytes());
         out.extend_from_slice(&(r.id.len() as u16).to_le_bytes());
         out.extend_from_slice(&(r.key.len() as u32).to_le_bytes());
         out.extend_from_slice(&(r.value.len() as u32).to_le_bytes());
-        running = running.map(|prev| chain::next(&prev, base_offset + i as u64, r.timestamp_ms, r.id.as_bytes(), &r.key, &r.value));
-        out.extend_from_slice(&running.unwrap_or(GENESIS));
+        out.extend_from_slice(chain);
         out.extend_from_slice(r.id.as_bytes());
         out.extend_from_slice(&r.key);
         out.extend_from_slice(&r.value);
@@ -100,7 +116,6 @@ pub fn encode_batch(out: &mut Vec<u8>, base_offset: u64, records: &[&NewRecord],
     out[start..start + 4].copy_from_slice(&length.to_le_bytes());
     let crc = crc32c::crc32c(&out[start + 8..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-    running
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
