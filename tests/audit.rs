@@ -322,4 +322,40 @@ async fn the_trail_tells_the_life_of_an_event() {
     assert_eq!(lines[3]["attempt"], 2);
     assert_eq!(lines[1]["group"], "court");
     assert!(!server.cli(&["audit", "trail", "--event", "never-published"]).ok);
+
+    // A poison event: dead-lettered after its only attempt, then skipped by an admin.
+    publish(&channel, "letters", event("trail-2", "case-poison", "{}")).await.expect("publish");
+    let init =
+        pb::SubscribeInit { topic: "letters".into(), group: "strict".into(), max_unacked: 10, max_attempts: 1, ..Default::default() };
+    let mut strict = Subscriber::open(&channel, init).await.expect("subscribe");
+    let poison = strict.take(2, Duration::from_secs(10)).await.into_iter().find(|d| d.event.as_ref().is_some_and(|e| e.id == "trail-2"));
+    let poison = poison.expect("the poison event is delivered");
+    strict.nack(&[poison.delivery_id]).await;
+    let mut skipped = false;
+    for _ in 0..100 {
+        if server.cli(&["quarantine", "skip", "--topic", "letters", "--group", "strict", "--key", "case-poison"]).ok {
+            skipped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(skipped, "the key was quarantined and could be skipped");
+    strict.close().await;
+    for _ in 0..100 {
+        let out = server.cli(&["audit", "trail", "--event", "trail-2", "--json"]);
+        let lines = out.json_lines();
+        let strict_kinds: Vec<&str> = lines
+            .iter()
+            .filter(|l| l["group"] == "strict" || l["kind"] == "published")
+            .map(|l| l["kind"].as_str().unwrap_or_default())
+            .collect();
+        if strict_kinds.contains(&"quarantine_skipped") {
+            assert_eq!(strict_kinds, ["published", "delivered", "nacked", "dead_lettered", "quarantine_skipped"]);
+            let text = server.cli(&["audit", "trail", "--event", "trail-2"]);
+            assert!(text.stdout.contains("dead_lettered") && text.stdout.contains("letters.strict.dlq"), "{}", text.stdout);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the poison event's trail never showed the skip");
 }

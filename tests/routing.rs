@@ -141,6 +141,37 @@ async fn route_samples(kills: usize) {
             assert!(data["acknowledged_at"].is_string() && data["offset"].is_u64(), "{data}");
         }
     }
+    // The journal tells each message's life: routed to its recipients, acknowledged by each
+    // recipient's outbound adapter, a receipt for each.
+    let mut recipients_of: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (p, ids) in &deliveries {
+        for id in ids {
+            recipients_of.entry(id.as_str()).or_default().insert(p.as_str());
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for (id, recipients) in &recipients_of {
+        let mailboxes: BTreeSet<String> = recipients.iter().map(|r| format!("mailbox.{r}")).collect();
+        // The last acks and receipts may still be on their way when the inboxes are complete.
+        loop {
+            let out = server.cli(&["audit", "trail", "--event", id, "--json"]);
+            assert!(out.ok, "{}", out.stderr);
+            let entries = out.json_lines();
+            let topics_of = |kind: &str| -> BTreeSet<String> {
+                entries.iter().filter(|e| e["kind"] == kind).map(|e| e["topic"].as_str().unwrap_or_default().to_string()).collect()
+            };
+            let complete = entries[0]["kind"] == "published"
+                && topics_of("routed") == BTreeSet::from(["xjustiz.ingest".to_string()])
+                && topics_of("acknowledged") == mailboxes
+                && topics_of("receipt") == mailboxes;
+            if complete {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{id}: the trail lacks a step: {entries:#?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     // Order per case: in every mailbox, the deliveries of one case stand in the order the
     // ingest topic holds them (a case is one ingest partition, replayed in offset order).
     let position: BTreeMap<&str, usize> = ingested.iter().enumerate().map(|(i, e)| (e.id.as_str(), i)).collect();

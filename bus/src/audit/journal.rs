@@ -19,7 +19,7 @@ use crate::{Error, Result};
 /// The journal's topic.
 pub const JOURNAL_TOPIC: &str = "justizbus.audit";
 /// Its partitions (an event's entries all land in one, by the event id).
-pub const JOURNAL_PARTITIONS: u32 = 4;
+pub const JOURNAL_PARTITIONS: u32 = 1;
 /// Most entries appended at once.
 const MAX_BATCH: usize = 4096;
 
@@ -34,7 +34,10 @@ pub enum Kind {
     Routed,
     /// The router could not resolve an address (`detail`); see the unroutable topic.
     Unroutable,
-    /// Handed to a subscriber of a group (`attempt` counts from 1).
+    /// Handed to a subscriber of a group (`attempt` counts from 1). Not journaled itself: the
+    /// entry that ends a delivery (acknowledged, nacked, expired) carries its time, and
+    /// [`trail`] shows it as an entry of its own. A delivery cut short by a crash shows as the
+    /// next attempt.
     Delivered,
     /// Acknowledged by the subscriber.
     Acknowledged,
@@ -72,6 +75,9 @@ pub struct Entry {
     /// Delivery attempt, where it applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
+    /// When the delivery this entry ends was handed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_ms: Option<i64>,
     /// More: the reason of a failure, the recipient of a receipt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -89,6 +95,7 @@ impl Entry {
             offset,
             group: group.to_string(),
             attempt: None,
+            delivered_ms: None,
             detail: None,
         }
     }
@@ -207,11 +214,17 @@ pub async fn trail(log: &dyn Log, event_id: &str) -> Result<Vec<Entry>> {
         next = last.offset + 1;
         for r in records.iter().filter(|r| r.key.as_ref() == event_id.as_bytes()) {
             match serde_json::from_slice::<Entry>(&r.value) {
-                Ok(e) => out.push(e),
+                Ok(mut e) => {
+                    if let Some(at) = e.delivered_ms.take() {
+                        out.push(Entry { kind: Kind::Delivered, time_ms: at, detail: None, ..e.clone() });
+                    }
+                    out.push(e)
+                }
                 Err(e) => tracing::warn!(offset = r.offset, error = %e, "unreadable journal entry"),
             }
         }
     }
+    // Stable: a delivery stays before its end when both fall in one millisecond.
     out.sort_by_key(|e| e.time_ms);
     // Where it was published: the record that the first entry outside a mailbox names.
     let origin = out.iter().find(|e| !e.topic.starts_with(crate::routing::directory::MAILBOX_PREFIX)).cloned();

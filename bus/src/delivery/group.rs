@@ -182,6 +182,8 @@ struct InFlight {
     offset: u64,
     sub: u64,
     deadline: Instant,
+    /// When it was handed out (ms since the epoch), for the journal.
+    delivered_ms: i64,
 }
 
 #[derive(Clone, Copy)]
@@ -608,8 +610,8 @@ impl Actor {
             Command::Ack { sub, ids } => {
                 for id in ids {
                     match self.take_inflight(sub, id) {
-                        Ok((p, off)) => {
-                            self.journal(Kind::Acknowledged, p, off, None);
+                        Ok((p, off, delivered_ms)) => {
+                            self.journal(Kind::Acknowledged, p, off, Some(delivered_ms), None);
                             self.acked(p, off)
                         }
                         Err(e) => self.tell(sub, id, e),
@@ -619,8 +621,8 @@ impl Actor {
             Command::Release { sub, ids } => {
                 for id in ids {
                     match self.take_inflight(sub, id) {
-                        Ok((p, off)) => {
-                            self.journal(Kind::Acknowledged, p, off, None);
+                        Ok((p, off, delivered_ms)) => {
+                            self.journal(Kind::Acknowledged, p, off, Some(delivered_ms), None);
                             self.release_key(p, off);
                             if let Some(e) = self.parts[p as usize].entries.get_mut(&off) {
                                 e.state = State::Settling;
@@ -641,8 +643,8 @@ impl Actor {
             Command::Nack { sub, ids } => {
                 for id in ids {
                     match self.take_inflight(sub, id) {
-                        Ok((p, off)) => {
-                            self.journal(Kind::Nacked, p, off, None);
+                        Ok((p, off, delivered_ms)) => {
+                            self.journal(Kind::Nacked, p, off, Some(delivered_ms), None);
                             self.failed(p, off, "negative acknowledgement").await
                         }
                         Err(e) => self.tell(sub, id, e),
@@ -794,12 +796,11 @@ impl Actor {
             }
             entry.state = State::InFlight(delivery_id);
             sub.outstanding += 1;
-            self.journal(Kind::Delivered, p, off, None);
             // The attempt count is part of the stored position.
             self.parts[p as usize].dirty = true;
             let deadline = Instant::now() + self.settings.ack_deadline;
             self.deadlines.insert((deadline, delivery_id));
-            self.inflight.insert(delivery_id, InFlight { partition: p, offset: off, sub: sub_id, deadline });
+            self.inflight.insert(delivery_id, InFlight { partition: p, offset: off, sub: sub_id, deadline, delivered_ms: now_ms() });
         }
     }
 
@@ -817,7 +818,8 @@ impl Actor {
         found
     }
 
-    fn take_inflight(&mut self, sub: u64, id: u64) -> Result<(u32, u64)> {
+    /// Takes a delivery back from its subscriber: (partition, offset, when it was delivered).
+    fn take_inflight(&mut self, sub: u64, id: u64) -> Result<(u32, u64, i64)> {
         if self.inflight.get(&id).is_none_or(|f| f.sub != sub) {
             return Err(Error::UnknownDelivery(id));
         }
@@ -826,7 +828,7 @@ impl Actor {
         if let Some(s) = self.subs.get_mut(&sub) {
             s.outstanding = s.outstanding.saturating_sub(1);
         }
-        Ok((f.partition, f.offset))
+        Ok((f.partition, f.offset, f.delivered_ms))
     }
 
     /// Removes an acknowledged (or skipped) event; the next event of its key becomes eligible.
@@ -925,7 +927,7 @@ impl Actor {
         }
         tracing::warn!(topic = %self.topic, group = %self.group, partition = p, offset = off, event_id = %record.id,
             key = %String::from_utf8_lossy(&record.key), attempts, reason, dead_letter_topic = %self.dlq, "event dead-lettered; its key is quarantined");
-        self.journal(Kind::DeadLettered, p, off, Some(format!("{reason}; to {}", self.dlq)));
+        self.journal(Kind::DeadLettered, p, off, None, Some(format!("{reason}; to {}", self.dlq)));
         if let Some(entry) = self.parts[p as usize].entries.get_mut(&off) {
             entry.state = State::Quarantined;
         }
@@ -991,7 +993,7 @@ impl Actor {
                 if let Some(s) = self.subs.get_mut(&f.sub) {
                     s.outstanding = s.outstanding.saturating_sub(1);
                 }
-                self.journal(Kind::Expired, f.partition, f.offset, None);
+                self.journal(Kind::Expired, f.partition, f.offset, Some(f.delivered_ms), None);
                 self.failed(f.partition, f.offset, "ack deadline expired").await;
             }
         }
@@ -1009,12 +1011,14 @@ impl Actor {
         }
     }
 
-    /// Journals what happened to the buffered event at `p`/`off`, with its attempt count.
-    fn journal(&self, kind: Kind, p: u32, off: u64, detail: Option<String>) {
+    /// Journals what happened to the buffered event at `p`/`off`, with its attempt count and,
+    /// for the end of a delivery, when it was delivered (one entry per delivery, not two).
+    fn journal(&self, kind: Kind, p: u32, off: u64, delivered_ms: Option<i64>, detail: Option<String>) {
         let Some(journal) = &self.journal else { return };
         let Some(entry) = self.parts.get(p as usize).and_then(|part| part.entries.get(&off)) else { return };
         let mut e = JournalEntry::now(kind, &self.topic, p, off, &self.group, &entry.record.id);
         e.attempt = Some(entry.attempts);
+        e.delivered_ms = delivered_ms;
         e.detail = detail;
         journal.record(e);
     }
