@@ -231,4 +231,14 @@ mod tests {
         assert_eq!(c.delivery.ack_deadline_ms, 30_000);
         assert_eq!(c.log_url(), "file://./justizbus-data");
     }
+
+    #[test]
+    fn the_docker_configs_are_valid() {
+        for name in ["bus1.toml", "bus2.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docker").join(name);
+            let c = ServerConfig::load(&path).expect("parses");
+            c.validate().expect("valid");
+            assert!(c.audit.signing_key.is_some(), "{name} signs checkpoints");
+        }
+    }
 }
