@@ -87,6 +87,14 @@ pub fn verify_data_dir(data_dir: &Path, topic: Option<&str>, key: PublicKey) -> 
 
 /// Checks one partition directory; returns the report and the bytes of log read.
 fn verify_partition(d: &PartitionDir, key: PublicKey) -> Result<(PartitionReport, u64)> {
+    let cp_path = d.dir.join(CHECKPOINT_FILE);
+    let (checkpoints, bad_lines) = match std::fs::read_to_string(&cp_path) {
+        Ok(text) => parse_checkpoint_lines(&text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), Vec::new()),
+        Err(e) => return Err(Error::io(format!("reading {}", cp_path.display()), e)),
+    };
+    // Segments are listed after the checkpoints are read: beside a running bus, every record a
+    // checkpoint covers is then in a listed segment.
     let mut segments: Vec<(u64, PathBuf)> = std::fs::read_dir(&d.dir)
         .map_err(io(&d.dir, "listing"))?
         .filter_map(|e| {
@@ -96,21 +104,16 @@ fn verify_partition(d: &PartitionDir, key: PublicKey) -> Result<(PartitionReport
         })
         .collect();
     segments.sort();
-    let cp_path = d.dir.join(CHECKPOINT_FILE);
-    let (checkpoints, bad_lines) = match std::fs::read_to_string(&cp_path) {
-        Ok(text) => parse_checkpoint_lines(&text),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), Vec::new()),
-        Err(e) => return Err(Error::io(format!("reading {}", cp_path.display()), e)),
-    };
     // The stored range starts at the first segment; its first batch says the chain before it.
     let mut start = segments.first().map_or(0, |s| s.0);
     let mut chain_before = GENESIS;
     let mut first_bytes = None;
     if let Some((_, path)) = segments.first() {
         let bytes = std::fs::read(path).map_err(io(path, "reading"))?;
+        // Before offset 0 the chain is all zeros whatever a header says.
         if let Ok(h) = format::decode_header(&bytes) {
             start = h.base_offset;
-            chain_before = h.chain_before;
+            chain_before = if start == 0 { GENESIS } else { h.chain_before };
         }
         first_bytes = Some(bytes);
     }

@@ -177,6 +177,9 @@ struct Sub {
     outstanding: u32,
 }
 
+/// How long storing a position waits for the delivery journal.
+const JOURNAL_WAIT: Duration = Duration::from_secs(5);
+
 struct InFlight {
     partition: u32,
     offset: u64,
@@ -1026,10 +1029,12 @@ impl Actor {
     /// Persists the cursors of changed partitions.
     async fn commit(&mut self) {
         self.last_commit = Instant::now();
-        // A stored position must never get ahead of the journal of the acks it reflects.
+        // A stored position must never get ahead of the journal of the acks it reflects. A
+        // journal that cannot be written holds positions back, not deliveries.
         if let Some(journal) = &self.journal {
-            if self.parts.iter().any(|p| p.dirty) {
-                journal.flush().await;
+            if self.parts.iter().any(|p| p.dirty) && tokio::time::timeout(JOURNAL_WAIT, journal.flush()).await.is_err() {
+                tracing::warn!(topic = %self.topic, group = %self.group, "the delivery journal is behind; group position not stored this time");
+                return;
             }
         }
         let cursors: Vec<(u32, Cursor)> = self
