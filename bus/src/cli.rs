@@ -283,9 +283,10 @@ enum AuditCommand {
     CheckExport {
         /// The export file.
         file: PathBuf,
-        /// The trusted public key (64 hex digits, or a file holding them).
-        #[arg(long)]
-        key: String,
+        /// A trusted public key (64 hex digits, or a file holding them or a PEM PUBLIC KEY);
+        /// repeat for several (a key change).
+        #[arg(long, required = true)]
+        key: Vec<String>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -314,9 +315,10 @@ struct VerifyArgs {
     /// TLS towards the server.
     #[command(flatten)]
     tls: justizbus_xjustiz::client::ClientTls,
-    /// The trusted public key (64 hex digits, or a file holding them or the signing key).
-    #[arg(long)]
-    key: String,
+    /// A trusted public key (64 hex digits, or a file holding them, a PEM PUBLIC KEY or the
+    /// signing key); repeat for several (a key change).
+    #[arg(long, required = true)]
+    key: Vec<String>,
     /// Only this topic.
     #[arg(long)]
     topic: Option<String>,
@@ -704,7 +706,7 @@ async fn replay_with_proof(args: ReplayArgs) -> anyhow::Result<()> {
 }
 
 async fn audit(command: AuditCommand) -> anyhow::Result<()> {
-    use crate::audit::checkpoint::{PublicKey, Signer};
+    use crate::audit::checkpoint::{Signer, TrustedKeys};
     match command {
         AuditCommand::Keygen { out } => {
             let signer = Signer::generate(&out)?;
@@ -734,14 +736,14 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AuditCommand::Verify(args) => {
-            let key = PublicKey::parse(&args.key)?;
+            let keys = TrustedKeys::parse(&args.key)?;
             let report = match (&args.data_dir, &args.server) {
                 (Some(dir), _) => {
                     let (dir, topic) = (dir.clone(), args.topic.clone());
-                    tokio::task::spawn_blocking(move || crate::audit::offline::verify_data_dir(&dir, topic.as_deref(), key)).await??
+                    tokio::task::spawn_blocking(move || crate::audit::offline::verify_data_dir(&dir, topic.as_deref(), &keys)).await??
                 }
                 (_, Some(server)) => {
-                    verify_online(ServerArg { server: server.clone(), tls: args.tls.clone() }, args.topic.as_deref(), key).await?
+                    verify_online(ServerArg { server: server.clone(), tls: args.tls.clone() }, args.topic.as_deref(), &keys).await?
                 }
                 _ => anyhow::bail!("give --data-dir or --server"),
             };
@@ -751,9 +753,9 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AuditCommand::CheckExport { file, key, json } => {
-            let key = PublicKey::parse(&key)?;
+            let keys = TrustedKeys::parse(&key)?;
             let reader = std::io::BufReader::new(std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?);
-            let report = crate::audit::export::check_export(reader, key)?;
+            let report = crate::audit::export::check_export(reader, keys)?;
             let ok = report.ok();
             let first = report.findings.first().map(|f| format!("offset {}: {}", f.offset, f.what));
             if json {
@@ -816,7 +818,7 @@ fn print_report(report: &crate::audit::verify::VerifyReport, json: bool) -> anyh
 async fn verify_online(
     server: ServerArg,
     topic: Option<&str>,
-    key: crate::audit::checkpoint::PublicKey,
+    keys: &crate::audit::checkpoint::TrustedKeys,
 ) -> anyhow::Result<crate::audit::verify::VerifyReport> {
     let started = std::time::Instant::now();
     let mut client = pb::auditor_client::AuditorClient::new(server.connect().await?).max_decoding_message_size(usize::MAX);
@@ -828,7 +830,7 @@ async fn verify_online(
         for partition in 0..t.partitions {
             let request = pb::ExportRequest { topic: t.name.clone(), partition, from_offset: None, to_offset: None, prove: false };
             let mut stream = client.export(request).await?.into_inner();
-            let mut check = crate::audit::export::ExportCheck::new(key);
+            let mut check = crate::audit::export::ExportCheck::new(keys.clone());
             while let Some(line) = stream.message().await? {
                 check.line(serde_json::from_str(&line.json).context("the server sent a malformed export line")?)?;
             }
@@ -836,7 +838,7 @@ async fn verify_online(
             reports.push(check.finish(false)?);
         }
     }
-    Ok(crate::audit::verify::VerifyReport::new(key, reports, bytes, started.elapsed().as_secs_f64()))
+    Ok(crate::audit::verify::VerifyReport::new(keys, reports, bytes, started.elapsed().as_secs_f64()))
 }
 
 fn group_json(g: &pb::GroupInfo) -> Value {

@@ -89,6 +89,17 @@ pub fn parse_checkpoint_lines(text: &str) -> (Vec<Checkpoint>, Vec<(usize, Strin
     (good, bad)
 }
 
+/// The contents of the first PEM block labelled `label`; None when there is none or its base64
+/// is broken.
+fn pem_block(text: &str, label: &str) -> Option<Vec<u8>> {
+    let (begin, end) = (format!("-----BEGIN {label}-----"), format!("-----END {label}-----"));
+    let body: String = text.lines().skip_while(|l| l.trim() != begin).skip(1).take_while(|l| l.trim() != end).map(str::trim).collect();
+    if body.is_empty() {
+        return None;
+    }
+    base64::engine::general_purpose::STANDARD.decode(body).ok()
+}
+
 /// An Ed25519 public key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PublicKey(pub [u8; 32]);
@@ -99,21 +110,66 @@ impl PublicKey {
         hex(&self.0)
     }
 
-    /// Parses 64 hex digits, or reads them from a file of that name.
+    /// Parses 64 hex digits, or reads a file holding them, a PEM `PUBLIC KEY` (as `openssl pkey
+    /// -pubout` writes it) or a signing key (whose public half is taken).
     pub fn parse(text_or_file: &str) -> Result<PublicKey> {
         if let Some(k) = unhex::<32>(text_or_file) {
             return Ok(PublicKey(k));
         }
         let path = Path::new(text_or_file);
-        if path.is_file() {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-            if let Some(k) = unhex::<32>(text.trim()) {
-                return Ok(PublicKey(k));
-            }
-            // A signing key file serves as well: its public half is derived.
+        if !path.is_file() {
+            return Err(Error::invalid("key", format!("{text_or_file:?} is neither 64 hex digits nor a readable key file")));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        if let Some(k) = unhex::<32>(text.trim()) {
+            return Ok(PublicKey(k));
+        }
+        if let Some(der) = pem_block(&text, "PUBLIC KEY") {
+            // SubjectPublicKeyInfo of an Ed25519 key: a fixed 12-byte prefix, then the key.
+            const PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+            return match der.strip_prefix(&PREFIX[..]).and_then(|k| <[u8; 32]>::try_from(k).ok()) {
+                Some(k) => Ok(PublicKey(k)),
+                None => Err(Error::invalid("key", format!("{}: the PUBLIC KEY is not an Ed25519 key", path.display()))),
+            };
+        }
+        if pem_block(&text, "PRIVATE KEY").is_some() {
             return Ok(Signer::from_pem(&text, path)?.public_key());
         }
-        Err(Error::invalid("key", format!("{text_or_file:?} is neither 64 hex digits nor a readable key file")))
+        Err(Error::invalid("key", format!("{}: neither 64 hex digits nor a PEM PUBLIC KEY or PRIVATE KEY", path.display())))
+    }
+}
+
+/// The keys a verifier trusts: a checkpoint counts when one of them signed it (several, so
+/// that a log signed before and after a key change verifies).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedKeys(pub Vec<PublicKey>);
+
+impl TrustedKeys {
+    /// Parses each of `texts` with [`PublicKey::parse`].
+    pub fn parse(texts: &[String]) -> Result<TrustedKeys> {
+        if texts.is_empty() {
+            return Err(Error::invalid("key", "give the trusted public key (--key)"));
+        }
+        texts.iter().map(|t| PublicKey::parse(t)).collect::<Result<Vec<_>>>().map(TrustedKeys)
+    }
+
+    /// Checks a checkpoint's signature against the trusted keys.
+    pub fn check(&self, checkpoint: &Checkpoint) -> std::result::Result<(), String> {
+        if self.0.iter().any(|k| checkpoint.check_signature(k).is_ok()) {
+            return Ok(());
+        }
+        Err(format!("signature does not verify with the trusted key{} {}", if self.0.len() > 1 { "s" } else { "" }, self.hex()))
+    }
+
+    /// The keys in hex, comma-separated.
+    pub fn hex(&self) -> String {
+        self.0.iter().map(PublicKey::hex).collect::<Vec<_>>().join(", ")
+    }
+}
+
+impl From<PublicKey> for TrustedKeys {
+    fn from(key: PublicKey) -> Self {
+        TrustedKeys(vec![key])
     }
 }
 
@@ -136,18 +192,8 @@ impl Signer {
     }
 
     fn from_pem(text: &str, path: &Path) -> Result<Signer> {
-        let bad = |why: String| Error::invalid("audit.signing_key", format!("{}: {why}", path.display()));
-        let body: String = text
-            .lines()
-            .skip_while(|l| l.trim() != "-----BEGIN PRIVATE KEY-----")
-            .skip(1)
-            .take_while(|l| l.trim() != "-----END PRIVATE KEY-----")
-            .map(str::trim)
-            .collect();
-        if body.is_empty() {
-            return Err(bad("no PEM block \"PRIVATE KEY\" (PKCS#8) found".into()));
-        }
-        let der = base64::engine::general_purpose::STANDARD.decode(body).map_err(|e| bad(format!("bad base64: {e}")))?;
+        let bad = |why: String| Error::invalid("signing key", format!("{}: {why}", path.display()));
+        let der = pem_block(text, "PRIVATE KEY").ok_or_else(|| bad("no valid PEM block \"PRIVATE KEY\" (PKCS#8) found".into()))?;
         let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(|e| bad(format!("not an Ed25519 PKCS#8 key: {e}")))?;
         Ok(Signer { pair })
     }
@@ -224,5 +270,18 @@ mod tests {
         assert!(cp.check_signature(&other).is_err());
         assert_eq!(PublicKey::parse(&key.hex()).expect("hex"), key);
         assert_eq!(PublicKey::parse(dir.path().join("k.pem").to_str().expect("utf8")).expect("pem"), key);
+        // A PEM public key as `openssl pkey -pubout` writes it.
+        let mut spki = vec![0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+        spki.extend_from_slice(&key.0);
+        let pem =
+            format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", base64::engine::general_purpose::STANDARD.encode(&spki));
+        std::fs::write(dir.path().join("pub.pem"), pem).expect("write");
+        assert_eq!(PublicKey::parse(dir.path().join("pub.pem").to_str().expect("utf8")).expect("public pem"), key);
+        std::fs::write(dir.path().join("junk.pem"), "hello").expect("write");
+        let err = PublicKey::parse(dir.path().join("junk.pem").to_str().expect("utf8")).expect_err("junk");
+        assert!(err.to_string().contains("neither"), "{err}");
+        // Several trusted keys: a checkpoint of either counts (a key change).
+        assert!(TrustedKeys(vec![other]).check(&cp).is_err());
+        TrustedKeys(vec![other, key]).check(&cp).expect("the second key");
     }
 }

@@ -49,26 +49,34 @@ impl Checkpointer {
         let mut made = 0;
         for topic in self.log.list_topics().await? {
             for (p, offsets) in topic.partitions.iter().enumerate() {
-                let p = p as u32;
-                if offsets.end == 0 {
-                    continue;
-                }
-                let mut partitions = self.partitions.lock().await;
-                let signed = self.known(&mut partitions, &topic.name, p).await?;
-                if offsets.end <= signed.covered {
-                    continue;
-                }
-                let since = *signed.pending_since.get_or_insert_with(Instant::now);
-                let due = all
-                    || offsets.end - signed.covered >= self.settings.checkpoint_records.max(1)
-                    || since.elapsed() >= Duration::from_millis(self.settings.checkpoint_interval_ms);
-                if due {
-                    self.sign(&mut partitions, &topic.name, p, offsets.end - 1).await?;
-                    made += 1;
+                // One partition that cannot be signed does not hold up the others.
+                match self.tick_partition(&topic.name, p as u32, offsets.end, all).await {
+                    Ok(signed) => made += usize::from(signed),
+                    Err(e) => tracing::warn!(topic = %topic.name, partition = p, error = %e, "signing a checkpoint failed; retrying"),
                 }
             }
         }
         Ok(made)
+    }
+
+    /// Signs one partition if it is due; true when it did.
+    async fn tick_partition(&self, topic: &str, p: u32, end: u64, all: bool) -> Result<bool> {
+        if end == 0 {
+            return Ok(false);
+        }
+        let mut partitions = self.partitions.lock().await;
+        let signed = self.known(&mut partitions, topic, p).await?;
+        if end <= signed.covered {
+            return Ok(false);
+        }
+        let since = *signed.pending_since.get_or_insert_with(Instant::now);
+        let due = all
+            || end - signed.covered >= self.settings.checkpoint_records.max(1)
+            || since.elapsed() >= Duration::from_millis(self.settings.checkpoint_interval_ms);
+        if due {
+            self.sign(&mut partitions, topic, p, end - 1).await?;
+        }
+        Ok(due)
     }
 
     /// A checkpoint at or after `offset`: the first stored one, or one signed now.

@@ -21,7 +21,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use super::chain::{unhex, ChainHash};
-use super::checkpoint::{Checkpoint, PublicKey};
+use super::checkpoint::{Checkpoint, TrustedKeys};
 use super::verify::{PartitionCheck, PartitionReport};
 use crate::{Error, Result};
 
@@ -96,7 +96,7 @@ fn b64(field: &str, text: &str) -> Result<Vec<u8>> {
 /// Checks an export line by line: the range header first, then the checkpoints, then the
 /// records and digests in offset order.
 pub struct ExportCheck {
-    key: PublicKey,
+    keys: TrustedKeys,
     range: Option<ExportRange>,
     checkpoints: Vec<Checkpoint>,
     check: Option<PartitionCheck>,
@@ -106,9 +106,9 @@ pub struct ExportCheck {
 }
 
 impl ExportCheck {
-    /// A check against a trusted key.
-    pub fn new(key: PublicKey) -> Self {
-        ExportCheck { key, range: None, checkpoints: Vec::new(), check: None, last_in_range: None, bytes: 0 }
+    /// A check against the trusted keys.
+    pub fn new(keys: TrustedKeys) -> Self {
+        ExportCheck { keys, range: None, checkpoints: Vec::new(), check: None, last_in_range: None, bytes: 0 }
     }
 
     fn started(&mut self) -> Result<&mut PartitionCheck> {
@@ -117,7 +117,7 @@ impl ExportCheck {
                 self.range.as_ref().ok_or_else(|| Error::invalid("export", "the first line must be the range header {\"range\":{...}}"))?;
             let before = hash("chain_before", &range.chain_before)?;
             let mut check =
-                PartitionCheck::new(&range.topic, range.partition, self.key, std::mem::take(&mut self.checkpoints), range.from, before);
+                PartitionCheck::new(&range.topic, range.partition, &self.keys, std::mem::take(&mut self.checkpoints), range.from, before);
             if range.from == 0 && before != super::chain::GENESIS {
                 check.fail(0, "the chain before offset 0 must be all zeros");
             }
@@ -191,10 +191,10 @@ impl ExportCheck {
     }
 }
 
-/// Checks an export file read from `input` against `key`; the end of its range must be
-/// signed. A file that is not an export at all is an error.
-pub fn check_export(input: impl BufRead, key: PublicKey) -> Result<PartitionReport> {
-    let mut check = ExportCheck::new(key);
+/// Checks an export file read from `input` against the trusted keys; the end of its range
+/// must be signed. A file that is not an export at all is an error.
+pub fn check_export(input: impl BufRead, keys: TrustedKeys) -> Result<PartitionReport> {
+    let mut check = ExportCheck::new(keys);
     for (n, line) in input.lines().enumerate() {
         let line = line.map_err(|e| Error::io("reading the export", e))?;
         if line.trim().is_empty() {

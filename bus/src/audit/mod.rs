@@ -125,7 +125,9 @@ impl Chains {
         while next < offset {
             let records = self.log.read(topic, partition, next, CHAIN_READ.min((offset - next) as usize), 4 << 20).await?;
             let Some(first) = records.first() else {
-                return Err(Error::OffsetOutOfRange { partition, offset, start: next, end: next });
+                return Err(Error::State(format!(
+                    "{topic}/{partition}: offset {offset} is past the end (computing its chain reached {next})"
+                )));
             };
             if first.offset != next {
                 return Err(Error::State(format!("{topic}/{partition}: offset {next} is gone (log starts at {})", first.offset)));
@@ -149,6 +151,12 @@ impl Chains {
         max_bytes: usize,
     ) -> Result<Vec<(StoredRecord, ChainHash)>> {
         let records = self.log.read(topic, partition, from, max_records, max_bytes).await?;
+        if records.first().is_some_and(|r| r.offset != from) {
+            return Err(Error::State(format!(
+                "{topic}/{partition}: records from {from} were removed (the log now starts at {})",
+                records[0].offset
+            )));
+        }
         if records.iter().all(|r| r.chain.is_some()) {
             return Ok(records
                 .into_iter()
@@ -159,6 +167,12 @@ impl Chains {
                 .collect());
         }
         let Some(first) = records.first() else { return Ok(Vec::new()) };
+        if first.offset != from {
+            return Err(Error::State(format!(
+                "{topic}/{partition}: records from {from} were removed (the log now starts at {})",
+                first.offset
+            )));
+        }
         let mut chain = self.before(topic, partition, first.offset).await?;
         let mut out = Vec::with_capacity(records.len());
         for r in records {
@@ -206,8 +220,8 @@ mod tests {
         let before = chains.before("big", 0, 500_000).await.expect("chain before the range");
         let range = chains.read("big", 0, 500_000, 100, 1 << 20).await.expect("range");
         assert_eq!(range.len(), 100);
-        let key = checkpoint::PublicKey([0u8; 32]);
-        let mut check = verify::PartitionCheck::new("big", 0, key, Vec::new(), 500_000, before);
+        let keys = checkpoint::TrustedKeys(vec![checkpoint::PublicKey([0u8; 32])]);
+        let mut check = verify::PartitionCheck::new("big", 0, &keys, Vec::new(), 500_000, before);
         for (r, h) in &range {
             check.record(r.offset, r.timestamp_ms, r.id.as_bytes(), &r.key, &r.value, Some(*h));
         }

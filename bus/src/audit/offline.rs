@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::chain::GENESIS;
-use super::checkpoint::{parse_checkpoint_lines, PublicKey, CHECKPOINT_FILE};
+use super::checkpoint::{parse_checkpoint_lines, TrustedKeys, CHECKPOINT_FILE};
 use super::verify::{PartitionCheck, PartitionReport, VerifyReport};
 use crate::log::embedded::format;
 use crate::{Error, Result};
@@ -46,9 +46,9 @@ fn partition_dirs(data_dir: &Path, topic_filter: Option<&str>) -> Result<Vec<Par
     Ok(out)
 }
 
-/// Verifies every partition under `data_dir` (or of one topic) against `key`, two partitions at
-/// a time per core.
-pub fn verify_data_dir(data_dir: &Path, topic: Option<&str>, key: PublicKey) -> Result<VerifyReport> {
+/// Verifies every partition under `data_dir` (or of one topic) against the trusted keys, one
+/// partition at a time per core.
+pub fn verify_data_dir(data_dir: &Path, topic: Option<&str>, keys: &TrustedKeys) -> Result<VerifyReport> {
     let started = Instant::now();
     let dirs = partition_dirs(data_dir, topic)?;
     if let Some(t) = topic {
@@ -66,13 +66,16 @@ pub fn verify_data_dir(data_dir: &Path, topic: Option<&str>, key: PublicKey) -> 
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(d) = dirs.get(i) else { break };
-                        done.push(verify_partition(d, key).map(|(r, b)| (i, r, b)));
+                        done.push(verify_partition(d, keys).map(|(r, b)| (i, r, b)));
                     }
                     done
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|_| vec![Err(Error::Internal("a verification worker panicked".into()))]))
+            .collect()
     });
     let mut reports = Vec::with_capacity(dirs.len());
     let mut bytes = 0;
@@ -82,11 +85,11 @@ pub fn verify_data_dir(data_dir: &Path, topic: Option<&str>, key: PublicKey) -> 
         bytes += b;
     }
     reports.sort_by_key(|(i, _)| *i);
-    Ok(VerifyReport::new(key, reports.into_iter().map(|(_, r)| r).collect(), bytes, started.elapsed().as_secs_f64()))
+    Ok(VerifyReport::new(keys, reports.into_iter().map(|(_, r)| r).collect(), bytes, started.elapsed().as_secs_f64()))
 }
 
 /// Checks one partition directory; returns the report and the bytes of log read.
-fn verify_partition(d: &PartitionDir, key: PublicKey) -> Result<(PartitionReport, u64)> {
+fn verify_partition(d: &PartitionDir, keys: &TrustedKeys) -> Result<(PartitionReport, u64)> {
     let cp_path = d.dir.join(CHECKPOINT_FILE);
     let (checkpoints, bad_lines) = match std::fs::read_to_string(&cp_path) {
         Ok(text) => parse_checkpoint_lines(&text),
@@ -117,9 +120,9 @@ fn verify_partition(d: &PartitionDir, key: PublicKey) -> Result<(PartitionReport
         }
         first_bytes = Some(bytes);
     }
-    let mut check = PartitionCheck::new(&d.topic, d.partition, key, checkpoints, start, chain_before);
+    let mut check = PartitionCheck::new(&d.topic, d.partition, keys, checkpoints, start, chain_before);
     for (line, error) in bad_lines {
-        check.fail(0, format!("{} line {line} is not a checkpoint: {error}", cp_path.display()));
+        check.finding(0, format!("{} line {line} is not a checkpoint (a checkpoint altered or damaged): {error}", cp_path.display()));
     }
     let mut total = 0u64;
     let last = segments.len().saturating_sub(1);

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::chain::{self, hex, ChainHash, GENESIS};
-use super::checkpoint::{Checkpoint, PublicKey};
+use super::checkpoint::{Checkpoint, TrustedKeys};
 
 /// Something that does not match, at an offset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -82,7 +82,7 @@ impl PartitionReport {
 /// Checks one partition.
 pub struct PartitionCheck {
     report: PartitionReport,
-    key: PublicKey,
+    keys: TrustedKeys,
     /// Checkpoints with a valid signature, ascending, not yet reached.
     pending: std::collections::VecDeque<Checkpoint>,
     running: ChainHash,
@@ -93,8 +93,15 @@ pub struct PartitionCheck {
 
 impl PartitionCheck {
     /// Starts checking `topic`/`partition` at `start`, the chain value before being
-    /// `chain_before`, against `checkpoints` signed by `key`.
-    pub fn new(topic: &str, partition: u32, key: PublicKey, mut checkpoints: Vec<Checkpoint>, start: u64, chain_before: ChainHash) -> Self {
+    /// `chain_before`, against `checkpoints` signed by one of `keys`.
+    pub fn new(
+        topic: &str,
+        partition: u32,
+        keys: &TrustedKeys,
+        mut checkpoints: Vec<Checkpoint>,
+        start: u64,
+        chain_before: ChainHash,
+    ) -> Self {
         let mut report = PartitionReport {
             topic: topic.to_string(),
             partition,
@@ -118,7 +125,7 @@ impl PartitionCheck {
                     offset: cp.offset,
                     what: format!("checkpoint stored with {topic}/{partition} names {}/{}", cp.topic, cp.partition),
                 });
-            } else if let Err(why) = cp.check_signature(&key) {
+            } else if let Err(why) = keys.check(&cp) {
                 report.findings.push(Finding { offset: cp.offset, what: format!("checkpoint signed at {} ms: {why}", cp.time_ms) });
             } else if cp.offset + 1 < start {
                 report.checkpoints_before_start += 1;
@@ -141,12 +148,12 @@ impl PartitionCheck {
                 pending.push_back(cp);
             }
         }
-        PartitionCheck { report, key, pending, running: chain_before, next: start, broken: false }
+        PartitionCheck { report, keys: keys.clone(), pending, running: chain_before, next: start, broken: false }
     }
 
-    /// The trusted key.
-    pub fn key(&self) -> PublicKey {
-        self.key
+    /// The trusted keys.
+    pub fn keys(&self) -> &TrustedKeys {
+        &self.keys
     }
 
     /// The offset expected next.
@@ -158,6 +165,12 @@ impl PartitionCheck {
     pub fn fail(&mut self, offset: u64, what: impl Into<String>) {
         self.report.findings.push(Finding { offset, what: what.into() });
         self.broken = true;
+    }
+
+    /// Records a difference that leaves the records' chain intact (e.g. an unreadable
+    /// checkpoint line): checking goes on.
+    pub fn finding(&mut self, offset: u64, what: impl Into<String>) {
+        self.report.findings.push(Finding { offset, what: what.into() });
     }
 
     /// Records a remark that is not a failure.
@@ -265,8 +278,8 @@ impl PartitionCheck {
 pub struct VerifyReport {
     /// True when every partition matched.
     pub ok: bool,
-    /// The trusted key, hex.
-    pub key: String,
+    /// The trusted keys, hex.
+    pub keys: Vec<String>,
     /// Records checked in all.
     pub records: u64,
     /// Bytes of log read.
@@ -279,10 +292,10 @@ pub struct VerifyReport {
 
 impl VerifyReport {
     /// Collects partition reports.
-    pub fn new(key: PublicKey, partitions: Vec<PartitionReport>, bytes: u64, seconds: f64) -> Self {
+    pub fn new(keys: &TrustedKeys, partitions: Vec<PartitionReport>, bytes: u64, seconds: f64) -> Self {
         VerifyReport {
             ok: partitions.iter().all(|p| p.ok()),
-            key: key.hex(),
+            keys: keys.0.iter().map(|k| k.hex()).collect(),
             records: partitions.iter().map(|p| p.records).sum(),
             bytes,
             seconds,
@@ -300,13 +313,13 @@ impl VerifyReport {
         }
         let failed = self.partitions.iter().filter(|p| !p.ok()).count();
         out.push_str(&format!(
-            "{}: {} partitions, {} records, {:.1} MB in {:.2} s, key {}{}\n",
+            "{}: {} partitions, {} records, {:.1} MB in {:.2} s, trusted key {}{}\n",
             if self.ok { "VERIFIED" } else { "FAILED" },
             self.partitions.len(),
             self.records,
             self.bytes as f64 / 1e6,
             self.seconds,
-            self.key,
+            self.keys.join(", "),
             if failed > 0 { format!(", {failed} partitions differ") } else { String::new() }
         ));
         out
@@ -337,8 +350,8 @@ mod tests {
             .collect()
     }
 
-    fn check(recs: &[Rec], stored: &[ChainHash], cps: Vec<Checkpoint>, key: PublicKey) -> PartitionReport {
-        let mut c = PartitionCheck::new("t", 0, key, cps, 0, GENESIS);
+    fn check(recs: &[Rec], stored: &[ChainHash], cps: Vec<Checkpoint>, key: super::super::checkpoint::PublicKey) -> PartitionReport {
+        let mut c = PartitionCheck::new("t", 0, &key.into(), cps, 0, GENESIS);
         for (r, s) in recs.iter().zip(stored) {
             c.record(r.offset, 0, b"id", b"k", &r.value, Some(*s));
         }

@@ -76,7 +76,8 @@ async fn measure(args: &AuditBenchArgs, dir: &std::path::Path) -> anyhow::Result
     chained.stop()?;
     unchained.stop()?;
     let data = dir.join("chained");
-    let report = tokio::task::spawn_blocking(move || crate::audit::offline::verify_data_dir(&data, None, key)).await??;
+    let keys = key.into();
+    let report = tokio::task::spawn_blocking(move || crate::audit::offline::verify_data_dir(&data, None, &keys)).await??;
     anyhow::ensure!(report.ok, "the chained log did not verify:\n{}", report.text());
     Ok(json!({
         "events_per_server": totals[0].0,

@@ -44,21 +44,32 @@ fn line(l: &ExportLine) -> Result<pb::ExportLine> {
 const EXPORT_READ: usize = 1024;
 
 /// Streams an export of `[from, to)`; with `prove`, continues by digest to `cover`.
+#[allow(clippy::too_many_arguments)]
 async fn export(
     audit: Arc<crate::audit::Audit>,
     r: pb::ExportRequest,
     from: u64,
     to: u64,
+    chain_before: crate::audit::chain::ChainHash,
     cover: Option<u64>,
     tx: &mpsc::Sender<Result<pb::ExportLine, Status>>,
 ) -> Result<()> {
     let (topic, partition) = (r.topic.as_str(), r.partition);
     let send = |l: ExportLine| async move { tx.send(line(&l).map_err(Status::from)).await.map_err(|_| Error::ShuttingDown) };
-    let chain_before = audit.chains.before(topic, partition, from).await?;
     send(ExportLine::Range(ExportRange { topic: topic.to_string(), partition, from, to, chain_before: hex(&chain_before) })).await?;
-    for cp in audit.log.list_checkpoints(topic, partition).await? {
-        // A proof carries the checkpoints within it; a full export (verification) all of them.
-        if cover.is_none() || (cp.offset + 1 >= from && cover.is_some_and(|c| cp.offset <= c)) {
+    let checkpoints = audit.log.list_checkpoints(topic, partition).await?;
+    // Read after the checkpoints: a checkpoint is stored only after the records it covers.
+    let end_now = audit.log.offsets(topic, partition).await?.end;
+    for cp in checkpoints {
+        let wanted = match cover {
+            // A proof carries the checkpoints within it.
+            Some(c) => cp.offset + 1 >= from && cp.offset <= c,
+            // A whole export (verification) carries those of its range, and any beyond the
+            // current end: evidence that records were removed. Those of records appended since
+            // the range was fixed are not its business.
+            None => cp.offset < to || cp.offset >= end_now,
+        };
+        if wanted {
             send(ExportLine::Checkpoint(cp)).await?;
         }
     }
@@ -115,7 +126,7 @@ impl pb::auditor_server::Auditor for AuditorService {
             return Err(Error::UnknownPartition { topic: r.topic, partition: r.partition, partitions: info.config.partitions }.into());
         }
         let offs = info.partitions[r.partition as usize];
-        let from = r.from_offset.unwrap_or(offs.start);
+        let mut from = r.from_offset.unwrap_or(offs.start);
         let to = r.to_offset.unwrap_or(offs.end);
         if from < offs.start || from > offs.end {
             return Err(Error::OffsetOutOfRange { partition: r.partition, offset: from, start: offs.start, end: offs.end }.into());
@@ -143,10 +154,23 @@ impl pb::auditor_server::Auditor for AuditorService {
             }
             _ => None,
         };
+        let chain_before = match audit.chains.before(&r.topic, r.partition, from).await {
+            Ok(h) => h,
+            // Retention removed the records a computed chain (Kafka) would start from: a whole
+            // export starts at the first checkpoint within what is stored.
+            Err(e) if r.from_offset.is_none() && from > 0 => {
+                let checkpoints = audit.log.list_checkpoints(&r.topic, r.partition).await?;
+                let Some(cp) = checkpoints.into_iter().find(|c| c.offset + 1 >= from && c.offset < to) else { return Err(e.into()) };
+                tracing::warn!(topic = %r.topic, partition = r.partition, from, verifiable_from = cp.offset + 1, "records before the first checkpoint after the log start cannot be chained");
+                from = cp.offset + 1;
+                cp.chain_hash().ok_or_else(|| Error::State(format!("checkpoint at {} is malformed", cp.offset)))?
+            }
+            Err(e) => return Err(e.into()),
+        };
         tracing::info!(topic = %r.topic, partition = r.partition, from, to, ?cover, caller, "export started");
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
-            if let Err(e) = export(audit, r, from, to, cover, &tx).await {
+            if let Err(e) = export(audit, r, from, to, chain_before, cover, &tx).await {
                 let _ = tx.send(Err(e.into())).await;
             }
         });

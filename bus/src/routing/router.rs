@@ -283,10 +283,13 @@ impl Router {
             }
             // A position lost in a crash only means routing some events again, which the
             // mailbox store deduplicates. It never gets ahead of the journal.
-            if let Some(journal) = &self.journal {
-                journal.flush().await;
-            }
-            if let Err(e) = log.store_cursors(&topic, ROUTER_GROUP, &cursors).await {
+            let journal_behind = match &self.journal {
+                Some(journal) => tokio::time::timeout(Duration::from_secs(5), journal.flush()).await.is_err(),
+                None => false,
+            };
+            if journal_behind {
+                tracing::warn!("the delivery journal is behind; the router's positions are stored with a later batch");
+            } else if let Err(e) = log.store_cursors(&topic, ROUTER_GROUP, &cursors).await {
                 tracing::warn!(error = %e, "storing the router's positions failed; will store them with the next batch");
             }
             tracing::debug!(events = batch.len(), routed_ms, "batch routed");

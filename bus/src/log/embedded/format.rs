@@ -35,6 +35,8 @@ pub const BATCH_HEADER: usize = 72;
 pub const RECORD_HEADER: usize = 54;
 /// Format version written.
 pub const VERSION: u8 = 2;
+/// The format before the hash chain (no chain values): never read, never cut off as a torn tail.
+pub const OLD_VERSION: u8 = 1;
 
 /// The decoded fixed part of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,8 +134,10 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 pub enum BadBatch {
     /// Fewer bytes than the header or the declared length.
     Short,
-    /// Header fields impossible (length, version, count).
+    /// Header fields impossible (length, count).
     Malformed(String),
+    /// A format version this build does not read.
+    Version(u8),
     /// CRC mismatch.
     Crc {
         /// Stored CRC.
@@ -148,6 +152,7 @@ impl std::fmt::Display for BadBatch {
         match self {
             BadBatch::Short => write!(f, "incomplete batch"),
             BadBatch::Malformed(m) => write!(f, "malformed batch header: {m}"),
+            BadBatch::Version(v) => write!(f, "unknown batch format version {v}"),
             BadBatch::Crc { stored, computed } => write!(f, "CRC mismatch (stored {stored:08x}, computed {computed:08x})"),
         }
     }
@@ -163,7 +168,7 @@ pub fn decode_header(b: &[u8]) -> Result<BatchHeader, BadBatch> {
         return Err(BadBatch::Malformed(format!("length {length} smaller than a header")));
     }
     if b[8] != VERSION {
-        return Err(BadBatch::Malformed(format!("unknown version {}", b[8])));
+        return Err(BadBatch::Version(b[8]));
     }
     let record_count = u32_at(b, 20);
     if record_count == 0 || u64::from(record_count) * RECORD_HEADER as u64 > length {

@@ -366,6 +366,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_segment_of_the_old_format_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path()).await;
+        log.create_topic("t", TopicConfig { partitions: 1, retention_ms: 0, retention_bytes: 0 }).await.expect("create");
+        let r = NewRecord { id: "id".into(), key: "k".into(), timestamp_ms: 1, value: "v".into() };
+        log.append("t", vec![r]).await.expect("append");
+        log.close().await.expect("close");
+        drop(log);
+        let seg = dir.path().join("log/t/0/00000000000000000000.log");
+        let mut bytes = std::fs::read(&seg).expect("read");
+        bytes[8] = format::OLD_VERSION;
+        std::fs::write(&seg, &bytes).expect("write");
+        let err = EmbeddedLog::open(dir.path(), settings()).await.err().expect("refused");
+        assert!(err.to_string().contains("older justizbus"), "{err}");
+        assert_eq!(std::fs::read(&seg).expect("read"), bytes, "nothing cut off");
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_line_cut_short_by_a_crash_is_removed_before_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path()).await;
+        log.create_topic("t", TopicConfig { partitions: 1, retention_ms: 0, retention_bytes: 0 }).await.expect("create");
+        let signer = crate::audit::checkpoint::Signer::generate(&dir.path().join("k.pem")).expect("key");
+        let first = signer.sign("t", 0, 0, &[1; 32], 1);
+        log.put_checkpoint(&first).await.expect("put");
+        let file = dir.path().join("log/t/0/checkpoints.jsonl");
+        let mut text = std::fs::read_to_string(&file).expect("read");
+        text.push_str("{\"topic\":\"t\",\"parti");
+        std::fs::write(&file, &text).expect("write");
+        assert_eq!(log.list_checkpoints("t", 0).await.expect("list"), vec![first.clone()], "the torn line is skipped");
+        let second = signer.sign("t", 0, 5, &[2; 32], 2);
+        log.put_checkpoint(&second).await.expect("put");
+        assert_eq!(log.list_checkpoints("t", 0).await.expect("list"), vec![first, second]);
+        let (good, bad) = crate::audit::checkpoint::parse_checkpoint_lines(&std::fs::read_to_string(&file).expect("read"));
+        assert_eq!((good.len(), bad.len()), (2, 0));
+    }
+
+    #[tokio::test]
     async fn torn_tail_is_truncated_to_last_whole_batch() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = open(dir.path()).await;

@@ -189,8 +189,22 @@ impl Partition {
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(&path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        // A line cut short by a crash is removed first, so the new one starts a line of its own.
+        let len = file.metadata().map_err(|e| Error::io(format!("reading {}", path.display()), e))?.len();
+        if len > 0 {
+            let mut last = [0u8];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut last, len - 1)
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+            if last[0] != b'\n' {
+                let text = std::fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+                let keep = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                tracing::warn!(file = %path.display(), cut_bytes = text.len() - keep, "removing an incomplete checkpoint line");
+                file.set_len(keep as u64).map_err(|e| Error::io(format!("truncating {}", path.display()), e))?;
+            }
+        }
         file.write_all(&line).and_then(|()| file.sync_data()).map_err(|e| Error::io(format!("writing {}", path.display()), e))
     }
 
@@ -286,6 +300,11 @@ impl Partition {
             let mut segments = self.segments.write().unwrap_or_else(|e| e.into_inner());
             let mut total: u64 = segments.iter().map(|s| s.size()).sum();
             while segments.len() > 1 {
+                // The active segment's first batch carries the chain value before it; while it
+                // has none, the last sealed segment stays.
+                if segments.len() == 2 && segments[1].size() == 0 {
+                    break;
+                }
                 let first = &segments[0];
                 let too_old = retention_ms > 0 && first.max_timestamp() < now_ms.saturating_sub(retention_ms as i64);
                 let too_big = retention_bytes > 0 && total.saturating_sub(first.size()) >= retention_bytes;

@@ -291,6 +291,16 @@ impl Segment {
             max_ts = max_ts.max(h.max_timestamp_ms);
         })?;
         let size = seg.size();
+        if let Some(BadBatch::Version(format::OLD_VERSION)) = bad {
+            return Err(Error::Corrupt {
+                path: seg.log_path.display().to_string(),
+                reason: format!(
+                    "written by an older justizbus (format version {}, without the hash chain); this build reads version {} only: replay the old data into a new data directory",
+                    format::OLD_VERSION,
+                    format::VERSION
+                ),
+            });
+        }
         let torn = if end < size {
             let reason = bad.map_or_else(|| "unexpected data".to_string(), |b| b.to_string());
             if !cut_tail {

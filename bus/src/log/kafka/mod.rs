@@ -872,7 +872,16 @@ impl Log for KafkaLog {
 
     async fn list_checkpoints(&self, topic: &str, partition: u32) -> Result<Vec<Checkpoint>> {
         let entries = self.inner.checkpoints.scan(&format!("{topic}/{partition}/")).await?;
-        entries.into_iter().map(|(_, v)| serde_json::from_slice(&v).map_err(|e| Error::State(format!("checkpoint entry: {e}")))).collect()
+        Ok(entries
+            .into_iter()
+            .filter_map(|(k, v)| match serde_json::from_slice(&v) {
+                Ok(cp) => Some(cp),
+                Err(e) => {
+                    tracing::warn!(key = k, error = %e, "unreadable checkpoint entry skipped");
+                    None
+                }
+            })
+            .collect())
     }
 
     async fn close(&self) -> Result<()> {
