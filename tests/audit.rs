@@ -174,6 +174,18 @@ async fn verify_names_the_offset_of_every_kind_of_tampering() {
     });
     assert_eq!(at, 57, "{what}");
 
+    // An interrupted append (half a batch at the end) is what a crash leaves: not a failure.
+    let torn = work.path().join("torn");
+    copy_dir(&data, &torn);
+    let path = segment(&torn, "court");
+    let bytes = std::fs::read(&path).expect("read");
+    let mut longer = bytes.clone();
+    longer.extend_from_slice(&bytes[..100]);
+    std::fs::write(&path, longer).expect("write");
+    let (ok, report) = verify(&torn, &key);
+    assert!(ok, "a torn tail is not tampering: {report}");
+    assert!(report["partitions"].to_string().contains("torn tail"), "{report}");
+
     // Records 80 and 81 swapped.
     let (at, what) = case("swap", &|d| {
         let path = segment(d, "court");

@@ -2,6 +2,7 @@
 //! read-only (on a copy, or beside a running bus): every batch, every record's chain value, and
 //! every checkpoint.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -110,33 +111,30 @@ fn verify_partition(d: &PartitionDir, keys: &TrustedKeys) -> Result<(PartitionRe
     // The stored range starts at the first segment; its first batch says the chain before it.
     let mut start = segments.first().map_or(0, |s| s.0);
     let mut chain_before = GENESIS;
-    let mut first_bytes = None;
     if let Some((_, path)) = segments.first() {
-        let bytes = std::fs::read(path).map_err(io(path, "reading"))?;
+        let mut header = [0u8; format::BATCH_HEADER];
+        let mut file = std::fs::File::open(path).map_err(io(path, "opening"))?;
         // Before offset 0 the chain is all zeros whatever a header says.
-        if let Ok(h) = format::decode_header(&bytes) {
-            start = h.base_offset;
-            chain_before = if start == 0 { GENESIS } else { h.chain_before };
+        if file.read_exact(&mut header).is_ok() {
+            if let Ok(h) = format::decode_header(&header) {
+                start = h.base_offset;
+                chain_before = if start == 0 { GENESIS } else { h.chain_before };
+            }
         }
-        first_bytes = Some(bytes);
     }
     let mut check = PartitionCheck::new(&d.topic, d.partition, keys, checkpoints, start, chain_before);
     for (line, error) in bad_lines {
         check.finding(0, format!("{} line {line} is not a checkpoint (a checkpoint altered or damaged): {error}", cp_path.display()));
     }
     let mut total = 0u64;
+    let mut buf = Vec::new();
     let last = segments.len().saturating_sub(1);
     for (i, (base, path)) in segments.iter().enumerate() {
-        let bytes = match (i, first_bytes.take()) {
-            (0, Some(b)) => b,
-            _ => std::fs::read(path).map_err(io(path, "reading"))?,
-        };
-        total += bytes.len() as u64;
         if *base != check.next_offset() && !check.broken() {
             let what = format!("segment {} starts at offset {base}, expected {}", path.display(), check.next_offset());
             check.fail(check.next_offset().min(*base), what);
         }
-        check_segment(&mut check, path, &bytes, i == last);
+        total += check_segment(&mut check, path, &mut buf, i == last)?;
         if check.broken() {
             break;
         }
@@ -144,27 +142,62 @@ fn verify_partition(d: &PartitionDir, keys: &TrustedKeys) -> Result<(PartitionRe
     Ok((check.finish(false), total))
 }
 
-/// Feeds the batches of one segment file into the check.
-fn check_segment(check: &mut PartitionCheck, path: &Path, bytes: &[u8], is_last: bool) {
-    let mut pos = 0usize;
-    while pos < bytes.len() {
-        let rest = &bytes[pos..];
+/// Reads as much of `buf` as the file holds; returns how many bytes.
+fn read_full(file: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read(&mut buf[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(got)
+}
+
+/// Feeds the batches of one segment file into the check, one batch in memory at a time;
+/// returns the bytes read.
+fn check_segment(check: &mut PartitionCheck, path: &Path, buf: &mut Vec<u8>, is_last: bool) -> Result<u64> {
+    let mut file = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path).map_err(io(path, "opening"))?);
+    let mut pos = 0u64;
+    loop {
         let at = check.next_offset();
-        let header = match format::decode_header(rest) {
-            Ok(h) if (h.total_len as usize) <= rest.len() => h,
-            Ok(_) | Err(format::BadBatch::Short) if is_last => {
-                // An append cut short by a crash: never acknowledged, recovery removes it.
-                check.note(format!("{}: torn tail of {} bytes at byte {pos} ignored (never acknowledged)", path.display(), rest.len()));
-                return;
-            }
-            Ok(h) => {
-                return check.fail(at, format!("{} byte {pos}: batch of {} bytes runs past the file end", path.display(), h.total_len))
-            }
-            Err(e) => return check.fail(at, format!("{} byte {pos}: {e}", path.display())),
+        buf.resize(format::BATCH_HEADER, 0);
+        let got = read_full(&mut file, buf).map_err(io(path, "reading"))?;
+        if got == 0 {
+            return Ok(pos);
+        }
+        let torn = |check: &mut PartitionCheck, have: u64| {
+            // An append cut short by a crash: never acknowledged, recovery removes it.
+            check.note(format!("{}: torn tail of {have} bytes at byte {pos} ignored (never acknowledged)", path.display()));
         };
-        let batch = &rest[..header.total_len as usize];
+        let header = match format::decode_header(&buf[..got]) {
+            Ok(h) => h,
+            // As recovery does: in the active segment, what does not start a whole batch is the
+            // end of an interrupted append (a later checkpoint would show it was more).
+            Err(format::BadBatch::Short | format::BadBatch::Malformed(_)) if is_last => {
+                let rest = std::fs::metadata(path).map_or(got as u64, |m| m.len().saturating_sub(pos));
+                torn(check, rest);
+                return Ok(pos + rest);
+            }
+            Err(e) => {
+                check.fail(at, format!("{} byte {pos}: {e}", path.display()));
+                return Ok(pos + got as u64);
+            }
+        };
+        buf.resize(header.total_len as usize, 0);
+        let body = read_full(&mut file, &mut buf[format::BATCH_HEADER..]).map_err(io(path, "reading"))?;
+        let have = (format::BATCH_HEADER + body) as u64;
+        if have < header.total_len {
+            if is_last {
+                torn(check, have);
+            } else {
+                check.fail(at, format!("{} byte {pos}: batch of {} bytes runs past the file end", path.display(), header.total_len));
+            }
+            return Ok(pos + have);
+        }
+        let batch = &buf[..];
         if header.chain_before != check.chain() && header.base_offset == at {
-            return check.fail(
+            check.fail(
                 at,
                 format!(
                     "batch header at byte {pos} of {} says the chain before is {}, the records before give {}",
@@ -173,6 +206,7 @@ fn check_segment(check: &mut PartitionCheck, path: &Path, bytes: &[u8], is_last:
                     super::chain::hex(&check.chain())
                 ),
             );
+            return Ok(pos + have);
         }
         let crc = format::check_crc(&header, batch).err();
         // Records are checked one by one even when the CRC fails, so that the finding names
@@ -181,16 +215,20 @@ fn check_segment(check: &mut PartitionCheck, path: &Path, bytes: &[u8], is_last:
         for r in format::records(&header, batch) {
             match r {
                 Ok(r) => check.record(r.offset, r.timestamp_ms, r.id, r.key, r.value, Some(r.chain)),
-                Err(e) => return check.fail(check.next_offset(), format!("{} byte {pos}: {e}", path.display())),
+                Err(e) => {
+                    check.fail(check.next_offset(), format!("{} byte {pos}: {e}", path.display()));
+                    return Ok(pos + have);
+                }
             }
             decoded += 1;
             if check.broken() {
-                return;
+                return Ok(pos + have);
             }
         }
         if let Some(bad) = crc {
-            return check.fail(at, format!("batch at byte {pos} of {} (offsets {at}..{}): {bad}", path.display(), at + u64::from(decoded)));
+            check.fail(at, format!("batch at byte {pos} of {} (offsets {at}..{}): {bad}", path.display(), at + u64::from(decoded)));
+            return Ok(pos + have);
         }
-        pos += header.total_len as usize;
+        pos += have;
     }
 }
