@@ -167,12 +167,6 @@ impl Chains {
                 .collect());
         }
         let Some(first) = records.first() else { return Ok(Vec::new()) };
-        if first.offset != from {
-            return Err(Error::State(format!(
-                "{topic}/{partition}: records from {from} were removed (the log now starts at {})",
-                first.offset
-            )));
-        }
         let mut chain = self.before(topic, partition, first.offset).await?;
         let mut out = Vec::with_capacity(records.len());
         for r in records {
