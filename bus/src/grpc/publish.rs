@@ -106,8 +106,9 @@ impl pb::publisher_server::Publisher for PublisherService {
             entry.1.push(record);
             count += 1;
         }
+        // Every topic must exist before anything is appended.
         for topic in by_topic.keys() {
-            self.bus.log.describe_topic(topic).await?;
+            self.bus.log.partition_count(topic).await?;
         }
         let mut results = vec![pb::PublishResponse::default(); count];
         for (topic, (indexes, records)) in by_topic {

@@ -55,6 +55,8 @@ pub async fn topics(log: &dyn Log) {
     assert!(log.list_topics().await.expect("list").iter().any(|t| t.name == "conf-topics"));
     assert_eq!(log.describe_topic("conf-topics").await.expect("describe").config.partitions, 3);
     assert!(matches!(log.describe_topic("nope").await, Err(Error::UnknownTopic(_))));
+    assert_eq!(log.partition_count("conf-topics").await.expect("partition count"), 3);
+    assert!(matches!(log.partition_count("nope").await, Err(Error::UnknownTopic(_))));
     assert!(matches!(log.append("nope", vec![record("a", "k", 1)]).await, Err(Error::UnknownTopic(_))));
     assert!(matches!(log.read("conf-topics", 7, 0, 10, 1 << 20).await, Err(Error::UnknownPartition { .. })));
 }

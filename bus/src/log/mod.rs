@@ -209,6 +209,12 @@ pub trait Log: Send + Sync + 'static {
     async fn list_topics(&self) -> Result<Vec<TopicInfo>>;
     /// One topic.
     async fn describe_topic(&self, name: &str) -> Result<TopicInfo>;
+    /// A topic's partition count ([`Error::UnknownTopic`] when it does not exist): what a publish
+    /// checks, so backends where [`Log::describe_topic`] asks a remote for every partition's
+    /// offsets (Kafka) answer it from what they know.
+    async fn partition_count(&self, name: &str) -> Result<u32> {
+        Ok(self.describe_topic(name).await?.config.partitions)
+    }
     /// Appends records (partition chosen by [`crate::partitioner`]) and returns only when they
     /// are durable. Results are in input order.
     async fn append(&self, topic: &str, records: Vec<NewRecord>) -> Result<Vec<Appended>>;

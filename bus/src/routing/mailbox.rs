@@ -381,6 +381,13 @@ impl Log for MailboxLog {
         Ok(self.info(name))
     }
 
+    async fn partition_count(&self, name: &str) -> Result<u32> {
+        if !is_mailbox_topic(name) {
+            return self.inner.partition_count(name).await;
+        }
+        Ok(self.describe_topic(name).await?.config.partitions)
+    }
+
     async fn append(&self, topic: &str, records: Vec<NewRecord>) -> Result<Vec<Appended>> {
         if !is_mailbox_topic(topic) {
             return self.inner.append(topic, records).await;

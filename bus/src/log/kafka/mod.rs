@@ -865,6 +865,10 @@ impl Log for KafkaLog {
         Ok(Some(membership))
     }
 
+    async fn partition_count(&self, name: &str) -> Result<u32> {
+        self.inner.partitions(name).await
+    }
+
     async fn put_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()> {
         let key = format!("{}/{}/{:020}", checkpoint.topic, checkpoint.partition, checkpoint.offset);
         self.inner.checkpoints.put(key, Some(state::to_json(checkpoint)?)).await
