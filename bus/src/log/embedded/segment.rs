@@ -459,13 +459,22 @@ impl Segment {
         let size = self.size();
         let mut header = [0u8; BATCH_HEADER];
         while pos < size {
-            self.file.read_exact_at(&mut header, pos).map_err(io(&self.log_path, "reading"))?;
-            let h = format::decode_header(&header).map_err(|b| self.corrupt(pos, b))?;
+            // A cached batch needs no read at all, not even of its header (many mailboxes
+            // read their records out of the same few batches).
+            let cached = cache.get((self.uid, pos));
+            let h = match &cached {
+                Some(buf) => format::decode_header(buf),
+                None => {
+                    self.file.read_exact_at(&mut header, pos).map_err(io(&self.log_path, "reading"))?;
+                    format::decode_header(&header)
+                }
+            }
+            .map_err(|b| self.corrupt(pos, b))?;
             if h.base_offset >= upto {
                 return Ok(true);
             }
             if h.next_offset() > from {
-                let buf = match cache.get((self.uid, pos)) {
+                let buf = match cached {
                     Some(buf) => buf,
                     None => {
                         let mut buf = vec![0u8; h.total_len as usize];
