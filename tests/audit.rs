@@ -334,6 +334,10 @@ async fn the_trail_tells_the_life_of_an_event() {
     assert_eq!(lines[3]["attempt"], 2);
     assert_eq!(lines[1]["group"], "court");
     assert!(!server.cli(&["audit", "trail", "--event", "never-published"]).ok);
+    // From a time on: everything since the start, nothing since a time to come.
+    let all = server.cli(&["audit", "trail", "--event", "trail-1", "--since", "0", "--json"]);
+    assert_eq!(all.json_lines().len(), 5, "{}", all.stderr);
+    assert!(!server.cli(&["audit", "trail", "--event", "trail-1", "--since", "2999-01-01T00:00:00Z"]).ok);
 
     // A poison event: dead-lettered after its only attempt, then skipped by an admin.
     publish(&channel, "letters", event("trail-2", "case-poison", "{}")).await.expect("publish");

@@ -298,6 +298,10 @@ enum AuditCommand {
         /// The event id.
         #[arg(long)]
         event: String,
+        /// Only what happened at or after this time (RFC 3339 or ms since the epoch): reads the
+        /// journal from there instead of from its start.
+        #[arg(long)]
+        since: Option<String>,
         /// Print one JSON object per entry.
         #[arg(long)]
         json: bool,
@@ -766,10 +770,11 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
             anyhow::ensure!(ok, "the export does not check out: {}", first.unwrap_or_default());
             Ok(())
         }
-        AuditCommand::Trail { server, event, json } => {
+        AuditCommand::Trail { server, event, since, json } => {
+            let since = since.as_deref().map(parse_time).transpose()?;
             let channel = server.connect().await?;
             let entries = pb::auditor_client::AuditorClient::new(channel)
-                .trail(pb::TrailRequest { event_id: event.clone() })
+                .trail(pb::TrailRequest { event_id: event.clone(), since })
                 .await?
                 .into_inner()
                 .entries_json;

@@ -201,12 +201,16 @@ async fn write(log: Arc<dyn Log>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     }
 }
 
-/// The journal entries of one event, oldest first: reads the partition its id maps to.
-pub async fn trail(log: &dyn Log, event_id: &str) -> Result<Vec<Entry>> {
+/// The journal entries of one event, oldest first: reads the partition its id maps to, from
+/// the first entry at or after `since_ms` (found through the time index) or from its start.
+pub async fn trail(log: &dyn Log, event_id: &str, since_ms: Option<i64>) -> Result<Vec<Entry>> {
     let info = log.describe_topic(JOURNAL_TOPIC).await?;
     let partition = crate::partitioner::partition_for_key(event_id.as_bytes(), info.config.partitions);
     let offsets = info.partitions[partition as usize];
-    let mut next = offsets.start;
+    let mut next = match since_ms {
+        Some(ms) => log.offset_for_time(JOURNAL_TOPIC, partition, ms).await?,
+        None => offsets.start,
+    };
     let mut out = Vec::new();
     while next < offsets.end {
         let records = log.read(JOURNAL_TOPIC, partition, next, 4096, 8 << 20).await?;

@@ -192,7 +192,8 @@ impl pb::auditor_server::Auditor for AuditorService {
         if self.bus.audit.journal.is_none() {
             return Err(Status::failed_precondition("the delivery journal is off on this server (audit.journal = false)"));
         }
-        let entries = journal::trail(self.bus.audit.log.as_ref(), &r.event_id).await?;
+        let since = r.since.as_ref().map(crate::event::timestamp_ms);
+        let entries = journal::trail(self.bus.audit.log.as_ref(), &r.event_id, since).await?;
         let entries_json = entries.iter().map(|e| serde_json::to_string(e).unwrap_or_default()).collect();
         Ok(Response::new(pb::TrailResponse { entries_json }))
     }
