@@ -7,6 +7,7 @@
 //! its position only after [`Journal::flush`], so every acknowledgement that a stored position
 //! reflects is in the journal; what a crash loses beyond that is redelivered and journaled again.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,8 @@ pub const JOURNAL_TOPIC: &str = "justizbus.audit";
 pub const JOURNAL_PARTITIONS: u32 = 1;
 /// Most entries appended at once.
 const MAX_BATCH: usize = 4096;
+/// Entries waiting for the writer beyond which groups hand out no new deliveries (about 60 MB).
+const MAX_PENDING: usize = 200_000;
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,18 +124,33 @@ enum Msg {
 #[derive(Clone)]
 pub struct Journal {
     tx: mpsc::UnboundedSender<Msg>,
+    /// Entries recorded and not yet durable.
+    pending: Arc<AtomicUsize>,
+    /// Above this many pending entries the journal is congested.
+    limit: usize,
 }
 
 impl Journal {
     /// Creates the journal topic if needed and starts the writer.
     pub async fn start(log: Arc<dyn Log>) -> Result<Journal> {
+        Self::start_with_limit(log, MAX_PENDING).await
+    }
+
+    async fn start_with_limit(log: Arc<dyn Log>, limit: usize) -> Result<Journal> {
         match log.create_topic(JOURNAL_TOPIC, TopicConfig { partitions: JOURNAL_PARTITIONS, retention_ms: 0, retention_bytes: 0 }).await {
             Ok(_) | Err(Error::TopicExists { .. }) => {}
             Err(e) => return Err(e),
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write(log, rx));
-        Ok(Journal { tx })
+        let pending = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(write(log, rx, pending.clone()));
+        Ok(Journal { tx, pending, limit })
+    }
+
+    /// True while more entries wait for the writer than it should hold: groups then hand out
+    /// no new deliveries (whose ends would add entries) until it caught up.
+    pub fn congested(&self) -> bool {
+        self.pending.load(Ordering::Relaxed) > self.limit
     }
 
     /// Records an entry (appended shortly after, in a batch).
@@ -140,7 +158,9 @@ impl Journal {
         if entry.topic == JOURNAL_TOPIC {
             return; // reading the journal is not journaled
         }
-        let _ = self.tx.send(Msg::Entry(entry));
+        if self.tx.send(Msg::Entry(entry)).is_ok() {
+            self.pending.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Returns once every entry recorded before is durable (or the writer has stopped).
@@ -152,7 +172,7 @@ impl Journal {
     }
 }
 
-async fn write(log: Arc<dyn Log>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+async fn write(log: Arc<dyn Log>, mut rx: mpsc::UnboundedReceiver<Msg>, pending: Arc<AtomicUsize>) {
     let mut seq: u64 = 0;
     let run = uuid::Uuid::now_v7();
     while let Some(first) = rx.recv().await {
@@ -185,7 +205,10 @@ async fn write(log: Arc<dyn Log>, mut rx: mpsc::UnboundedReceiver<Msg>) {
             let mut wait = std::time::Duration::from_millis(50);
             loop {
                 match log.append(JOURNAL_TOPIC, records.clone()).await {
-                    Ok(_) => break,
+                    Ok(_) => {
+                        pending.fetch_sub(records.len(), Ordering::Relaxed);
+                        break;
+                    }
                     Err(Error::ShuttingDown) => return,
                     Err(e) => {
                         tracing::error!(error = %e, entries = records.len(), "appending to the delivery journal failed; retrying");
@@ -242,4 +265,25 @@ pub async fn trail(log: &dyn Log, event_id: &str, since_ms: Option<i64>) -> Resu
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_journal_behind_its_writer_is_congested_until_it_caught_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log: Arc<dyn Log> = Arc::new(crate::log::embedded::EmbeddedLog::open(dir.path(), Default::default()).await.expect("open"));
+        let journal = Journal::start_with_limit(log.clone(), 10).await.expect("start");
+        // The writer runs only when this task yields: the entries pile up.
+        for i in 0..11 {
+            journal.record(Entry::now(Kind::Acknowledged, "t", 0, i, "g", &format!("e{i}")));
+        }
+        assert!(journal.congested());
+        journal.flush().await;
+        assert!(!journal.congested());
+        assert_eq!(trail(log.as_ref(), "e3", None).await.expect("trail").len(), 1);
+        log.close().await.expect("close");
+    }
 }

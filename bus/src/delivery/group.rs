@@ -777,6 +777,11 @@ impl Actor {
 
     /// Hands ready events to subscribers with credit, round robin.
     fn dispatch(&mut self) {
+        // A journal far behind holds new deliveries back (their ends would add to it).
+        if self.journal.as_ref().is_some_and(Journal::congested) {
+            self.held_back = true;
+            return;
+        }
         while let Some(&(p, off)) = self.ready.front() {
             let Some(sub_id) = self.pick_subscriber() else { return };
             self.ready.pop_front();
