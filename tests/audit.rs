@@ -14,11 +14,17 @@ use justizbus_proto::v1 as pb;
 /// A server that signs checkpoints with a fresh key; returns it with the key file and its
 /// public key.
 fn signing_server(dir: &Path) -> (TestServer, PathBuf, String) {
+    signing_server_every(dir, 100, 200)
+}
+
+/// [`signing_server`] with checkpoints every `records` records or `interval_ms`.
+fn signing_server_every(dir: &Path, records: u64, interval_ms: u64) -> (TestServer, PathBuf, String) {
     let key = dir.join("signing.pem");
     let made = run_cli(&["audit".into(), "keygen".into(), "--out".into(), key.display().to_string()], None);
     assert!(made.ok, "{}", made.stderr);
     let public = made.json_lines()[0]["public_key"].as_str().expect("public key").to_string();
-    let config = format!("[audit]\nsigning_key = \"{}\"\ncheckpoint_records = 100\ncheckpoint_interval_ms = 200\n", key.display());
+    let config =
+        format!("[audit]\nsigning_key = \"{}\"\ncheckpoint_records = {records}\ncheckpoint_interval_ms = {interval_ms}\n", key.display());
     (TestServer::start_configured(&config, &[]), key, public)
 }
 
@@ -423,4 +429,29 @@ async fn a_log_killed_while_publishing_and_signing_still_verifies() {
         .map(|p| p["records"].as_u64().unwrap_or(0))
         .sum();
     assert!(stored as usize >= acked, "every acknowledged event is stored and verified: {stored} < {acked}");
+}
+
+#[tokio::test]
+async fn a_proof_of_records_no_checkpoint_covers_yet_is_signed_on_the_spot() {
+    let work = tempfile::tempdir().expect("tempdir");
+    // No periodic checkpoint within the test's life.
+    let (server, key_file, key) = signing_server_every(work.path(), 1_000_000, 3_600_000);
+    fill(&server, "recent", 30).await;
+    let export = work.path().join("proof.jsonl");
+    let e = export.display().to_string();
+    let out = server.cli(&["replay", "--topic", "recent", "--partition", "0", "--from-offset", "10", "--with-proof", "--output", &e]);
+    assert!(out.ok, "{}", out.stderr);
+    let text = std::fs::read_to_string(&export).expect("export");
+    let checkpoints: Vec<serde_json::Value> =
+        text.lines().filter(|l| l.starts_with("{\"checkpoint\"")).map(|l| serde_json::from_str(l).expect("json")).collect();
+    assert_eq!(checkpoints.len(), 1, "{text}");
+    assert_eq!(checkpoints[0]["checkpoint"]["offset"], 29);
+    let check = run_cli(&["audit".into(), "check-export".into(), e, "--key".into(), key.clone()], None);
+    assert!(check.ok, "{}{}", check.stdout, check.stderr);
+
+    // The public key from a server configuration's signing key.
+    let config = work.path().join("audit.toml");
+    std::fs::write(&config, format!("[audit]\nsigning_key = \"{}\"\n", key_file.display())).expect("write");
+    let from_config = run_cli(&["audit".into(), "key".into(), "--config".into(), config.display().to_string()], None);
+    assert_eq!(from_config.stdout.trim(), key, "{}", from_config.stderr);
 }

@@ -168,6 +168,21 @@ async fn mtls_identities_and_authorization() {
     assert_eq!(replay(&as_bayern).await.expect_err("replay without role").code(), Code::PermissionDenied);
     let as_auditor = channel(&server, &tls(&pki, &pki, &auditor)).await;
     replay(&as_auditor).await.expect("the auditor replays");
+    // The audit calls, too: exports and trails for auditors and admins only.
+    let export = |ch: &Channel| {
+        let mut client = pb::auditor_client::AuditorClient::new(ch.clone());
+        async move {
+            let request = pb::ExportRequest { topic: "xjustiz.ingest".into(), partition: 0, ..Default::default() };
+            client.export(request).await.map(|_| ())
+        }
+    };
+    assert_eq!(export(&as_bayern).await.expect_err("export without role").code(), Code::PermissionDenied);
+    export(&as_auditor).await.expect("the auditor exports");
+    let mut auditor_calls = pb::auditor_client::AuditorClient::new(as_bayern.clone());
+    let trail = auditor_calls.trail(pb::TrailRequest { event_id: "x".into(), since: None }).await;
+    assert_eq!(trail.expect_err("trail without role").code(), Code::PermissionDenied);
+    let topics = auditor_calls.topics(pb::ListTopicsRequest {}).await;
+    assert_eq!(topics.expect_err("audit topics without role").code(), Code::PermissionDenied);
     let mut admin = justizbus_e2e::admin(as_bayern.clone());
     assert_eq!(admin.list_topics(pb::ListTopicsRequest {}).await.expect_err("list without role").code(), Code::PermissionDenied);
     let create = pb::CreateTopicRequest { topic: "made-by".into(), partitions: 1, ..Default::default() };

@@ -280,6 +280,13 @@ mod tests {
         std::fs::write(dir.path().join("junk.pem"), "hello").expect("write");
         let err = PublicKey::parse(dir.path().join("junk.pem").to_str().expect("utf8")).expect_err("junk");
         assert!(err.to_string().contains("neither"), "{err}");
+        // A key made by `openssl genpkey -algorithm ed25519` (PKCS#8 v1, no public key inside);
+        // its public half as `openssl pkey -pubout` prints it.
+        let openssl =
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIPqM25SbkgHbvul9Lgsmfl1u0o1VGS3h+zxQ5g26nhk7\n-----END PRIVATE KEY-----\n";
+        std::fs::write(dir.path().join("openssl.pem"), openssl).expect("write");
+        let loaded = Signer::load(&dir.path().join("openssl.pem")).expect("an openssl key loads");
+        assert_eq!(loaded.public_key().hex(), "1af37aadfcd6d089edf65bee6105e75790aedc25c81346c354a7162e953215ed");
         // Several trusted keys: a checkpoint of either counts (a key change).
         assert!(TrustedKeys(vec![other]).check(&cp).is_err());
         TrustedKeys(vec![other, key]).check(&cp).expect("the second key");

@@ -82,7 +82,6 @@ impl PartitionReport {
 /// Checks one partition.
 pub struct PartitionCheck {
     report: PartitionReport,
-    keys: TrustedKeys,
     /// Checkpoints with a valid signature, ascending, not yet reached.
     pending: std::collections::VecDeque<Checkpoint>,
     running: ChainHash,
@@ -148,12 +147,7 @@ impl PartitionCheck {
                 pending.push_back(cp);
             }
         }
-        PartitionCheck { report, keys: keys.clone(), pending, running: chain_before, next: start, broken: false }
-    }
-
-    /// The trusted keys.
-    pub fn keys(&self) -> &TrustedKeys {
-        &self.keys
+        PartitionCheck { report, pending, running: chain_before, next: start, broken: false }
     }
 
     /// The offset expected next.

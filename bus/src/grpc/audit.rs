@@ -43,20 +43,17 @@ fn line(l: &ExportLine) -> Result<pb::ExportLine> {
 /// Records read per step of an export.
 const EXPORT_READ: usize = 1024;
 
-/// Streams an export of `[from, to)`; with `prove`, continues by digest to `cover`.
-#[allow(clippy::too_many_arguments)]
+/// Streams an export of `range`; with a proof, continues by digest to the checkpoint at `cover`.
 async fn export(
     audit: Arc<crate::audit::Audit>,
-    r: pb::ExportRequest,
-    from: u64,
-    to: u64,
-    chain_before: crate::audit::chain::ChainHash,
+    range: ExportRange,
     cover: Option<u64>,
     tx: &mpsc::Sender<Result<pb::ExportLine, Status>>,
 ) -> Result<()> {
-    let (topic, partition) = (r.topic.as_str(), r.partition);
     let send = |l: ExportLine| async move { tx.send(line(&l).map_err(Status::from)).await.map_err(|_| Error::ShuttingDown) };
-    send(ExportLine::Range(ExportRange { topic: topic.to_string(), partition, from, to, chain_before: hex(&chain_before) })).await?;
+    let (topic, partition, from, to) = (range.topic.clone(), range.partition, range.from, range.to);
+    let topic = topic.as_str();
+    send(ExportLine::Range(range)).await?;
     let checkpoints = audit.log.list_checkpoints(topic, partition).await?;
     // Read after the checkpoints: a checkpoint is stored only after the records it covers.
     let end_now = audit.log.offsets(topic, partition).await?.end;
@@ -170,7 +167,8 @@ impl pb::auditor_server::Auditor for AuditorService {
         tracing::info!(topic = %r.topic, partition = r.partition, from, to, ?cover, caller, "export started");
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
-            if let Err(e) = export(audit, r, from, to, chain_before, cover, &tx).await {
+            let range = ExportRange { topic: r.topic, partition: r.partition, from, to, chain_before: hex(&chain_before) };
+            if let Err(e) = export(audit, range, cover, &tx).await {
                 let _ = tx.send(Err(e.into())).await;
             }
         });

@@ -52,8 +52,7 @@ pub(super) fn quarantine_prefix(topic: &str, group: &str) -> String {
 }
 
 pub(super) fn quarantine_key(topic: &str, group: &str, key: &[u8]) -> String {
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}{hex}", quarantine_prefix(topic, group))
+    format!("{}{}", quarantine_prefix(topic, group), crate::audit::chain::hex(key))
 }
 
 pub(super) fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
