@@ -9,7 +9,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     env::set_var("PROTOC", protoc);
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let protos = ["justizbus/v1/event.proto", "justizbus/v1/bus.proto"];
-    tonic_prost_build::configure().file_descriptor_set_path(out_dir.join("justizbus_v1_descriptor.bin")).compile_protos(&protos, &["."])?;
+    // An event's data as `Bytes`: decoding from a stored record then shares the record's buffer
+    // instead of copying the payload, and copies of an event (one per recipient) share it too.
+    tonic_prost_build::configure()
+        .bytes(".justizbus.v1.Event.data")
+        .file_descriptor_set_path(out_dir.join("justizbus_v1_descriptor.bin"))
+        .compile_protos(&protos, &["."])?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

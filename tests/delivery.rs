@@ -113,7 +113,7 @@ async fn nack_and_deadline_redeliver_with_backoff_then_dead_letter_and_quarantin
         .into_inner();
     assert_eq!(dl.records.len(), 1);
     let dead = dl.records[0].event.as_ref().expect("event");
-    assert_eq!(dead.data, b"P0");
+    assert_eq!(&dead.data[..], b"P0");
     assert_eq!(dead.headers.get("justizbus.dlq.event_id").map(String::as_str), Some("p0"));
 
     // Release: P0 comes again from attempt 1; acknowledging it lets P1 flow.

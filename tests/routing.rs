@@ -237,7 +237,7 @@ async fn unroutable_addresses_go_to_the_dead_letter_topic_and_the_sender_hears_o
         subject: "court:F1106|1 C 1/26".into(),
         sender: "court:F1106".into(),
         recipients: recipients.iter().map(|r| r.to_string()).collect(),
-        data: b"{}".to_vec(),
+        data: b"{}".to_vec().into(),
         data_content_type: "application/json".into(),
         ..Default::default()
     };

@@ -45,7 +45,7 @@ fn xjustiz_event(id: &str, sender: &str, recipient: &str) -> pb::Event {
         subject: format!("case-{id}"),
         sender: sender.into(),
         recipients: vec![recipient.into()],
-        data: br#"{"x":1}"#.to_vec(),
+        data: br#"{"x":1}"#.to_vec().into(),
         data_content_type: "application/json".into(),
         ..Default::default()
     }

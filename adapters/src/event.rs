@@ -69,7 +69,7 @@ pub fn build(message: &Message, original: &[u8], attachments: Vec<pb::Attachment
         time: m.created.as_deref().and_then(parse_xsd_datetime),
         sender: m.sender.first().map(|a| a.routing_key()).unwrap_or_default(),
         recipients: m.recipients.iter().map(|a| a.routing_key()).collect(),
-        data: serde_json::to_vec(&message.data).unwrap_or_default(),
+        data: serde_json::to_vec(&message.data).unwrap_or_default().into(),
         data_content_type: "application/json".into(),
         original: original.to_vec(),
         attachments,

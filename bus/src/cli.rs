@@ -534,7 +534,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         source: args.source,
         r#type: args.event_type.unwrap_or_default(),
         subject: args.key,
-        data,
+        data: data.into(),
         data_content_type: content_type,
         headers: args.headers.into_iter().collect(),
         ..Default::default()

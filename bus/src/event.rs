@@ -72,9 +72,9 @@ impl Event {
         Ok(Event { wire })
     }
 
-    /// Decodes a stored envelope.
-    pub fn decode(bytes: &[u8]) -> Result<pb::Event> {
-        pb::Event::decode(bytes).map_err(|e| Error::Corrupt { path: "event envelope".into(), reason: e.to_string() })
+    /// Decodes a stored envelope; the event's data shares `bytes` instead of being copied.
+    pub fn decode(bytes: &bytes::Bytes) -> Result<pb::Event> {
+        pb::Event::decode(bytes.clone()).map_err(|e| Error::Corrupt { path: "event envelope".into(), reason: e.to_string() })
     }
 
     /// The protobuf encoding stored in the log.
@@ -164,7 +164,7 @@ mod tests {
     use super::*;
 
     fn event() -> pb::Event {
-        pb::Event { subject: "AG Köln 12 C 345/26".into(), data: b"{}".to_vec(), ..Default::default() }
+        pb::Event { subject: "AG Köln 12 C 345/26".into(), data: bytes::Bytes::from_static(b"{}"), ..Default::default() }
     }
 
     #[test]
@@ -187,7 +187,7 @@ mod tests {
         e.id = "has space".into();
         assert!(matches!(Event::from_wire(e, 1024), Err(Error::InvalidArgument { .. })));
         let mut e = event();
-        e.data = vec![1; 2000];
+        e.data = vec![1; 2000].into();
         assert!(matches!(Event::from_wire(e, 1024), Err(Error::TooLarge { .. })));
     }
 

@@ -177,7 +177,13 @@ pub fn publisher(channel: Channel) -> pb::publisher_client::PublisherClient<Chan
 
 /// A small event.
 pub fn event(id: &str, subject: &str, data: &str) -> pb::Event {
-    pb::Event { id: id.into(), subject: subject.into(), r#type: "test.event".into(), data: data.as_bytes().to_vec(), ..Default::default() }
+    pb::Event {
+        id: id.into(),
+        subject: subject.into(),
+        r#type: "test.event".into(),
+        data: data.as_bytes().to_vec().into(),
+        ..Default::default()
+    }
 }
 
 /// Publishes one event; returns (partition, offset).

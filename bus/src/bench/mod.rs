@@ -132,7 +132,7 @@ fn event(args: &BenchArgs, i: u64, sent_ns: Option<u128>) -> pb::Event {
         source: "justizbus-bench".into(),
         r#type: "bench.event".into(),
         subject: format!("case-{}", i % u64::from(args.keys.max(1))),
-        data: payload(args.size, i),
+        data: payload(args.size, i).into(),
         data_content_type: "application/json".into(),
         ..Default::default()
     };

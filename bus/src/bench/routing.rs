@@ -108,7 +108,7 @@ fn case_event(args: &RoutingBenchArgs, prefix: &str, i: u64, sent_ns: Option<u12
         subject: format!("case-{c}"),
         sender: address(2 * c),
         recipients: vec![address(2 * c + 1)],
-        data: payload(args.size, i),
+        data: payload(args.size, i).into(),
         data_content_type: "application/json".into(),
         ..Default::default()
     };

@@ -119,7 +119,7 @@ fn notice(id: String, kind: &str, subject: &str, sender: &str, recipient: &str, 
         time: Some(now_timestamp()),
         sender: sender.into(),
         recipients: vec![recipient.into()],
-        data: serde_json::to_vec(data).unwrap_or_default(),
+        data: serde_json::to_vec(data).unwrap_or_default().into(),
         data_content_type: "application/json".into(),
         spec_version: SPEC_VERSION.into(),
         ..Default::default()

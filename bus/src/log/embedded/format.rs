@@ -217,10 +217,19 @@ pub struct RecordView<'a> {
 /// Walks the records of a whole, CRC-checked batch in offset order, stopping at the first
 /// record that does not fit in the batch.
 pub fn records<'a>(header: &BatchHeader, batch: &'a [u8]) -> impl Iterator<Item = Result<RecordView<'a>, BadBatch>> + 'a {
+    records_from(header, batch, 0, BATCH_HEADER)
+}
+
+/// Like [`records`], from the `index`-th record, which starts at byte `at` of the batch.
+fn records_from<'a>(
+    header: &BatchHeader,
+    batch: &'a [u8],
+    index: u32,
+    mut at: usize,
+) -> impl Iterator<Item = Result<RecordView<'a>, BadBatch>> + 'a {
     let (base, end, count) = (header.base_offset, (header.total_len as usize).min(batch.len()), header.record_count);
-    let mut at = BATCH_HEADER;
     let mut failed = false;
-    (0..count).map_while(move |_| {
+    (index.min(count)..count).map_while(move |_| {
         if failed {
             return None;
         }
@@ -252,6 +261,18 @@ pub fn records<'a>(header: &BatchHeader, batch: &'a [u8]) -> impl Iterator<Item 
     })
 }
 
+/// Where each record of a whole, CRC-checked batch starts (byte positions in the batch).
+pub fn record_starts(header: &BatchHeader, batch: &[u8]) -> Result<Vec<u32>, BadBatch> {
+    let mut starts = Vec::with_capacity(header.record_count as usize);
+    let mut at = BATCH_HEADER;
+    for r in records(header, batch) {
+        let r = r?;
+        starts.push(at as u32);
+        at += RECORD_HEADER + r.id.len() + r.key.len() + r.value.len();
+    }
+    Ok(starts)
+}
+
 /// Decodes the records of a whole, CRC-checked batch, keeping those at or after `from`, at most
 /// `max` of them.
 pub fn decode_records(
@@ -262,8 +283,23 @@ pub fn decode_records(
     max: usize,
     out: &mut Vec<StoredRecord>,
 ) -> Result<(), BadBatch> {
+    decode_records_at(header, batch, None, partition, from, max, out)
+}
+
+/// [`decode_records`] starting at a known record: `start` is (its index in the batch, its byte
+/// position), from [`record_starts`].
+pub fn decode_records_at(
+    header: &BatchHeader,
+    batch: &[u8],
+    start: Option<(usize, usize)>,
+    partition: u32,
+    from: u64,
+    max: usize,
+    out: &mut Vec<StoredRecord>,
+) -> Result<(), BadBatch> {
     let limit = out.len().saturating_add(max);
-    for r in records(header, batch) {
+    let (index, at) = start.unwrap_or((0, BATCH_HEADER));
+    for r in records_from(header, batch, index as u32, at) {
         let r = r?;
         if out.len() >= limit {
             break;
@@ -322,6 +358,14 @@ mod tests {
                 prop_assert_eq!(o.chain, Some(h));
             }
             prop_assert_eq!(last, Some(h));
+            // Starting at a record's known position reads the same as walking up to it.
+            let starts = record_starts(&header, &buf).expect("starts");
+            prop_assert_eq!(starts.len(), recs.len());
+            for (skip, &at) in starts.iter().enumerate() {
+                let mut direct = Vec::new();
+                decode_records_at(&header, &buf, Some((skip, at as usize)), 3, base + skip as u64, 2, &mut direct).expect("direct");
+                prop_assert_eq!(&direct[..], &out[skip..(skip + 2).min(out.len())]);
+            }
             // Any single flipped byte after the length field is caught.
             let at = 4 + (base as usize % (buf.len() - 4));
             let mut bad = buf.clone();

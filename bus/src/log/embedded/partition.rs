@@ -65,7 +65,6 @@ struct WriterState {
     since_index: u64,
     settings: LogSettings,
     dedup: DedupIndex,
-    buf: Vec<u8>,
     /// The chain value of the last stored record (None: appending without the chain).
     chain: Option<ChainHash>,
 }
@@ -127,7 +126,7 @@ impl Partition {
         });
         let dedup = partition.load_dedup(settings)?;
         let chain = if settings.hash_chain { Some(partition.chain_before(partition.end_offset())?) } else { None };
-        let state = WriterState { index_file, ids_file, since_index, settings: settings.clone(), dedup, buf: Vec::new(), chain };
+        let state = WriterState { index_file, ids_file, since_index, settings: settings.clone(), dedup, chain };
         tokio::spawn(run_writer(Arc::downgrade(&partition), state, rx));
         Ok(partition)
     }
@@ -419,9 +418,10 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
     if fresh.is_empty() {
         return Ok(results);
     }
-    st.buf.clear();
-    let chain = format::encode_batch(&mut st.buf, base, &fresh, st.chain);
-    let len = st.buf.len() as u64;
+    // Sized exactly: after the write the buffer moves into the read cache, which counts bytes.
+    let mut buf = Vec::with_capacity(format::BATCH_HEADER + fresh.iter().map(|r| format::record_size(r)).sum::<usize>());
+    let chain = format::encode_batch(&mut buf, base, &fresh, st.chain);
+    let len = buf.len() as u64;
     if active.size() > 0 && active.size() + len > st.settings.segment_bytes {
         st.index_file.sync_all().map_err(|e| Error::io(format!("syncing {}", active.index_path.display()), e))?;
         st.ids_file.sync_all().map_err(|e| Error::io(format!("syncing {}", active.ids_path.display()), e))?;
@@ -434,7 +434,7 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
         st.since_index = u64::MAX;
     }
     let started = std::time::Instant::now();
-    let pos = active.write_batch(&st.buf).and_then(|pos| active.sync().map(|()| pos));
+    let pos = active.write_batch(&buf).and_then(|pos| active.sync().map(|()| pos));
     tracing::trace!(topic = %p.topic, partition = p.id, jobs = jobs.len(), records = fresh.len(), bytes = len, sync_us = started.elapsed().as_micros() as u64, "group commit");
     let pos = match pos {
         Ok(pos) => pos,
@@ -448,6 +448,12 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
     active.commit(pos, len, next, max_ts, add_index.then_some((&mut st.index_file, base)));
     st.since_index = if add_index { len } else { st.since_index + len };
     st.chain = chain;
+    // Cached before the end moves: the readers it wakes find the batch in memory.
+    if p.cache.keeps(buf.len()) {
+        if let Ok(header) = format::decode_header(&buf) {
+            active.cache_written(&p.cache, pos, &header, buf);
+        }
+    }
     p.end.send_replace(next);
     // The sidecar is not synced, and a failed write is not fatal: opening the segment rebuilds a
     // sidecar whose length does not match from the records.

@@ -98,22 +98,40 @@ pub struct Segment {
 /// Source of [`Segment::uid`].
 static NEXT_SEGMENT_UID: AtomicU64 = AtomicU64::new(0);
 
-/// Recently read batches, checked and kept whole, shared by the partitions of one log.
+/// Recently written or read batches, checked and kept whole, shared by the partitions of one log.
 ///
 /// Many readers of one batch are the rule for the mailbox store (every mailbox reads its own
 /// records out of the router's batches) and for several groups on one topic: without the
-/// cache, each read of one record reads and checks its whole batch again. First in, first out,
-/// bounded in bytes; a batch never changes once durable, so entries need no invalidation.
+/// cache, each read of one record reads and checks its whole batch again. The writer puts each
+/// batch in as it commits it, since its first readers (the router, a mailbox's group) follow at
+/// once. First in, first out, bounded in bytes; a batch never changes once durable, so entries
+/// need no invalidation.
 #[derive(Debug)]
 pub struct BatchCache {
     capacity: usize,
     inner: Mutex<CacheInner>,
 }
 
+/// A whole batch and where each of its records starts, so that a read of one record in the
+/// middle need not walk the records before it.
+#[derive(Debug)]
+pub struct CachedBatch {
+    bytes: Vec<u8>,
+    starts: Vec<u32>,
+}
+
+impl CachedBatch {
+    /// Indexes a whole, checked batch; `None` when its records do not walk.
+    fn new(header: &format::BatchHeader, bytes: Vec<u8>) -> Option<CachedBatch> {
+        let starts = format::record_starts(header, &bytes).ok()?;
+        Some(CachedBatch { bytes, starts })
+    }
+}
+
 #[derive(Debug, Default)]
 struct CacheInner {
-    /// (segment uid, position) -> the batch's bytes.
-    batches: HashMap<(u64, u64), Arc<Vec<u8>>>,
+    /// (segment uid, position) -> the batch.
+    batches: HashMap<(u64, u64), Arc<CachedBatch>>,
     /// Insertion order, for eviction.
     order: VecDeque<(u64, u64)>,
     bytes: usize,
@@ -125,33 +143,38 @@ impl BatchCache {
         BatchCache { capacity, inner: Mutex::new(CacheInner::default()) }
     }
 
-    fn get(&self, key: (u64, u64)) -> Option<Arc<Vec<u8>>> {
+    fn get(&self, key: (u64, u64)) -> Option<Arc<CachedBatch>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).batches.get(&key).cloned()
     }
 
-    fn put(&self, key: (u64, u64), batch: Arc<Vec<u8>>) {
-        if batch.len() > self.capacity / 4 {
+    /// Whether a batch of `len` bytes would be kept.
+    pub fn keeps(&self, len: usize) -> bool {
+        len <= self.capacity / 4
+    }
+
+    fn put(&self, key: (u64, u64), batch: Arc<CachedBatch>) {
+        if !self.keeps(batch.bytes.len()) {
             return;
         }
         let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if c.batches.contains_key(&key) {
             return;
         }
-        c.bytes += batch.len();
+        c.bytes += batch.bytes.len();
         c.batches.insert(key, batch);
         c.order.push_back(key);
         while c.bytes > self.capacity {
             let Some(old) = c.order.pop_front() else { break };
             if let Some(b) = c.batches.remove(&old) {
-                c.bytes -= b.len();
+                c.bytes -= b.bytes.len();
             }
         }
     }
 }
 
-fn io(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> Error {
-    let context = format!("{what} {}", path.display());
-    move |e| Error::io(context, e)
+fn io<'a>(path: &'a Path, what: &'a str) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    // The context is formatted only on failure: reads call this on every batch.
+    move |e| Error::io(format!("{what} {}", path.display()), e)
 }
 
 /// File name stem of a segment: the zero-padded base offset.
@@ -393,6 +416,13 @@ impl Segment {
         Ok(pos)
     }
 
+    /// Hands a batch just committed at `pos` to the read cache (when it keeps batches that big).
+    pub fn cache_written(&self, cache: &BatchCache, pos: u64, header: &BatchHeader, bytes: Vec<u8>) {
+        if let Some(batch) = CachedBatch::new(header, bytes) {
+            cache.put((self.uid, pos), Arc::new(batch));
+        }
+    }
+
     /// Makes written data durable (`fdatasync`).
     pub fn sync(&self) -> Result<()> {
         self.file.sync_data().map_err(io(&self.log_path, "syncing"))
@@ -463,7 +493,7 @@ impl Segment {
             // read their records out of the same few batches).
             let cached = cache.get((self.uid, pos));
             let h = match &cached {
-                Some(buf) => format::decode_header(buf),
+                Some(batch) => format::decode_header(&batch.bytes),
                 None => {
                     self.file.read_exact_at(&mut header, pos).map_err(io(&self.log_path, "reading"))?;
                     format::decode_header(&header)
@@ -474,19 +504,31 @@ impl Segment {
                 return Ok(true);
             }
             if h.next_offset() > from {
-                let buf = match cached {
-                    Some(buf) => buf,
+                let batch = match cached {
+                    Some(batch) => batch,
                     None => {
                         let mut buf = vec![0u8; h.total_len as usize];
                         self.file.read_exact_at(&mut buf, pos).map_err(io(&self.log_path, "reading"))?;
                         format::check_crc(&h, &buf).map_err(|b| self.corrupt(pos, b))?;
-                        let buf = Arc::new(buf);
-                        cache.put((self.uid, pos), buf.clone());
-                        buf
+                        let batch = Arc::new(
+                            CachedBatch::new(&h, buf)
+                                .ok_or_else(|| self.corrupt(pos, format::BadBatch::Malformed("records do not fit the batch".into())))?,
+                        );
+                        cache.put((self.uid, pos), batch.clone());
+                        batch
                     }
                 };
-                format::decode_records(&h, &buf, partition, from, max_records.saturating_sub(out.len()), out)
-                    .map_err(|b| self.corrupt(pos, b))?;
+                let skip = from.saturating_sub(h.base_offset) as usize;
+                format::decode_records_at(
+                    &h,
+                    &batch.bytes,
+                    batch.starts.get(skip).map(|&at| (skip, at as usize)),
+                    partition,
+                    from,
+                    max_records.saturating_sub(out.len()),
+                    out,
+                )
+                .map_err(|b| self.corrupt(pos, b))?;
                 while out.last().is_some_and(|r| r.offset >= upto) {
                     out.pop();
                 }
