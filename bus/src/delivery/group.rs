@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{StreamExt, StreamMap};
 
+use super::positions::PositionWriter;
 use super::{dead_letter_topic, Delivered, GroupOverrides, Outgoing, StartPosition};
 use crate::audit::journal::{Entry as JournalEntry, Journal, Kind};
 use crate::config::DeliverySettings;
@@ -177,9 +178,6 @@ struct Sub {
     outstanding: u32,
 }
 
-/// How long storing a position waits for the delivery journal.
-const JOURNAL_WAIT: Duration = Duration::from_secs(5);
-
 struct InFlight {
     partition: u32,
     offset: u64,
@@ -213,6 +211,8 @@ impl Settings {
 struct Actor {
     /// Where deliveries, acks and failures are journaled (DESIGN.md section 8).
     journal: Option<Journal>,
+    /// Stores the group's positions.
+    positions: PositionWriter,
     /// Read-ahead bytes of all groups together.
     budget: Arc<Budget>,
     /// The last fill stopped at the budget: try again soon (freed budget wakes nobody).
@@ -323,6 +323,7 @@ pub async fn spawn(
     }
     let commit_interval_ms = limits.commit_interval_ms;
     let mut actor = Actor {
+        positions: PositionWriter::start(log.clone(), topic.to_string(), group.to_string(), journal.clone()),
         journal,
         topic: topic.to_string(),
         group: group.to_string(),
@@ -372,7 +373,7 @@ pub async fn spawn(
             actor.load_partition(p).await?;
         }
     }
-    actor.commit().await;
+    actor.commit_now().await;
     tracing::info!(topic, group, partitions = info.config.partitions, quarantined = actor.quarantined.len(), "group loaded");
     let (tx, rx) = mpsc::channel(4096);
     tokio::spawn(actor.run(rx, ends));
@@ -453,7 +454,7 @@ impl Actor {
         let revoked: Vec<u32> =
             (0..self.parts.len() as u32).filter(|p| self.parts[*p as usize].owned && !assignment.partitions.contains(p)).collect();
         if !revoked.is_empty() {
-            self.commit().await;
+            self.commit_now().await;
             for p in &revoked {
                 self.release_partition(*p);
             }
@@ -515,7 +516,7 @@ impl Actor {
         if self.membership.is_none() || !self.subs.is_empty() {
             return;
         }
-        self.commit().await;
+        self.commit_now().await;
         for p in 0..self.parts.len() as u32 {
             if self.parts[p as usize].owned {
                 self.release_partition(p);
@@ -587,10 +588,10 @@ impl Actor {
             }
             self.expire().await;
             if self.last_commit.elapsed() >= Duration::from_millis(self.limits.commit_interval_ms) {
-                self.commit().await;
+                self.commit();
             }
         }
-        self.commit().await;
+        self.commit_now().await;
     }
 
     /// Returns true when the actor must stop.
@@ -666,7 +667,7 @@ impl Actor {
                 let _ = reply.send(self.resolve(key, skip).await);
             }
             Command::Shutdown { reply } => {
-                self.commit().await;
+                self.commit_now().await;
                 let _ = reply.send(());
                 return true;
             }
@@ -1031,17 +1032,10 @@ impl Actor {
         journal.record(e);
     }
 
-    /// Persists the cursors of changed partitions.
-    async fn commit(&mut self) {
+    /// Hands the positions of changed partitions to the position writer, which stores them
+    /// once the journal entries they reflect are durable (without holding up deliveries).
+    fn commit(&mut self) {
         self.last_commit = Instant::now();
-        // A stored position must never get ahead of the journal of the acks it reflects. A
-        // journal that cannot be written holds positions back, not deliveries.
-        if let Some(journal) = &self.journal {
-            if self.parts.iter().any(|p| p.dirty) && tokio::time::timeout(JOURNAL_WAIT, journal.flush()).await.is_err() {
-                tracing::warn!(topic = %self.topic, group = %self.group, "the delivery journal is behind; group position not stored this time");
-                return;
-            }
-        }
         let cursors: Vec<(u32, Cursor)> = self
             .parts
             .iter()
@@ -1054,12 +1048,16 @@ impl Actor {
                 (p as u32, Cursor { committed, scanned: part.next_read, unacked, attempts })
             })
             .collect();
-        if cursors.is_empty() {
-            return;
-        }
-        match self.log.store_cursors(&self.topic, &self.group, &cursors).await {
-            Ok(()) => self.parts.iter_mut().for_each(|p| p.dirty = false),
-            Err(e) => tracing::error!(topic = %self.topic, group = %self.group, error = %e, "storing group position failed; will retry"),
+        self.parts.iter_mut().for_each(|p| p.dirty = false);
+        self.positions.store(cursors);
+    }
+
+    /// [`Actor::commit`], then waits until the positions are stored (before partitions are
+    /// given up, and at shutdown).
+    async fn commit_now(&mut self) {
+        self.commit();
+        if !self.positions.sync().await {
+            tracing::warn!(topic = %self.topic, group = %self.group, "group position not stored yet; the position writer retries");
         }
     }
 

@@ -16,6 +16,7 @@
 //!   unacknowledged offsets above it, so a crash redelivers and never skips.
 
 pub mod group;
+pub mod positions;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

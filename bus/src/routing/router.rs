@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use super::directory::{mailbox_topic, DirectoryHandle};
 use super::mailbox::MailboxLog;
 use crate::audit::journal::{Entry as JournalEntry, Journal, Kind};
+use crate::delivery::positions::PositionWriter;
 use crate::event::{now_ms, now_timestamp, Event, SPEC_VERSION};
 use crate::log::{Cursor, Log, NewRecord, StoredRecord, TopicConfig};
 use crate::{Error, Result};
@@ -217,6 +218,7 @@ impl Router {
             ends.push(log.watch_end(&topic, p)?);
         }
         tracing::info!(topic, positions = ?next, "router running");
+        let positions = PositionWriter::start(log.clone(), topic.clone(), ROUTER_GROUP.into(), self.journal.clone());
         let mut failures = 0u32;
         while !*stopped.borrow() {
             let mut batch: Vec<StoredRecord> = Vec::new();
@@ -282,18 +284,11 @@ impl Router {
                 next[p as usize] = offset;
             }
             // A position lost in a crash only means routing some events again, which the
-            // mailbox store deduplicates. It never gets ahead of the journal.
-            let journal_behind = match &self.journal {
-                Some(journal) => tokio::time::timeout(Duration::from_secs(5), journal.flush()).await.is_err(),
-                None => false,
-            };
-            if journal_behind {
-                tracing::warn!("the delivery journal is behind; the router's positions are stored with a later batch");
-            } else if let Err(e) = log.store_cursors(&topic, ROUTER_GROUP, &cursors).await {
-                tracing::warn!(error = %e, "storing the router's positions failed; will store them with the next batch");
-            }
+            // mailbox store deduplicates. The writer stores it once the journal is durable.
+            positions.store(cursors);
             tracing::debug!(events = batch.len(), routed_ms, "batch routed");
         }
+        positions.close().await;
         tracing::info!("router stopped");
         Ok(())
     }
