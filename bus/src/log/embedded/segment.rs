@@ -121,10 +121,10 @@ pub struct CachedBatch {
 }
 
 impl CachedBatch {
-    /// Indexes a whole, checked batch; `None` when its records do not walk.
-    fn new(header: &format::BatchHeader, bytes: Vec<u8>) -> Option<CachedBatch> {
-        let starts = format::record_starts(header, &bytes).ok()?;
-        Some(CachedBatch { bytes, starts })
+    /// Indexes a whole, checked batch; fails when its records do not fit it.
+    fn new(header: &BatchHeader, bytes: Vec<u8>) -> std::result::Result<CachedBatch, BadBatch> {
+        let starts = format::record_starts(header, &bytes)?;
+        Ok(CachedBatch { bytes, starts })
     }
 }
 
@@ -418,7 +418,7 @@ impl Segment {
 
     /// Hands a batch just committed at `pos` to the read cache (when it keeps batches that big).
     pub fn cache_written(&self, cache: &BatchCache, pos: u64, header: &BatchHeader, bytes: Vec<u8>) {
-        if let Some(batch) = CachedBatch::new(header, bytes) {
+        if let Ok(batch) = CachedBatch::new(header, bytes) {
             cache.put((self.uid, pos), Arc::new(batch));
         }
     }
@@ -510,10 +510,7 @@ impl Segment {
                         let mut buf = vec![0u8; h.total_len as usize];
                         self.file.read_exact_at(&mut buf, pos).map_err(io(&self.log_path, "reading"))?;
                         format::check_crc(&h, &buf).map_err(|b| self.corrupt(pos, b))?;
-                        let batch = Arc::new(
-                            CachedBatch::new(&h, buf)
-                                .ok_or_else(|| self.corrupt(pos, format::BadBatch::Malformed("records do not fit the batch".into())))?,
-                        );
+                        let batch = Arc::new(CachedBatch::new(&h, buf).map_err(|b| self.corrupt(pos, b))?);
                         cache.put((self.uid, pos), batch.clone());
                         batch
                     }
