@@ -418,8 +418,8 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
     if fresh.is_empty() {
         return Ok(results);
     }
-    // Sized exactly: after the write the buffer moves into the read cache, which counts bytes.
-    let mut buf = Vec::with_capacity(format::BATCH_HEADER + fresh.iter().map(|r| format::record_size(r)).sum::<usize>());
+    // After the write the buffer moves into the read cache.
+    let mut buf = p.cache.buffer(format::BATCH_HEADER + fresh.iter().map(|r| format::record_size(r)).sum::<usize>());
     let chain = format::encode_batch(&mut buf, base, &fresh, st.chain);
     let len = buf.len() as u64;
     if active.size() > 0 && active.size() + len > st.settings.segment_bytes {
@@ -449,10 +449,9 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
     st.since_index = if add_index { len } else { st.since_index + len };
     st.chain = chain;
     // Cached before the end moves: the readers it wakes find the batch in memory.
-    if p.cache.keeps(buf.len()) {
-        if let Ok(header) = format::decode_header(&buf) {
-            active.cache_written(&p.cache, pos, &header, buf);
-        }
+    match format::decode_header(&buf) {
+        Ok(header) => active.cache_written(&p.cache, pos, &header, buf),
+        Err(_) => p.cache.recycle(buf),
     }
     p.end.send_replace(next);
     // The sidecar is not synced, and a failed write is not fatal: opening the segment rebuilds a

@@ -134,8 +134,16 @@ struct CacheInner {
     batches: HashMap<(u64, u64), Arc<CachedBatch>>,
     /// Insertion order, for eviction.
     order: VecDeque<(u64, u64)>,
+    /// Allocated bytes of the batches held.
     bytes: usize,
+    /// Buffers of evicted batches, handed to the next writes and reads: allocating a fresh
+    /// buffer per batch costs a page fault per 4 KiB once the allocator has returned freed
+    /// memory to the system.
+    spare: Vec<Vec<u8>>,
 }
+
+/// Most spare buffers kept.
+const SPARE_BUFFERS: usize = 16;
 
 impl BatchCache {
     /// A cache of at most `capacity` bytes (0: no caching).
@@ -143,8 +151,12 @@ impl BatchCache {
         BatchCache { capacity, inner: Mutex::new(CacheInner::default()) }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn get(&self, key: (u64, u64)) -> Option<Arc<CachedBatch>> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).batches.get(&key).cloned()
+        self.lock().batches.get(&key).cloned()
     }
 
     /// Whether a batch of `len` bytes would be kept.
@@ -152,21 +164,49 @@ impl BatchCache {
         len <= self.capacity / 4
     }
 
+    /// An empty buffer for a batch of `len` bytes: a spare one that fits (not more than
+    /// twice as large), or a new one.
+    pub fn buffer(&self, len: usize) -> Vec<u8> {
+        let mut c = self.lock();
+        match c.spare.iter().position(|b| b.capacity() >= len && b.capacity() <= 2 * len.max(64 * 1024)) {
+            Some(i) => {
+                let mut b = c.spare.swap_remove(i);
+                b.clear();
+                b
+            }
+            None => Vec::with_capacity(len),
+        }
+    }
+
+    /// Takes back a buffer that was not cached.
+    pub fn recycle(&self, buffer: Vec<u8>) {
+        let mut c = self.lock();
+        if c.spare.len() < SPARE_BUFFERS && self.keeps(buffer.capacity()) {
+            c.spare.push(buffer);
+        }
+    }
+
     fn put(&self, key: (u64, u64), batch: Arc<CachedBatch>) {
-        if !self.keeps(batch.bytes.len()) {
+        if !self.keeps(batch.bytes.capacity()) {
             return;
         }
-        let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.lock();
         if c.batches.contains_key(&key) {
             return;
         }
-        c.bytes += batch.bytes.len();
+        c.bytes += batch.bytes.capacity();
         c.batches.insert(key, batch);
         c.order.push_back(key);
         while c.bytes > self.capacity {
             let Some(old) = c.order.pop_front() else { break };
             if let Some(b) = c.batches.remove(&old) {
-                c.bytes -= b.bytes.len();
+                c.bytes -= b.bytes.capacity();
+                // Still being read: the reader frees it.
+                if let Ok(b) = Arc::try_unwrap(b) {
+                    if c.spare.len() < SPARE_BUFFERS {
+                        c.spare.push(b.bytes);
+                    }
+                }
             }
         }
     }
@@ -418,7 +458,9 @@ impl Segment {
 
     /// Hands a batch just committed at `pos` to the read cache (when it keeps batches that big).
     pub fn cache_written(&self, cache: &BatchCache, pos: u64, header: &BatchHeader, bytes: Vec<u8>) {
-        if let Ok(batch) = CachedBatch::new(header, bytes) {
+        if !cache.keeps(bytes.capacity()) {
+            cache.recycle(bytes);
+        } else if let Ok(batch) = CachedBatch::new(header, bytes) {
             cache.put((self.uid, pos), Arc::new(batch));
         }
     }
@@ -507,7 +549,8 @@ impl Segment {
                 let batch = match cached {
                     Some(batch) => batch,
                     None => {
-                        let mut buf = vec![0u8; h.total_len as usize];
+                        let mut buf = cache.buffer(h.total_len as usize);
+                        buf.resize(h.total_len as usize, 0);
                         self.file.read_exact_at(&mut buf, pos).map_err(io(&self.log_path, "reading"))?;
                         format::check_crc(&h, &buf).map_err(|b| self.corrupt(pos, b))?;
                         let batch = Arc::new(CachedBatch::new(&h, buf).map_err(|b| self.corrupt(pos, b))?);
@@ -601,4 +644,41 @@ impl Segment {
 /// Syncs a directory so that created or deleted files survive a crash.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir, "syncing directory"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::NewRecord;
+
+    fn batch(base: u64, value_len: usize) -> (BatchHeader, Vec<u8>) {
+        let r = NewRecord { id: format!("r{base}"), key: bytes::Bytes::new(), timestamp_ms: 1, value: vec![7u8; value_len].into() };
+        let mut buf = Vec::new();
+        format::encode_batch(&mut buf, base, &[&r], None);
+        (format::decode_header(&buf).expect("header"), buf)
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_bytes_and_hands_evicted_buffers_on() {
+        let cache = BatchCache::new(64 * 1024);
+        for i in 0..20u64 {
+            let (h, b) = batch(i, 8 * 1024);
+            cache.put((1, i), Arc::new(CachedBatch::new(&h, b).expect("batch")));
+            assert!(cache.lock().bytes <= 64 * 1024);
+        }
+        // The oldest are gone, the newest are there.
+        assert!(cache.get((1, 0)).is_none());
+        assert!(cache.get((1, 19)).is_some());
+        // An evicted batch's buffer serves the next batch of about its size, emptied.
+        let spare = cache.lock().spare.len();
+        assert!(spare > 0);
+        let reused = cache.buffer(8 * 1024);
+        assert!(reused.is_empty() && reused.capacity() >= 8 * 1024);
+        assert_eq!(cache.lock().spare.len(), spare - 1);
+        // A buffer far larger than asked for is not handed out for a small batch.
+        let cache = BatchCache::new(4 << 20);
+        cache.recycle(Vec::with_capacity(512 * 1024));
+        assert!(cache.buffer(1000).capacity() < 512 * 1024);
+        assert!(cache.buffer(300 * 1024).capacity() >= 512 * 1024);
+    }
 }
