@@ -138,12 +138,21 @@ struct CacheInner {
     bytes: usize,
     /// Buffers of evicted batches, handed to the next writes and reads: allocating a fresh
     /// buffer per batch costs a page fault per 4 KiB once the allocator has returned freed
-    /// memory to the system.
+    /// memory to the system. At most [`SPARE_BUFFERS`], together a quarter of the capacity.
     spare: Vec<Vec<u8>>,
 }
 
 /// Most spare buffers kept.
 const SPARE_BUFFERS: usize = 16;
+
+impl CacheInner {
+    fn keep_spare(&mut self, buffer: Vec<u8>, capacity: usize) {
+        let held: usize = self.spare.iter().map(Vec::capacity).sum();
+        if self.spare.len() < SPARE_BUFFERS && held + buffer.capacity() <= capacity / 4 {
+            self.spare.push(buffer);
+        }
+    }
+}
 
 impl BatchCache {
     /// A cache of at most `capacity` bytes (0: no caching).
@@ -180,10 +189,7 @@ impl BatchCache {
 
     /// Takes back a buffer that was not cached.
     pub fn recycle(&self, buffer: Vec<u8>) {
-        let mut c = self.lock();
-        if c.spare.len() < SPARE_BUFFERS && self.keeps(buffer.capacity()) {
-            c.spare.push(buffer);
-        }
+        self.lock().keep_spare(buffer, self.capacity);
     }
 
     fn put(&self, key: (u64, u64), batch: Arc<CachedBatch>) {
@@ -203,9 +209,7 @@ impl BatchCache {
                 c.bytes -= b.bytes.capacity();
                 // Still being read: the reader frees it.
                 if let Ok(b) = Arc::try_unwrap(b) {
-                    if c.spare.len() < SPARE_BUFFERS {
-                        c.spare.push(b.bytes);
-                    }
+                    c.keep_spare(b.bytes, self.capacity);
                 }
             }
         }
@@ -675,6 +679,7 @@ mod tests {
         let reused = cache.buffer(8 * 1024);
         assert!(reused.is_empty() && reused.capacity() >= 8 * 1024);
         assert_eq!(cache.lock().spare.len(), spare - 1);
+        assert!(cache.lock().spare.iter().map(Vec::capacity).sum::<usize>() <= 16 * 1024);
         // A buffer far larger than asked for is not handed out for a small batch.
         let cache = BatchCache::new(4 << 20);
         cache.recycle(Vec::with_capacity(512 * 1024));
