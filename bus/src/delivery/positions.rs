@@ -101,7 +101,9 @@ async fn run(log: Arc<dyn Log>, topic: String, group: String, journal: Option<Jo
             let _ = done.send(stored);
         }
         if !open {
-            break; // one last attempt made; what failed is stored by the next run from its log
+            // One last attempt made: a position that could not be stored means redelivery after
+            // a restart, never a skipped event.
+            break;
         }
     }
 }
