@@ -699,6 +699,10 @@ impl Actor {
     async fn fill(&mut self) {
         self.held_back = false;
         self.read_retry = None;
+        // Read-ahead is for subscribers (see `drop_read_ahead`).
+        if self.subs.is_empty() {
+            return;
+        }
         let share_events = (self.limits.max_buffered_events / self.parts.len().max(1)).max(64);
         let share_bytes = (self.limits.max_buffered_bytes / self.parts.len().max(1)).max(1 << 20);
         for p in 0..self.parts.len() {
@@ -988,6 +992,36 @@ impl Actor {
             }
         }
         tracing::debug!(topic = %self.topic, group = %self.group, sub, "subscriber left");
+        if self.subs.is_empty() {
+            self.drop_read_ahead();
+        }
+    }
+
+    /// With no subscriber left, read-ahead only holds budget that groups with subscribers
+    /// need (think of thousands of mailboxes whose owners are offline). Each partition drops
+    /// the events at the end of its buffer that were never handed out and reads them again
+    /// from there when a subscriber comes back; what was delivered, settles, waits for a
+    /// backoff or is quarantined stays.
+    fn drop_read_ahead(&mut self) {
+        for p in 0..self.parts.len() {
+            let part = &mut self.parts[p];
+            let untouched = |e: &Entry| e.attempts == 0 && matches!(e.state, State::Waiting | State::Ready);
+            let kept_below = part.entries.iter().rev().find(|(_, e)| !untouched(e)).map_or(0, |(o, _)| o + 1);
+            let dropped = part.entries.split_off(&kept_below);
+            let Some(&first) = dropped.keys().next() else { continue };
+            let bytes: usize = dropped.values().map(|e| e.record.value.len() + e.record.key.len()).sum();
+            part.buffered_bytes -= bytes;
+            part.next_read = first;
+            part.dirty = true;
+            for queue in part.keys.values_mut() {
+                while queue.back().is_some_and(|o| *o >= first) {
+                    queue.pop_back();
+                }
+            }
+            part.keys.retain(|_, q| !q.is_empty());
+            self.budget.give(bytes);
+            self.ready.retain(|&(rp, o)| rp != p as u32 || o < first);
+        }
     }
 
     /// Expired deliveries fail; backoffs that are over become ready.

@@ -437,6 +437,49 @@ mod tests {
         log.close().await.expect("close");
     }
 
+    /// A group whose last subscriber left gives back the read-ahead it never handed out, reads
+    /// nothing more while it has no subscriber, and delivers everything, in order, to the next.
+    #[tokio::test]
+    async fn a_group_without_subscribers_holds_no_read_ahead() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = log_with(dir.path(), 1, 200, 1, 1000).await;
+        let delivery = Delivery::new(log.clone(), DeliverySettings::default());
+        let mut sub = delivery.subscribe(SubscribeParams { max_unacked: 2, ..params() }).await.expect("subscribe");
+        let first = next_delivery(&mut sub).await;
+        assert_eq!(first.record.id, "e0");
+        assert!(delivery.budget.used() >= 100 * 1000, "the group read ahead: {}", delivery.budget.used());
+        drop(sub);
+        // Only the delivery handed out (back in the buffer, attempt 1) stays.
+        let mut used = delivery.budget.used();
+        for _ in 0..100 {
+            if used <= 2 * 1010 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            used = delivery.budget.used();
+        }
+        assert!(used <= 2 * 1010, "read-ahead given back, {used} bytes still held");
+        // New events do not make it read again while nobody subscribes.
+        let more = (200..260).map(|i| NewRecord {
+            id: format!("e{i}"),
+            key: Bytes::from("case-0"),
+            timestamp_ms: 0,
+            value: Bytes::from(vec![1u8; 1000]),
+        });
+        log.append("t", more.collect()).await.expect("append");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(delivery.budget.used() <= 2 * 1010, "no read-ahead without subscribers: {}", delivery.budget.used());
+        // The next subscriber gets every event once more from e0, in order.
+        let mut sub = delivery.subscribe(params()).await.expect("subscribe again");
+        for i in 0..260 {
+            let d = next_delivery(&mut sub).await;
+            assert_eq!(d.record.id, format!("e{i}"));
+            sub.control.ack(vec![d.delivery_id]).await.expect("ack");
+        }
+        stop(&delivery, sub).await;
+        log.close().await.expect("close");
+    }
+
     /// A released delivery frees its case at once but is committed only when settled: a
     /// restart before that redelivers it (and only it).
     #[tokio::test]
