@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use justizbus_proto::v1 as pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::ServerConfig;
 use crate::delivery::Delivery;
@@ -133,7 +132,6 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     }
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let routes = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -162,7 +160,12 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
         Some((tls_config, handshake_timeout)) => {
             Box::pin(routes.serve_with_incoming_shutdown(crate::security::tls::incoming(listener, tls_config, handshake_timeout), shutdown))
         }
-        None => Box::pin(routes.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)),
+        // `Server::tcp_nodelay` applies only to listeners tonic binds itself: without it here,
+        // Nagle's algorithm held small frames (a delivery, an ack's answer) until the peer's
+        // delayed ACK, up to 40 ms.
+        None => Box::pin(
+            routes.serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown),
+        ),
     };
     // A client that keeps its half of a stream open would hold the graceful shutdown forever;
     // give connections a moment to close, then drop them.
