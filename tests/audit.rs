@@ -30,9 +30,16 @@ fn signing_server_every(dir: &Path, records: u64, interval_ms: u64) -> (TestServ
 
 /// Publishes `n` events to partition 0 of a one-partition topic, in batches of 25.
 async fn fill(server: &TestServer, topic: &str, n: usize) {
-    server.create_topic(topic, 1).await;
+    fill_from(server, topic, 0, n).await;
+}
+
+/// Publishes events `first..first + n` (creating the topic with the first ones).
+async fn fill_from(server: &TestServer, topic: &str, first: usize, n: usize) {
+    if first == 0 {
+        server.create_topic(topic, 1).await;
+    }
     let channel = server.channel().await;
-    for chunk in (0..n).collect::<Vec<_>>().chunks(25) {
+    for chunk in (first..first + n).collect::<Vec<_>>().chunks(25) {
         let requests: Vec<pb::PublishRequest> = chunk
             .iter()
             .map(|i| pb::PublishRequest {
@@ -128,8 +135,19 @@ async fn verify_names_the_offset_of_every_kind_of_tampering() {
     }
     let work = tempfile::tempdir().expect("tempdir");
     let (mut server, _, key) = signing_server(work.path());
-    fill(&server, "court", 300).await;
     let data = server.dir.path().join("data");
+    // A hundred records at a time, each hundred signed before the next: three checkpoints
+    // whatever the pace of publishing.
+    for hundred in 1..=3u64 {
+        fill_from(&server, "court", (hundred as usize - 1) * 100, 100).await;
+        let file = data.join("log").join("court").join("0").join(justizbus::audit::checkpoint::CHECKPOINT_FILE);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !std::fs::read_to_string(&file).unwrap_or_default().lines().any(|l| l.contains(&format!("\"offset\":{}", hundred * 100 - 1)))
+        {
+            assert!(std::time::Instant::now() < deadline, "no checkpoint at {}", hundred * 100 - 1);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
     server.process.stop().expect("graceful stop signs the tail");
     let (ok, report) = verify(&data, &key);
     assert!(ok, "an untouched log verifies: {report}");
