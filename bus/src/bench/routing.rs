@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use futures_util::FutureExt;
 use justizbus_proto::v1 as pb;
 use serde_json::json;
 use tokio::sync::{mpsc, Semaphore};
@@ -127,8 +128,9 @@ struct Counters {
     subscribed: AtomicU64,
 }
 
-/// One mailbox subscriber: acknowledges every delivery at once, reports latencies of events
-/// that carry a send time.
+/// One mailbox subscriber: acknowledges what it received in one `Ack` as soon as no further
+/// delivery is ready (as an efficient client does; an ack per delivery costs a message each
+/// way), and reports latencies of events that carry a send time.
 async fn subscriber(
     channel: Channel,
     topic: String,
@@ -140,7 +142,9 @@ async fn subscriber(
     let init = pb::SubscribeInit { topic, group: "bench".into(), max_unacked: 100, ..Default::default() };
     tx.send(pb::SubscribeRequest { request: Some(pb::subscribe_request::Request::Init(init)) }).await?;
     let mut stream = client.subscribe(ReceiverStream::new(rx)).await?.into_inner();
-    while let Some(msg) = stream.message().await? {
+    let mut received = Vec::new();
+    let mut next = stream.message().await?;
+    while let Some(msg) = next {
         match msg.response {
             Some(pb::subscribe_response::Response::Subscribed(_)) => {
                 counters.subscribed.fetch_add(1, Ordering::Relaxed);
@@ -150,11 +154,20 @@ async fn subscriber(
                     let _ = latencies.send(now_ns().saturating_sub(sent));
                 }
                 counters.delivered.fetch_add(1, Ordering::Relaxed);
-                let ack = pb::Ack { delivery_ids: vec![d.delivery_id] };
-                tx.send(pb::SubscribeRequest { request: Some(pb::subscribe_request::Request::Ack(ack)) }).await?;
+                received.push(d.delivery_id);
             }
             _ => {}
         }
+        next = match stream.message().now_or_never() {
+            Some(ready) => ready?,
+            None => {
+                if !received.is_empty() {
+                    let ack = pb::Ack { delivery_ids: std::mem::take(&mut received) };
+                    tx.send(pb::SubscribeRequest { request: Some(pb::subscribe_request::Request::Ack(ack)) }).await?;
+                }
+                stream.message().await?
+            }
+        };
     }
     Ok(())
 }
