@@ -221,6 +221,19 @@ pub trait Log: Send + Sync + 'static {
     /// Reads up to `max_records` records (and about `max_bytes`) from `from`, up to the high
     /// watermark. Starting below the log start yields records from the log start.
     async fn read(&self, topic: &str, partition: u32, from: u64, max_records: usize, max_bytes: usize) -> Result<Vec<StoredRecord>>;
+    /// [`Log::read`] for records the caller drops soon (it routes or converts them at once):
+    /// a backend may hand out its cached buffers instead of copies, which would keep those
+    /// buffers alive as long as a record is kept.
+    async fn read_transient(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>> {
+        self.read(topic, partition, from, max_records, max_bytes).await
+    }
     /// The stored range of a partition.
     async fn offsets(&self, topic: &str, partition: u32) -> Result<PartitionOffsets>;
     /// The first offset whose record has a timestamp at or after `timestamp_ms` (the end if none).

@@ -7,8 +7,12 @@
 //!
 //! - An append to a mailbox becomes one record of the store topic whose key is the mailbox
 //!   name (so a mailbox lives in one store partition) and whose value carries the mailbox
-//!   sequence number, the record's own key (the case) and the payload. Appends to many
+//!   sequence number, the record's own key (the case) and its content. Appends to many
 //!   mailboxes go down in one group commit ([`MailboxLog::append_many`]).
+//! - The content is either the event itself or, for the router's deliveries, a reference to the
+//!   ingest record it delivers plus the delivery's own fields (sender, recipients, headers):
+//!   the payload is stored once, however many mailboxes it goes to, and a read puts the
+//!   delivery together from the ingest record ([`Content::Reference`]).
 //! - An in-memory index maps each mailbox's sequence numbers to store offsets; it is rebuilt at
 //!   start from the store records (which carry their sequence numbers, so it comes out the same).
 //!   Reads of a mailbox follow its index: cost proportional to that mailbox's traffic.
@@ -40,8 +44,10 @@ use crate::{Error, Result};
 /// The physical topic that holds every mailbox.
 pub const STORE_TOPIC: &str = "justizbus.mailboxes";
 
-/// Format byte of a store record's value.
+/// Format byte of a store record whose value holds the event itself.
 const ENTRY_FORMAT: u8 = 1;
+/// Format byte of a store record whose value references a record of another topic.
+const REFERENCE_FORMAT: u8 = 2;
 
 /// Whether a topic name is served by the mailbox store.
 pub fn is_mailbox_topic(topic: &str) -> bool {
@@ -106,7 +112,47 @@ struct Lane {
 }
 
 /// Records, each with the mailbox it goes to.
-type Addressed = Vec<(String, NewRecord)>;
+type Addressed = Vec<(String, MailboxRecord)>;
+
+/// What a mailbox record holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// The encoded event itself.
+    Event(Bytes),
+    /// A delivery of the event stored at `topic`/`partition`/`offset` (a topic that keeps
+    /// everything: the ingest topic). A read takes that event and replaces its sender and
+    /// recipients with the overlay's, and adds the overlay's headers; the overlay is an encoded
+    /// event holding only those fields.
+    Reference {
+        /// The topic holding the event.
+        topic: String,
+        /// Its partition there.
+        partition: u32,
+        /// Its offset there.
+        offset: u64,
+        /// The delivery's own sender, recipients and headers (an encoded `pb::Event`).
+        overlay: Bytes,
+    },
+}
+
+/// A record to append to a mailbox.
+#[derive(Debug, Clone)]
+pub struct MailboxRecord {
+    /// Unique id within the mailbox: an id the mailbox holds already is not appended again.
+    pub id: String,
+    /// The case: ordering key.
+    pub key: Bytes,
+    /// Milliseconds since the epoch.
+    pub timestamp_ms: i64,
+    /// The event or where to find it.
+    pub content: Content,
+}
+
+impl From<NewRecord> for MailboxRecord {
+    fn from(r: NewRecord) -> Self {
+        MailboxRecord { id: r.id, key: r.key, timestamp_ms: r.timestamp_ms, content: Content::Event(r.value) }
+    }
+}
 
 /// One caller's records, waiting to be written.
 struct AppendJob {
@@ -122,30 +168,75 @@ fn shared_error(e: &Error) -> Error {
     }
 }
 
-fn encode_entry(seq: u64, key: &[u8], payload: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(13 + key.len() + payload.len());
-    b.put_u8(ENTRY_FORMAT);
+fn encode_entry(seq: u64, key: &[u8], content: &Content) -> Bytes {
+    let body = match content {
+        Content::Event(payload) => payload.len(),
+        Content::Reference { topic, overlay, .. } => 14 + topic.len() + overlay.len(),
+    };
+    let mut b = BytesMut::with_capacity(13 + key.len() + body);
+    b.put_u8(match content {
+        Content::Event(_) => ENTRY_FORMAT,
+        Content::Reference { .. } => REFERENCE_FORMAT,
+    });
     b.put_u64_le(seq);
     b.put_u32_le(key.len() as u32);
     b.put_slice(key);
-    b.put_slice(payload);
+    match content {
+        Content::Event(payload) => b.put_slice(payload),
+        Content::Reference { topic, partition, offset, overlay } => {
+            b.put_u16_le(topic.len() as u16);
+            b.put_slice(topic.as_bytes());
+            b.put_u32_le(*partition);
+            b.put_u64_le(*offset);
+            b.put_slice(overlay);
+        }
+    }
     b.freeze()
 }
 
-/// (sequence number, key, payload) of a store record's value.
-fn decode_entry(value: &Bytes) -> Result<(u64, Bytes, Bytes)> {
+/// (sequence number, key, content) of a store record's value.
+fn decode_entry(value: &Bytes) -> Result<(u64, Bytes, Content)> {
     let corrupt = || Error::State("a mailbox store record has an unknown format".into());
     let mut v = value.clone();
-    if v.remaining() < 13 || v.get_u8() != ENTRY_FORMAT {
+    if v.remaining() < 13 {
         return Err(corrupt());
     }
+    let format = v.get_u8();
     let seq = v.get_u64_le();
     let key_len = v.get_u32_le() as usize;
     if v.remaining() < key_len {
         return Err(corrupt());
     }
     let key = v.split_to(key_len);
-    Ok((seq, key, v))
+    let content = match format {
+        ENTRY_FORMAT => Content::Event(v),
+        REFERENCE_FORMAT => {
+            if v.remaining() < 2 {
+                return Err(corrupt());
+            }
+            let topic_len = v.get_u16_le() as usize;
+            if v.remaining() < topic_len + 12 {
+                return Err(corrupt());
+            }
+            let topic = String::from_utf8(v.split_to(topic_len).to_vec()).map_err(|_| corrupt())?;
+            let (partition, offset) = (v.get_u32_le(), v.get_u64_le());
+            Content::Reference { topic, partition, offset, overlay: v }
+        }
+        _ => return Err(corrupt()),
+    };
+    Ok((seq, key, content))
+}
+
+/// The delivery a reference stands for: the referenced event with the overlay's sender,
+/// recipients and headers.
+fn apply_overlay(event: &Bytes, overlay: &Bytes) -> Result<Bytes> {
+    use prost::Message;
+    let mut event = crate::event::Event::decode(event)?;
+    let overlay = crate::event::Event::decode(overlay)?;
+    event.sender = overlay.sender;
+    event.recipients = overlay.recipients;
+    event.headers.extend(overlay.headers);
+    Ok(Bytes::from(event.encode_to_vec()))
 }
 
 impl MailboxLog {
@@ -234,7 +325,7 @@ impl MailboxLog {
 
     /// Appends records to several mailboxes in one durable write; results in input order. A
     /// record whose id the mailbox already holds is not appended again (`duplicate`).
-    pub async fn append_many(&self, records: Vec<(String, NewRecord)>) -> Result<Vec<Appended>> {
+    pub async fn append_many<R: Into<MailboxRecord>>(&self, records: Vec<(String, R)>) -> Result<Vec<Appended>> {
         // Each mailbox once: a router batch names few mailboxes many times.
         let topics: std::collections::BTreeSet<&String> = records.iter().map(|(t, _)| t).collect();
         if let Some(unknown) = topics.into_iter().find(|t| !self.exists(t)) {
@@ -246,7 +337,7 @@ impl MailboxLog {
         for (i, (topic, r)) in records.into_iter().enumerate() {
             let lane = by_lane.entry(partition_for_key(topic.as_bytes(), self.partitions)).or_default();
             lane.0.push(i);
-            lane.1.push((topic, r));
+            lane.1.push((topic, r.into()));
         }
         let lanes = by_lane.into_iter().map(|(lane, (indexes, records))| async move { (indexes, self.append_lane(lane, records).await) });
         let mut results: Vec<Option<Appended>> = vec![None; count];
@@ -290,7 +381,7 @@ impl MailboxLog {
 
     /// Assigns sequence numbers, writes the fresh records in one store append, and indexes
     /// them. Callers hold the writer.
-    async fn write(&self, records: Vec<(String, NewRecord)>) -> Result<Vec<Appended>> {
+    async fn write(&self, records: Addressed) -> Result<Vec<Appended>> {
         let mut results: Vec<Option<Appended>> = vec![None; records.len()];
         let mut fresh = Vec::new();
         let mut placed = Vec::new();
@@ -310,7 +401,7 @@ impl MailboxLog {
                     id: r.id.clone(),
                     key: Bytes::copy_from_slice(topic.as_bytes()),
                     timestamp_ms: r.timestamp_ms,
-                    value: encode_entry(*seq, &r.key, &r.value),
+                    value: encode_entry(*seq, &r.key, &r.content),
                 });
                 placed.push((i, topic.clone(), *seq, h, r.timestamp_ms));
                 *seq += 1;
@@ -329,6 +420,21 @@ impl MailboxLog {
             }
         }
         Ok(results.into_iter().map(|r| r.expect("every record placed")).collect())
+    }
+
+    /// The delivery `id` that references `source`/`partition`/`offset`, put together.
+    async fn referenced(&self, id: &str, source: &str, partition: u32, offset: u64, overlay: &Bytes) -> Result<Bytes> {
+        let gone = || Error::State(format!("delivery {id} references {source}/{partition}/{offset}, which is no longer stored"));
+        let record = match self.inner.read_transient(source, partition, offset, 1, 1).await {
+            Ok(records) => records.into_iter().next().filter(|r| r.offset == offset).ok_or_else(gone)?,
+            Err(Error::OffsetOutOfRange { .. }) => return Err(gone()),
+            Err(e) => return Err(e),
+        };
+        // Delivery ids are `<event id>><participant>`.
+        if id.strip_prefix(record.id.as_str()).is_none_or(|rest| !rest.starts_with('>')) {
+            return Err(Error::State(format!("delivery {id} references {source}/{partition}/{offset}, which holds {}", record.id)));
+        }
+        apply_overlay(&record.value, overlay)
     }
 
     /// Store offsets of `topic`'s sequence numbers from `from`, at most `max`.
@@ -420,14 +526,34 @@ impl Log for MailboxLog {
                 if r.offset != positions[i].0 || r.key != topic.as_bytes() {
                     return Err(Error::State(format!("mailbox index of {topic} points at a foreign store record {}", r.offset)));
                 }
-                let (seq, key, value) = decode_entry(&r.value)?;
+                let (seq, key, content) = decode_entry(&r.value)?;
                 debug_assert_eq!(seq, first + i as u64);
+                let value = match content {
+                    Content::Event(value) => value,
+                    Content::Reference { topic: source, partition, offset, overlay } => {
+                        self.referenced(&r.id, &source, partition, offset, &overlay).await?
+                    }
+                };
                 bytes += value.len();
                 out.push(StoredRecord { partition: 0, offset: seq, timestamp_ms: r.timestamp_ms, id: r.id, key, value, chain: None });
                 i += 1;
             }
         }
         Ok(out)
+    }
+
+    async fn read_transient(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>> {
+        if !is_mailbox_topic(topic) {
+            return self.inner.read_transient(topic, partition, from, max_records, max_bytes).await;
+        }
+        self.read(topic, partition, from, max_records, max_bytes).await
     }
 
     async fn offsets(&self, topic: &str, partition: u32) -> Result<PartitionOffsets> {
@@ -646,5 +772,66 @@ mod tests {
         let quiet = log.read("mailbox.DE.Justiz.p0.1", 0, 0, 100, 1 << 20).await.expect("read");
         assert_eq!(quiet.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["q0", "q1", "q2", "q3", "q4"]);
         assert_eq!(log.describe_topic("mailbox.DE.Justiz.p999.1").await.expect("exists").partitions[0].end, 5);
+    }
+
+    #[tokio::test]
+    async fn a_delivery_by_reference_reads_as_the_referenced_event_under_its_overlay() {
+        use justizbus_proto::v1 as pb;
+        use prost::Message;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path(), 2).await;
+        let ingest = TopicConfig { partitions: 1, retention_ms: 0, retention_bytes: 0 };
+        log.create_topic("ingest", ingest).await.expect("ingest topic");
+        let event = pb::Event {
+            id: "ev1".into(),
+            sender: "court:C0".into(),
+            recipients: vec!["court:C1".into()],
+            headers: [("origin".to_string(), "land".to_string())].into(),
+            data: Bytes::from(vec![7u8; 5000]),
+            ..Default::default()
+        };
+        let stored = NewRecord { id: "ev1".into(), key: Bytes::from("case-1"), timestamp_ms: 1000, value: event.encode_to_vec().into() };
+        log.append("ingest", vec![stored]).await.expect("ingest append");
+        let overlay = pb::Event {
+            sender: "DE.Justiz.p0.1".into(),
+            recipients: vec!["DE.Justiz.p1.1".into()],
+            headers: [("justizbus.recipient".to_string(), "DE.Justiz.p1.1".to_string())].into(),
+            ..Default::default()
+        };
+        let reference = |id: &str, offset: u64| MailboxRecord {
+            id: id.into(),
+            key: Bytes::from("case-1"),
+            timestamp_ms: 1001,
+            content: Content::Reference { topic: "ingest".into(), partition: 0, offset, overlay: overlay.encode_to_vec().into() },
+        };
+        let mailbox = "mailbox.DE.Justiz.p1.1";
+        log.append_many(vec![(mailbox.to_string(), reference("ev1>DE.Justiz.p1.1", 0))]).await.expect("append");
+
+        let expected = pb::Event {
+            sender: "DE.Justiz.p0.1".into(),
+            recipients: vec!["DE.Justiz.p1.1".into()],
+            headers: [("origin".to_string(), "land".to_string()), ("justizbus.recipient".to_string(), "DE.Justiz.p1.1".to_string())].into(),
+            ..event.clone()
+        };
+        let read = log.read(mailbox, 0, 0, 10, 1 << 20).await.expect("read");
+        assert_eq!(read.len(), 1);
+        assert_eq!((read[0].id.as_str(), &read[0].key[..]), ("ev1>DE.Justiz.p1.1", &b"case-1"[..]));
+        assert_eq!(pb::Event::decode(read[0].value.clone()).expect("event"), expected);
+        // The store holds the reference, not a second copy of the payload.
+        let raw = log.read(STORE_TOPIC, partition_for_key(mailbox.as_bytes(), 4), 0, 10, 1 << 20).await.expect("store");
+        assert!(raw[0].value.len() < 200, "store record of {} bytes", raw[0].value.len());
+        log.close().await.expect("close");
+        drop(log);
+
+        let log = open(dir.path(), 2).await;
+        let read = log.read(mailbox, 0, 0, 10, 1 << 20).await.expect("read after restart");
+        assert_eq!(pb::Event::decode(read[0].value.clone()).expect("event"), expected);
+        // A reference to a record that is not there, or that is another event, is refused.
+        log.append_many(vec![(mailbox.to_string(), reference("ev9>DE.Justiz.p1.1", 5))]).await.expect("append");
+        let err = log.read(mailbox, 0, 1, 10, 1 << 20).await.expect_err("dangling");
+        assert!(err.to_string().contains("no longer stored"), "{err}");
+        log.append_many(vec![(mailbox.to_string(), reference("ev8>DE.Justiz.p1.1", 0))]).await.expect("append");
+        let err = log.read(mailbox, 0, 2, 10, 1 << 20).await.expect_err("foreign");
+        assert!(err.to_string().contains("which holds ev1"), "{err}");
     }
 }

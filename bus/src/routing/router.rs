@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::directory::{mailbox_topic, DirectoryHandle};
-use super::mailbox::MailboxLog;
+use super::mailbox::{Content, MailboxLog, MailboxRecord};
 use crate::audit::journal::{Entry as JournalEntry, Journal, Kind};
 use crate::delivery::positions::PositionWriter;
 use crate::event::{now_ms, now_timestamp, Event, SPEC_VERSION};
@@ -209,7 +209,11 @@ impl Router {
     async fn run(self, mut stopped: watch::Receiver<bool>) -> Result<()> {
         let topic = self.settings.ingest_topic.clone();
         let log: Arc<dyn Log> = self.mailboxes.clone();
-        let partitions = log.describe_topic(&topic).await?.config.partitions;
+        let config = log.describe_topic(&topic).await?.config;
+        let partitions = config.partitions;
+        // Deliveries reference the ingest record instead of copying it when the ingest topic
+        // keeps every record; with retention, a delivery must outlive its ingest record.
+        let by_reference = config.retention_ms == 0 && config.retention_bytes == 0;
         let mut next = Vec::with_capacity(partitions as usize);
         let mut ends = Vec::with_capacity(partitions as usize);
         for p in 0..partitions {
@@ -217,7 +221,7 @@ impl Router {
             next.push(log.load_cursor(&topic, ROUTER_GROUP, p).await?.map_or(start, |c| c.committed.max(start)));
             ends.push(log.watch_end(&topic, p)?);
         }
-        tracing::info!(topic, positions = ?next, "router running");
+        tracing::info!(topic, positions = ?next, by_reference, "router running");
         let positions = PositionWriter::start(log.clone(), topic.clone(), ROUTER_GROUP.into(), self.journal.clone());
         let mut failures = 0u32;
         while !*stopped.borrow() {
@@ -229,7 +233,7 @@ impl Router {
                 if *ends[p as usize].borrow_and_update() <= at {
                     continue;
                 }
-                let records = match log.read(&topic, p, at, self.settings.batch as usize, MAX_READ_BYTES).await {
+                let records = match log.read_transient(&topic, p, at, self.settings.batch as usize, MAX_READ_BYTES).await {
                     Ok(r) => r,
                     // Retention removed events the router had not reached yet: go on from the
                     // oldest stored one, and say so.
@@ -263,7 +267,7 @@ impl Router {
             let routing_started = std::time::Instant::now();
             let outcome = match unreadable {
                 Some(e) => Err(e),
-                None => self.route(&batch).await,
+                None => self.route(&batch, by_reference).await,
             };
             if let Err(e) = outcome {
                 // Nothing advances: the same events are read and routed again (the mailbox
@@ -293,10 +297,11 @@ impl Router {
         Ok(())
     }
 
-    /// Makes the deliveries, routing errors and unroutable copies of a batch durable.
-    async fn route(&self, batch: &[StoredRecord]) -> Result<()> {
+    /// Makes the deliveries, routing errors and unroutable copies of a batch durable. With
+    /// `by_reference`, a delivery references its ingest record rather than copying it.
+    async fn route(&self, batch: &[StoredRecord], by_reference: bool) -> Result<()> {
         let directory = self.directory.get();
-        let mut deliveries: Vec<(String, NewRecord)> = Vec::new();
+        let mut deliveries: Vec<(String, MailboxRecord)> = Vec::new();
         let mut unroutable: Vec<NewRecord> = Vec::new();
         let mut journal: Vec<JournalEntry> = Vec::new();
         // The ingest record as it was, for the unroutable topic.
@@ -328,22 +333,38 @@ impl Router {
                 e.detail = Some(format!("unresolved: {}", resolution.unresolved.join(", ")));
                 journal.push(e);
             }
+            let ingest = format!("{}/{}/{}", self.settings.ingest_topic, record.partition, record.offset);
             for recipient in &resolution.recipients {
-                let mut copy = event.clone();
-                copy.sender = sender.clone();
-                copy.recipients = resolution.recipients.clone();
-                copy.headers.insert(RECIPIENT_HEADER.into(), recipient.clone());
-                copy.headers.insert("justizbus.sender_address".into(), event.sender.clone());
-                copy.headers
-                    .insert("justizbus.ingest".into(), format!("{}/{}/{}", self.settings.ingest_topic, record.partition, record.offset));
+                // What a delivery changes of the event: sender and recipients resolved to
+                // participants, and headers saying for whom, from which address, from where.
+                let mut overlay = pb::Event {
+                    sender: sender.clone(),
+                    recipients: resolution.recipients.clone(),
+                    headers: [
+                        (RECIPIENT_HEADER.to_string(), recipient.clone()),
+                        ("justizbus.sender_address".to_string(), event.sender.clone()),
+                        ("justizbus.ingest".to_string(), ingest.clone()),
+                    ]
+                    .into(),
+                    ..Default::default()
+                };
+                let content = if by_reference {
+                    Content::Reference {
+                        topic: self.settings.ingest_topic.clone(),
+                        partition: record.partition,
+                        offset: record.offset,
+                        overlay: Bytes::from(overlay.encode_to_vec()),
+                    }
+                } else {
+                    let mut copy = event.clone();
+                    copy.sender = std::mem::take(&mut overlay.sender);
+                    copy.recipients = std::mem::take(&mut overlay.recipients);
+                    copy.headers.extend(overlay.headers);
+                    Content::Event(Bytes::from(copy.encode_to_vec()))
+                };
                 deliveries.push((
                     mailbox_topic(recipient),
-                    NewRecord {
-                        id: format!("{}>{recipient}", event.id),
-                        key: record.key.clone(),
-                        timestamp_ms: now_ms(),
-                        value: Bytes::from(copy.encode_to_vec()),
-                    },
+                    MailboxRecord { id: format!("{}>{recipient}", event.id), key: record.key.clone(), timestamp_ms: now_ms(), content },
                 ));
             }
             if resolution.recipients.is_empty() || !resolution.unresolved.is_empty() {
@@ -360,8 +381,10 @@ impl Router {
                     Some(sender) => {
                         let error = RoutingError { event_id: event.id.clone(), unresolved, delivered_to: resolution.recipients.clone() };
                         let id = format!("routing-error.{}", event.id);
-                        deliveries
-                            .push((mailbox_topic(sender), notice(id, ROUTING_ERROR_TYPE, &event.subject, "justizbus", sender, &error)));
+                        deliveries.push((
+                            mailbox_topic(sender),
+                            notice(id, ROUTING_ERROR_TYPE, &event.subject, "justizbus", sender, &error).into(),
+                        ));
                     }
                     None => {
                         tracing::warn!(id = %event.id, sender = %event.sender, "the sender is not in the directory either; nobody to notify")
@@ -379,5 +402,68 @@ impl Router {
             journal.into_iter().for_each(|e| j.record(e));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LogSettings;
+    use crate::log::embedded::EmbeddedLog;
+    use crate::routing::directory::Directory;
+    use crate::routing::mailbox::STORE_TOPIC;
+
+    /// Routes one event from C0 to C1 with the ingest topic created with `retention_ms`;
+    /// returns the delivery as read from the mailbox and the size of its store record.
+    async fn route_one(retention_ms: u64) -> (pb::Event, usize) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir.path(), LogSettings::default()).await.expect("open"));
+        let mut text = String::new();
+        for i in 0..2 {
+            text.push_str(&format!(
+                "[[participant]]\nid = \"DE.Justiz.p{i}.1\"\nkind = \"court\"\nname = \"Gericht {i}\"\ncourts = [\"C{i}\"]\n"
+            ));
+        }
+        let directory = DirectoryHandle::fixed(Directory::parse(&text).expect("directory"));
+        let mailboxes = Arc::new(MailboxLog::open(inner, directory.clone(), 1).await.expect("mailboxes"));
+        let settings = RoutingSettings::default();
+        let ingest = TopicConfig { partitions: 1, retention_ms, retention_bytes: 0 };
+        mailboxes.create_topic(&settings.ingest_topic, ingest).await.expect("ingest topic");
+        let event = pb::Event {
+            id: "ev1".into(),
+            r#type: "nachricht.gds.basisnachricht.0005006".into(),
+            subject: "case-1".into(),
+            sender: "court:C0".into(),
+            recipients: vec!["court:C1".into()],
+            data: Bytes::from(vec![7u8; 4000]),
+            ..Default::default()
+        };
+        let record =
+            NewRecord { id: "ev1".into(), key: Bytes::from("case-1"), timestamp_ms: now_ms(), value: event.encode_to_vec().into() };
+        mailboxes.append(&settings.ingest_topic, vec![record]).await.expect("publish");
+        let mailbox = mailbox_topic("DE.Justiz.p1.1");
+        let mut end = mailboxes.watch_end(&mailbox, 0).expect("watch");
+        let router =
+            Router { mailboxes: mailboxes.clone(), directory, settings: settings.clone(), journal: None }.start().await.expect("router");
+        tokio::time::timeout(Duration::from_secs(10), end.wait_for(|&e| e >= 1)).await.expect("routed in time").expect("watch");
+        router.stop().await;
+        let read = mailboxes.read(&mailbox, 0, 0, 10, 1 << 20).await.expect("read");
+        let store = mailboxes.read(STORE_TOPIC, 0, 0, 10, 1 << 20).await.expect("store");
+        (pb::Event::decode(read[0].value.clone()).expect("delivery"), store[0].value.len())
+    }
+
+    #[tokio::test]
+    async fn deliveries_reference_a_keep_all_ingest_topic_and_copy_from_one_with_retention() {
+        let (by_reference, reference_size) = route_one(0).await;
+        let (copied, copy_size) = route_one(86_400_000).await;
+        assert!(reference_size < 400, "a reference takes {reference_size} bytes");
+        assert!(copy_size > 4000, "a copy takes {copy_size} bytes");
+        // Either way the recipient gets the same delivery.
+        assert_eq!(by_reference, copied);
+        assert_eq!(by_reference.data, Bytes::from(vec![7u8; 4000]));
+        assert_eq!((by_reference.sender.as_str(), &by_reference.recipients[..]), ("DE.Justiz.p0.1", &["DE.Justiz.p1.1".to_string()][..]));
+        assert_eq!(by_reference.headers.get(RECIPIENT_HEADER).map(String::as_str), Some("DE.Justiz.p1.1"));
+        assert_eq!(by_reference.headers.get("justizbus.sender_address").map(String::as_str), Some("court:C0"));
+        assert_eq!(by_reference.headers.get("justizbus.ingest").map(String::as_str), Some("xjustiz.ingest/0/0"));
     }
 }

@@ -283,11 +283,13 @@ pub fn decode_records(
     max: usize,
     out: &mut Vec<StoredRecord>,
 ) -> Result<(), BadBatch> {
-    decode_records_at(header, batch, None, partition, from, max, out)
+    decode_records_at(header, batch, None, partition, from, max, &Bytes::copy_from_slice, out)
 }
 
 /// [`decode_records`] starting at a known record: `start` is (its index in the batch, its byte
-/// position), from [`record_starts`].
+/// position), from [`record_starts`]. `value` makes a record's value out of its bytes in
+/// `batch` (a copy, or a share of the batch's buffer).
+#[allow(clippy::too_many_arguments)]
 pub fn decode_records_at(
     header: &BatchHeader,
     batch: &[u8],
@@ -295,6 +297,7 @@ pub fn decode_records_at(
     partition: u32,
     from: u64,
     max: usize,
+    value: &dyn Fn(&[u8]) -> Bytes,
     out: &mut Vec<StoredRecord>,
 ) -> Result<(), BadBatch> {
     let limit = out.len().saturating_add(max);
@@ -305,14 +308,13 @@ pub fn decode_records_at(
             break;
         }
         if r.offset >= from {
-            // Copies, so that a record kept in a delivery buffer does not pin its whole batch.
             out.push(StoredRecord {
                 partition,
                 offset: r.offset,
                 timestamp_ms: r.timestamp_ms,
                 id: String::from_utf8_lossy(r.id).into_owned(),
                 key: Bytes::copy_from_slice(r.key),
-                value: Bytes::copy_from_slice(r.value),
+                value: value(r.value),
                 chain: (r.chain != GENESIS).then_some(r.chain),
             });
         }
@@ -363,7 +365,7 @@ mod tests {
             prop_assert_eq!(starts.len(), recs.len());
             for (skip, &at) in starts.iter().enumerate() {
                 let mut direct = Vec::new();
-                decode_records_at(&header, &buf, Some((skip, at as usize)), 3, base + skip as u64, 2, &mut direct).expect("direct");
+                decode_records_at(&header, &buf, Some((skip, at as usize)), 3, base + skip as u64, 2, &Bytes::copy_from_slice, &mut direct).expect("direct");
                 prop_assert_eq!(&direct[..], &out[skip..(skip + 2).min(out.len())]);
             }
             // Any single flipped byte after the length field is caught.

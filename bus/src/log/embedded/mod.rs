@@ -203,7 +203,19 @@ impl Log for EmbeddedLog {
 
     async fn read(&self, topic: &str, partition: u32, from: u64, max_records: usize, max_bytes: usize) -> Result<Vec<StoredRecord>> {
         let p = self.partition(topic, partition)?;
-        p.read(from, max_records, max_bytes)
+        p.read(from, max_records, max_bytes, false)
+    }
+
+    async fn read_transient(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>> {
+        let p = self.partition(topic, partition)?;
+        p.read(from, max_records, max_bytes, true)
     }
 
     async fn offsets(&self, topic: &str, partition: u32) -> Result<PartitionOffsets> {
@@ -363,6 +375,27 @@ mod tests {
             async move { open(&d).await }
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn transient_reads_share_the_cache_and_outlive_its_eviction() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = LogSettings { read_cache_bytes: 256 * 1024, ..settings() };
+        let log: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir.path(), settings).await.expect("open"));
+        log.create_topic("t", TopicConfig { partitions: 1, retention_ms: 0, retention_bytes: 0 }).await.expect("create");
+        let record = |i: u32| NewRecord { id: format!("r{i}"), key: "k".into(), timestamp_ms: 1, value: vec![i as u8; 1000].into() };
+        log.append("t", (0..10).map(record).collect()).await.expect("append");
+        let shared = log.read_transient("t", 0, 0, 100, 1 << 20).await.expect("transient read");
+        assert_eq!(shared, log.read("t", 0, 0, 100, 1 << 20).await.expect("read"));
+        // Far more than the cache holds: the shared batch is evicted, its values stay intact.
+        for round in 1..40u32 {
+            log.append("t", (round * 10..round * 10 + 10).map(record).collect()).await.expect("append");
+        }
+        for (i, r) in shared.iter().enumerate() {
+            assert_eq!(r.value, vec![i as u8; 1000]);
+        }
+        let again = log.read_transient("t", 0, 395, 100, 1 << 20).await.expect("transient read");
+        assert_eq!(again.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["r395", "r396", "r397", "r398", "r399"]);
     }
 
     #[tokio::test]

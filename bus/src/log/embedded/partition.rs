@@ -170,7 +170,7 @@ impl Partition {
             return Ok(GENESIS);
         }
         if offset > self.start_offset() {
-            return match self.read(offset - 1, 1, 1)?.as_slice() {
+            return match self.read(offset - 1, 1, 1, false)?.as_slice() {
                 [r] if r.offset == offset - 1 => Ok(r.chain.unwrap_or(GENESIS)),
                 _ => Err(Error::OffsetOutOfRange { partition: self.id, offset, start: self.start_offset(), end: self.end_offset() }),
             };
@@ -241,7 +241,7 @@ impl Partition {
     /// Confirms a dedup hash hit: the record at `offset` is still stored and has this id (an id
     /// is remembered only while its record is stored).
     fn record_has_id(&self, offset: u64, id: &str) -> bool {
-        matches!(self.read(offset, 1, 1).as_deref(), Ok([r]) if r.offset == offset && r.id == id)
+        matches!(self.read(offset, 1, 1, false).as_deref(), Ok([r]) if r.offset == offset && r.id == id)
     }
 
     /// The high watermark.
@@ -264,7 +264,7 @@ impl Partition {
     }
 
     /// Reads from `from` up to the high watermark within the limits.
-    pub fn read(&self, from: u64, max_records: usize, max_bytes: usize) -> Result<Vec<StoredRecord>> {
+    pub fn read(&self, from: u64, max_records: usize, max_bytes: usize, share: bool) -> Result<Vec<StoredRecord>> {
         let upto = self.end_offset();
         let segments = self.segments();
         let from = from.max(segments.first().map_or(0, |s| s.base_offset));
@@ -273,7 +273,7 @@ impl Partition {
             return Ok(out);
         }
         let first = segments.partition_point(|s| s.base_offset <= from).saturating_sub(1);
-        let mut budget = ReadBudget { upto, max_records, max_bytes, bytes_read: 0 };
+        let mut budget = ReadBudget { upto, max_records, max_bytes, bytes_read: 0, share };
         for seg in &segments[first..] {
             if seg.base_offset >= upto || !seg.read(self.id, from, &mut budget, &self.cache, &mut out)? {
                 break;

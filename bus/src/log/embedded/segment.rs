@@ -5,6 +5,7 @@
 //! per `index_interval_bytes` of log. The index of the active segment is rebuilt on recovery;
 //! a sealed segment's index is synced when the segment is rolled.
 
+use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -72,6 +73,10 @@ pub struct ReadBudget {
     pub max_bytes: usize,
     /// Bytes read so far.
     pub bytes_read: usize,
+    /// Values may share the cached batch's buffer instead of being copies: for records the
+    /// reader drops soon (a copy lets a record kept long, such as one waiting in a delivery
+    /// buffer, not pin its whole batch).
+    pub share: bool,
 }
 
 /// A segment of a partition.
@@ -118,6 +123,18 @@ pub struct BatchCache {
 pub struct CachedBatch {
     bytes: Vec<u8>,
     starts: Vec<u32>,
+}
+
+/// A record's value inside a cached batch, handed out without a copy.
+struct SharedValue {
+    batch: Arc<CachedBatch>,
+    range: std::ops::Range<usize>,
+}
+
+impl AsRef<[u8]> for SharedValue {
+    fn as_ref(&self) -> &[u8] {
+        &self.batch.bytes[self.range.clone()]
+    }
 }
 
 impl CachedBatch {
@@ -563,6 +580,11 @@ impl Segment {
                     }
                 };
                 let skip = from.saturating_sub(h.base_offset) as usize;
+                let shared = |value: &[u8]| {
+                    // `value` lies in `batch.bytes`: where it starts there.
+                    let start = value.as_ptr() as usize - batch.bytes.as_ptr() as usize;
+                    Bytes::from_owner(SharedValue { batch: batch.clone(), range: start..start + value.len() })
+                };
                 format::decode_records_at(
                     &h,
                     &batch.bytes,
@@ -570,6 +592,7 @@ impl Segment {
                     partition,
                     from,
                     max_records.saturating_sub(out.len()),
+                    if budget.share { &shared } else { &Bytes::copy_from_slice },
                     out,
                 )
                 .map_err(|b| self.corrupt(pos, b))?;
