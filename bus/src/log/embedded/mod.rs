@@ -255,13 +255,16 @@ impl Log for EmbeddedLog {
     }
 
     async fn store_cursors(&self, topic: &str, group: &str, cursors: &[(u32, Cursor)]) -> Result<()> {
-        let mut batch = sled::Batch::default();
+        // One insert per partition, not a `sled::Batch`: sled writes out its log buffer before
+        // and after every batch (two writes and range syncs each), which with a thousand
+        // mailbox groups storing positions cost more than everything else sled does. A crash
+        // between two inserts leaves some partitions at their older position: redelivery, which
+        // at-least-once allows.
         for (p, c) in cursors {
             let mut k = group_key(topic, group);
             k.extend_from_slice(&p.to_be_bytes());
-            batch.insert(k, json(c));
+            self.cursors.insert(k, json(c))?;
         }
-        self.cursors.apply_batch(batch)?;
         Ok(())
     }
 
