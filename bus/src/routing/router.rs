@@ -53,7 +53,9 @@ pub struct RoutingSettings {
     pub ingest_topic: String,
     /// Partitions of the ingest topic when the router creates it.
     pub ingest_partitions: u32,
-    /// Partitions of the mailbox store (fixed once created).
+    /// Partitions of the mailbox store (fixed once created). Each partition is a write lane
+    /// with its own durable writes: on the embedded log every partition costs an `fdatasync`
+    /// per group commit, so one partition (the largest group commits) routes fastest there.
     pub mailbox_partitions: u32,
     /// Most ingest events routed in one batch (one durable mailbox write).
     pub batch: u32,
@@ -71,7 +73,7 @@ impl Default for RoutingSettings {
             directory: None,
             ingest_topic: "xjustiz.ingest".into(),
             ingest_partitions: 4,
-            mailbox_partitions: 8,
+            mailbox_partitions: 1,
             batch: 1000,
             reload_ms: 1000,
             mailboxes: true,
