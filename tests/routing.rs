@@ -273,14 +273,19 @@ async fn unroutable_addresses_go_to_the_dead_letter_topic_and_the_sender_hears_o
     assert_eq!(direct.expect_err("refused").code(), tonic::Code::InvalidArgument);
 
     // The router's position is visible as the reserved group justizbus.router, at the end of
-    // the ingest topic once everything is routed; no client may join it.
+    // the ingest topic once everything is routed (stored shortly after the deliveries, once the
+    // journal entries before it are durable); no client may join it.
     let mut admin = justizbus_e2e::admin(channel.clone());
-    let router = admin
-        .describe_group(pb::DescribeGroupRequest { topic: "xjustiz.ingest".into(), group: "justizbus.router".into() })
-        .await
-        .expect("describe the router")
-        .into_inner();
-    assert_eq!(router.partitions.iter().map(|p| p.lag).sum::<u64>(), 0, "{router:?}");
+    let started = std::time::Instant::now();
+    let router = loop {
+        let described =
+            admin.describe_group(pb::DescribeGroupRequest { topic: "xjustiz.ingest".into(), group: "justizbus.router".into() }).await;
+        match described {
+            Ok(r) if r.get_ref().partitions.iter().map(|p| p.lag).sum::<u64>() == 0 => break r.into_inner(),
+            Ok(_) | Err(_) if started.elapsed() < ARRIVES => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => panic!("the router's position did not reach the end: {other:?}"),
+        }
+    };
     assert_eq!(router.partitions.iter().map(|p| p.committed_offset).sum::<u64>(), 2, "{router:?}");
     let init = pb::SubscribeInit { topic: "xjustiz.ingest".into(), group: "justizbus.router".into(), max_unacked: 1, ..Default::default() };
     let hijack = Subscriber::open(&channel, init).await.err().expect("the router's group is reserved");

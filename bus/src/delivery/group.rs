@@ -213,6 +213,8 @@ struct Actor {
     journal: Option<Journal>,
     /// Stores the group's positions.
     positions: PositionWriter,
+    /// Whether journal entries were recorded since positions were last handed over.
+    journaled: std::sync::atomic::AtomicBool,
     /// Read-ahead bytes of all groups together.
     budget: Arc<Budget>,
     /// The last fill stopped at the budget: try again soon (freed budget wakes nobody).
@@ -324,6 +326,7 @@ pub async fn spawn(
     let commit_interval_ms = limits.commit_interval_ms;
     let mut actor = Actor {
         positions: PositionWriter::start(log.clone(), topic.to_string(), group.to_string(), journal.clone()),
+        journaled: std::sync::atomic::AtomicBool::new(false),
         journal,
         topic: topic.to_string(),
         group: group.to_string(),
@@ -960,6 +963,7 @@ impl Actor {
         if let Some(journal) = &self.journal {
             let kind = if skip { Kind::QuarantineSkipped } else { Kind::QuarantineReleased };
             journal.record(JournalEntry::now(kind, &self.topic, p, off, &self.group, &q.event_id));
+            self.journaled.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         if is_quarantined && skip {
             self.acked(p, off);
@@ -1064,6 +1068,7 @@ impl Actor {
         e.delivered_ms = delivered_ms;
         e.detail = detail;
         journal.record(e);
+        self.journaled.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Hands the positions of changed partitions to the position writer, which stores them
@@ -1083,7 +1088,7 @@ impl Actor {
             })
             .collect();
         self.parts.iter_mut().for_each(|p| p.dirty = false);
-        self.positions.store(cursors);
+        self.positions.store(cursors, self.journaled.swap(false, std::sync::atomic::Ordering::Relaxed));
     }
 
     /// [`Actor::commit`], then waits until the positions are stored (before partitions are

@@ -24,7 +24,8 @@ const JOURNAL_WAIT: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_secs(1);
 
 enum Msg {
-    Store(Vec<(u32, Cursor)>),
+    /// Positions, and whether the owner journaled anything since it last handed some over.
+    Store(Vec<(u32, Cursor)>, bool),
     Sync(oneshot::Sender<bool>),
 }
 
@@ -43,10 +44,12 @@ impl PositionWriter {
         PositionWriter { tx, task }
     }
 
-    /// Hands over positions to store; returns at once.
-    pub fn store(&self, cursors: Vec<(u32, Cursor)>) {
-        if !cursors.is_empty() {
-            let _ = self.tx.send(Msg::Store(cursors));
+    /// Hands over positions to store; returns at once. `journaled`: the owner recorded journal
+    /// entries since it last handed over positions, so these wait for the journal; without
+    /// any (a group just loaded), they are stored at once, not after the journal's next write.
+    pub fn store(&self, cursors: Vec<(u32, Cursor)>, journaled: bool) {
+        if !cursors.is_empty() || journaled {
+            let _ = self.tx.send(Msg::Store(cursors, journaled));
         }
     }
 
@@ -70,6 +73,8 @@ impl PositionWriter {
 
 async fn run(log: Arc<dyn Log>, topic: String, group: String, journal: Option<Journal>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     let mut pending: BTreeMap<u32, Cursor> = BTreeMap::new();
+    // Journal entries recorded before the pending positions may not be durable yet.
+    let mut journal_behind = false;
     let mut open = true;
     while open || !pending.is_empty() {
         // Idle: wait for work. Holding positions that failed: retry after a pause.
@@ -79,7 +84,7 @@ async fn run(log: Arc<dyn Log>, topic: String, group: String, journal: Option<Jo
             match tokio::time::timeout(RETRY, rx.recv()).await {
                 Ok(msg) => msg,
                 Err(_) => {
-                    store(&*log, &topic, &group, journal.as_ref(), &mut pending).await;
+                    store(&*log, &topic, &group, journal.as_ref(), &mut journal_behind, &mut pending).await;
                     continue;
                 }
             }
@@ -91,12 +96,15 @@ async fn run(log: Arc<dyn Log>, topic: String, group: String, journal: Option<Jo
         }
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Store(cursors) => pending.extend(cursors),
+                Msg::Store(cursors, journaled) => {
+                    pending.extend(cursors);
+                    journal_behind |= journaled;
+                }
                 Msg::Sync(done) => waiting.push(done),
             }
             next = rx.try_recv().ok();
         }
-        let stored = pending.is_empty() || store(&*log, &topic, &group, journal.as_ref(), &mut pending).await;
+        let stored = pending.is_empty() || store(&*log, &topic, &group, journal.as_ref(), &mut journal_behind, &mut pending).await;
         for done in waiting {
             let _ = done.send(stored);
         }
@@ -108,13 +116,21 @@ async fn run(log: Arc<dyn Log>, topic: String, group: String, journal: Option<Jo
     }
 }
 
-/// Waits for the journal, then stores `pending` (emptied on success).
-async fn store(log: &dyn Log, topic: &str, group: &str, journal: Option<&Journal>, pending: &mut BTreeMap<u32, Cursor>) -> bool {
-    if let Some(journal) = journal {
+/// Waits for the journal when it may be behind, then stores `pending` (emptied on success).
+async fn store(
+    log: &dyn Log,
+    topic: &str,
+    group: &str,
+    journal: Option<&Journal>,
+    journal_behind: &mut bool,
+    pending: &mut BTreeMap<u32, Cursor>,
+) -> bool {
+    if let (Some(journal), true) = (journal, *journal_behind) {
         if tokio::time::timeout(JOURNAL_WAIT, journal.flush()).await.is_err() {
             tracing::warn!(topic, group, "the delivery journal is behind; positions are stored later");
             return false;
         }
+        *journal_behind = false;
     }
     let cursors: Vec<(u32, Cursor)> = pending.iter().map(|(p, c)| (*p, c.clone())).collect();
     match log.store_cursors(topic, group, &cursors).await {
@@ -147,12 +163,12 @@ mod tests {
         let log: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir.path(), LogSettings::default()).await.expect("open"));
         log.create_topic("t", TopicConfig { partitions: 2, retention_ms: 0, retention_bytes: 0 }).await.expect("topic");
         let writer = PositionWriter::start(log.clone(), "t".into(), "g".into(), None);
-        writer.store(vec![(0, at(5)), (1, at(7))]);
-        writer.store(vec![(0, at(9))]);
+        writer.store(vec![(0, at(5)), (1, at(7))], false);
+        writer.store(vec![(0, at(9))], false);
         assert!(writer.sync().await);
         assert_eq!(log.load_cursor("t", "g", 0).await.expect("load").map(|c| c.committed), Some(9));
         assert_eq!(log.load_cursor("t", "g", 1).await.expect("load").map(|c| c.committed), Some(7));
-        writer.store(vec![(1, at(11))]);
+        writer.store(vec![(1, at(11))], false);
         writer.close().await;
         assert_eq!(log.load_cursor("t", "g", 1).await.expect("load").map(|c| c.committed), Some(11));
     }
@@ -167,7 +183,7 @@ mod tests {
         // On this single-threaded runtime the journal writer has not run yet when the
         // position is handed over: the position writer must wait for it.
         journal.record(Entry::now(Kind::Acknowledged, "t", 0, 4, "g", "e4"));
-        writer.store(vec![(0, at(5))]);
+        writer.store(vec![(0, at(5))], true);
         assert!(writer.sync().await);
         assert_eq!(log.load_cursor("t", "g", 0).await.expect("load").map(|c| c.committed), Some(5));
         assert_eq!(trail(log.as_ref(), "e4", None).await.expect("trail").len(), 1, "the journal entry is stored first");

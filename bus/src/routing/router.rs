@@ -291,7 +291,7 @@ impl Router {
             }
             // A position lost in a crash only means routing some events again, which the
             // mailbox store deduplicates. The writer stores it once the journal is durable.
-            positions.store(cursors);
+            positions.store(cursors, self.journal.is_some());
             tracing::debug!(events = batch.len(), routed_ms, "batch routed");
         }
         positions.close().await;
