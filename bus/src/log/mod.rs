@@ -234,6 +234,12 @@ pub trait Log: Send + Sync + 'static {
     ) -> Result<Vec<StoredRecord>> {
         self.read(topic, partition, from, max_records, max_bytes).await
     }
+    /// Whether `topic` is known to keep every record (no retention), so that a record of it
+    /// may be referenced instead of copied.
+    async fn keeps_everything(&self, topic: &str) -> Result<bool> {
+        let config = self.describe_topic(topic).await?.config;
+        Ok(config.retention_ms == 0 && config.retention_bytes == 0)
+    }
     /// The stored range of a partition.
     async fn offsets(&self, topic: &str, partition: u32) -> Result<PartitionOffsets>;
     /// The first offset whose record has a timestamp at or after `timestamp_ms` (the end if none).

@@ -556,6 +556,14 @@ impl Log for MailboxLog {
         self.read(topic, partition, from, max_records, max_bytes).await
     }
 
+    async fn keeps_everything(&self, topic: &str) -> Result<bool> {
+        if !is_mailbox_topic(topic) {
+            return self.inner.keeps_everything(topic).await;
+        }
+        self.check(topic, 0)?;
+        Ok(true)
+    }
+
     async fn offsets(&self, topic: &str, partition: u32) -> Result<PartitionOffsets> {
         if !is_mailbox_topic(topic) {
             return self.inner.offsets(topic, partition).await;

@@ -211,11 +211,10 @@ impl Router {
     async fn run(self, mut stopped: watch::Receiver<bool>) -> Result<()> {
         let topic = self.settings.ingest_topic.clone();
         let log: Arc<dyn Log> = self.mailboxes.clone();
-        let config = log.describe_topic(&topic).await?.config;
-        let partitions = config.partitions;
+        let partitions = log.describe_topic(&topic).await?.config.partitions;
         // Deliveries reference the ingest record instead of copying it when the ingest topic
         // keeps every record; with retention, a delivery must outlive its ingest record.
-        let by_reference = config.retention_ms == 0 && config.retention_bytes == 0;
+        let by_reference = log.keeps_everything(&topic).await?;
         let mut next = Vec::with_capacity(partitions as usize);
         let mut ends = Vec::with_capacity(partitions as usize);
         for p in 0..partitions {

@@ -5,7 +5,6 @@
 //! per `index_interval_bytes` of log. The index of the active segment is rebuilt on recovery;
 //! a sealed segment's index is synced when the segment is rolled.
 
-use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -13,6 +12,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
 
 use super::format::{self, BadBatch, BatchHeader, BATCH_HEADER};
 use crate::log::StoredRecord;

@@ -645,6 +645,18 @@ impl Log for KafkaLog {
         inner.info(name).await
     }
 
+    async fn keeps_everything(&self, topic: &str) -> Result<bool> {
+        self.inner.check_partition(topic, 0).await?;
+        // Only a topic the bus created is known to keep everything (it set retention to -1);
+        // one created outside the bus is under the broker's retention, whatever that is.
+        Ok(self
+            .inner
+            .state
+            .get_json::<StoredTopic>(&state::topic_key(topic))
+            .await?
+            .is_some_and(|t| t.config.retention_ms == 0 && t.config.retention_bytes == 0))
+    }
+
     async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
         let inner = &self.inner;
         let producer = inner.producer.clone();
@@ -922,5 +934,21 @@ mod tests {
             async move { Arc::new(KafkaLog::open(&broker, LogSettings::default(), settings).await.expect("open")) as Arc<dyn Log> }
         })
         .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_topics_the_bus_created_without_retention_keep_everything() {
+        let settings = KafkaSettings { topic_prefix: format!("keep-{}.", uuid::Uuid::now_v7().simple()), ..KafkaSettings::default() };
+        let log = KafkaLog::open(&test_broker(), LogSettings::default(), settings).await.expect("open");
+        let keep = TopicConfig { partitions: 1, retention_ms: 0, retention_bytes: 0 };
+        log.create_topic("kept", keep).await.expect("create");
+        log.create_topic("expiring", TopicConfig { retention_ms: 86_400_000, ..keep }).await.expect("create");
+        // Created in Kafka directly, as another tool would: its retention is the broker's.
+        let foreign_name = log.inner.kafka_name("foreign");
+        let foreign = NewTopic::new(&foreign_name, 1, TopicReplication::Fixed(1));
+        log.inner.create(&foreign).await.expect("create in Kafka");
+        assert!(log.keeps_everything("kept").await.expect("kept"));
+        assert!(!log.keeps_everything("expiring").await.expect("expiring"));
+        assert!(!log.keeps_everything("foreign").await.expect("foreign"));
     }
 }
