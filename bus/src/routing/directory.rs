@@ -312,6 +312,18 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     Some((m.modified().ok()?, m.len()))
 }
 
+/// For tests: courts `DE.Justiz.p<i>.1` with court codes `C<i>`, for i in 0..n.
+#[cfg(test)]
+pub(crate) fn numbered_courts(n: usize) -> DirectoryHandle {
+    let mut text = String::new();
+    for i in 0..n {
+        text.push_str(&format!(
+            "[[participant]]\nid = \"DE.Justiz.p{i}.1\"\nkind = \"court\"\nname = \"Gericht {i}\"\ncourts = [\"C{i}\"]\n"
+        ));
+    }
+    DirectoryHandle::fixed(Directory::parse(&text).expect("directory"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

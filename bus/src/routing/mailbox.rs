@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex as SyncMutex};
 
 use async_trait::async_trait;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use justizbus_proto::v1 as pb;
 use tokio::sync::{oneshot, watch, Mutex};
 
 use super::directory::{DirectoryHandle, MAILBOX_PREFIX};
@@ -227,15 +228,19 @@ fn decode_entry(value: &Bytes) -> Result<(u64, Bytes, Content)> {
     Ok((seq, key, content))
 }
 
-/// The delivery a reference stands for: the referenced event with the overlay's sender,
-/// recipients and headers.
-fn apply_overlay(event: &Bytes, overlay: &Bytes) -> Result<Bytes> {
-    use prost::Message;
-    let mut event = crate::event::Event::decode(event)?;
-    let overlay = crate::event::Event::decode(overlay)?;
+/// Makes `event` the delivery `overlay` describes: the overlay's sender and recipients replace
+/// the event's, its headers are added.
+pub fn overlay_onto(event: &mut pb::Event, overlay: pb::Event) {
     event.sender = overlay.sender;
     event.recipients = overlay.recipients;
     event.headers.extend(overlay.headers);
+}
+
+/// The delivery a reference stands for: the referenced event under the encoded overlay.
+fn apply_overlay(event: &Bytes, overlay: &Bytes) -> Result<Bytes> {
+    use prost::Message;
+    let mut event = crate::event::Event::decode(event)?;
+    overlay_onto(&mut event, crate::event::Event::decode(overlay)?);
     Ok(Bytes::from(event.encode_to_vec()))
 }
 
@@ -681,22 +686,12 @@ mod tests {
     use super::*;
     use crate::config::LogSettings;
     use crate::log::embedded::EmbeddedLog;
-    use crate::routing::directory::Directory;
-
-    fn directory(n: usize) -> DirectoryHandle {
-        let mut text = String::new();
-        for i in 0..n {
-            text.push_str(&format!(
-                "[[participant]]\nid = \"DE.Justiz.p{i}.1\"\nkind = \"court\"\nname = \"Gericht {i}\"\ncourts = [\"C{i}\"]\n"
-            ));
-        }
-        DirectoryHandle::fixed(Directory::parse(&text).expect("directory"))
-    }
+    use crate::routing::directory::numbered_courts;
 
     async fn open(dir: &Path, participants: usize) -> Arc<MailboxLog> {
         let settings = LogSettings { segment_bytes: 64 * 1024, index_interval_bytes: 512, ..LogSettings::default() };
         let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir, settings).await.expect("open"));
-        Arc::new(MailboxLog::open(inner, directory(participants), 4).await.expect("mailboxes"))
+        Arc::new(MailboxLog::open(inner, numbered_courts(participants), 4).await.expect("mailboxes"))
     }
 
     fn record(id: &str, case: &str) -> NewRecord {
@@ -784,7 +779,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_delivery_by_reference_reads_as_the_referenced_event_under_its_overlay() {
-        use justizbus_proto::v1 as pb;
         use prost::Message;
         let dir = tempfile::tempdir().expect("tempdir");
         let log = open(dir.path(), 2).await;

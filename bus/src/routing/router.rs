@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::directory::{mailbox_topic, DirectoryHandle};
-use super::mailbox::{Content, MailboxLog, MailboxRecord};
+use super::mailbox::{overlay_onto, Content, MailboxLog, MailboxRecord};
 use crate::audit::journal::{Entry as JournalEntry, Journal, Kind};
 use crate::delivery::positions::PositionWriter;
 use crate::event::{now_ms, now_timestamp, Event, SPEC_VERSION};
@@ -338,7 +338,7 @@ impl Router {
             for recipient in &resolution.recipients {
                 // What a delivery changes of the event: sender and recipients resolved to
                 // participants, and headers saying for whom, from which address, from where.
-                let mut overlay = pb::Event {
+                let overlay = pb::Event {
                     sender: sender.clone(),
                     recipients: resolution.recipients.clone(),
                     headers: [
@@ -358,9 +358,7 @@ impl Router {
                     }
                 } else {
                     let mut copy = event.clone();
-                    copy.sender = std::mem::take(&mut overlay.sender);
-                    copy.recipients = std::mem::take(&mut overlay.recipients);
-                    copy.headers.extend(overlay.headers);
+                    overlay_onto(&mut copy, overlay);
                     Content::Event(Bytes::from(copy.encode_to_vec()))
                 };
                 deliveries.push((
@@ -411,7 +409,7 @@ mod tests {
     use super::*;
     use crate::config::LogSettings;
     use crate::log::embedded::EmbeddedLog;
-    use crate::routing::directory::Directory;
+    use crate::routing::directory::numbered_courts;
     use crate::routing::mailbox::STORE_TOPIC;
 
     /// Routes one event from C0 to C1 with the ingest topic created with `retention_ms`;
@@ -419,13 +417,7 @@ mod tests {
     async fn route_one(retention_ms: u64) -> (pb::Event, usize) {
         let dir = tempfile::tempdir().expect("tempdir");
         let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir.path(), LogSettings::default()).await.expect("open"));
-        let mut text = String::new();
-        for i in 0..2 {
-            text.push_str(&format!(
-                "[[participant]]\nid = \"DE.Justiz.p{i}.1\"\nkind = \"court\"\nname = \"Gericht {i}\"\ncourts = [\"C{i}\"]\n"
-            ));
-        }
-        let directory = DirectoryHandle::fixed(Directory::parse(&text).expect("directory"));
+        let directory = numbered_courts(2);
         let mailboxes = Arc::new(MailboxLog::open(inner, directory.clone(), 1).await.expect("mailboxes"));
         let settings = RoutingSettings::default();
         let ingest = TopicConfig { partitions: 1, retention_ms, retention_bytes: 0 };
