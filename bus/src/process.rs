@@ -141,6 +141,22 @@ impl ServerProcess {
         };
         Some((field("VmHWM:")?, field("VmRSS:")?))
     }
+
+    /// CPU time (user and system, all threads) the server has used so far, while running.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        cpu_time_of(&self.pid()?.to_string())
+    }
+}
+
+/// CPU time (user and system, all threads) of process `pid` (`"self"` for this one), from
+/// `/proc/<pid>/stat`, which counts in USER_HZ (100 per second on Linux).
+pub fn cpu_time_of(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at state, field 3.
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 impl Drop for ServerProcess {

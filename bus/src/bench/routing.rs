@@ -16,6 +16,9 @@
 //! 4. mailbox read cost, large store: the same read as 1. on another quiet mailbox, now that
 //!    the store holds every delivery and receipt of 2. and 3.
 //!
+//! Phase 2 also reports the CPU time server and client used per delivery, which compares
+//! builds more steadily than time does on a shared machine.
+//!
 //! Everything is durable before it is acknowledged; client and server share the cores.
 
 use std::path::PathBuf;
@@ -34,7 +37,7 @@ use tonic::transport::Channel;
 
 use super::{now_ns, payload, per_sec, percentile_ms, sorted, tempfile_dir};
 use crate::cli::connect;
-use crate::process::ServerProcess;
+use crate::process::{cpu_time_of, ServerProcess};
 use crate::routing::directory::mailbox_topic;
 use crate::routing::mailbox::STORE_TOPIC;
 
@@ -276,6 +279,7 @@ pub async fn run(args: RoutingBenchArgs) -> anyhow::Result<()> {
     wait_for(&counters.subscribed, u64::from(args.cases), Duration::from_secs(60), "subscribing").await?;
 
     // 2. Throughput.
+    let cpu_before = (server.cpu_time(), cpu_time_of("self"));
     let started = Instant::now();
     let router_done = {
         let (channel, target) = (channel.clone(), args.events / args.streams.max(1) as u64 * args.streams.max(1) as u64);
@@ -319,6 +323,8 @@ pub async fn run(args: RoutingBenchArgs) -> anyhow::Result<()> {
     let publish_elapsed = started.elapsed();
     wait_for(&counters.delivered, published, Duration::from_secs(60), "routed deliveries").await?;
     let routed_elapsed = started.elapsed();
+    let cpu_used = |before: Option<Duration>, after: Option<Duration>| after.zip(before).map(|(a, b)| (a - b).as_secs_f64());
+    let (server_cpu, client_cpu) = (cpu_used(cpu_before.0, server.cpu_time()), cpu_used(cpu_before.1, cpu_time_of("self")));
     let router_elapsed = router_done.await?;
 
     // 3. Latency at a steady rate.
@@ -364,6 +370,11 @@ pub async fn run(args: RoutingBenchArgs) -> anyhow::Result<()> {
             "router_seconds": router_elapsed.as_secs_f64(),
             "routed_seconds": routed_elapsed.as_secs_f64(),
             "routed_deliveries_per_sec": per_sec(published, routed_elapsed),
+            // CPU per delivery varies less than time on a shared machine: it compares builds.
+            "server_cpu_seconds": server_cpu,
+            "client_cpu_seconds": client_cpu,
+            "cpu_us_per_delivery": server_cpu.zip(client_cpu).map(|(s, c)| ((s + c) * 1e6 / published as f64).round()),
+            "server_cpu_us_per_delivery": server_cpu.map(|s| (s * 1e6 / published as f64).round()),
         },
         "latency": {
             "target_rate": args.rate,
