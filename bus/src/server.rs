@@ -13,7 +13,13 @@ use tokio::net::TcpListener;
 
 use crate::config::ServerConfig;
 use crate::delivery::Delivery;
-use crate::grpc::{admin::AdminService, publish::PublisherService, replay::ReplayerService, subscribe::SubscriberService, Bus};
+use crate::grpc::{
+    admin::AdminService,
+    publish::PublisherService,
+    replay::ReplayerService,
+    subscribe::{ReceiptWriter, SubscriberService},
+    Bus,
+};
 use crate::routing::directory::DirectoryHandle;
 use crate::routing::mailbox::MailboxLog;
 use crate::routing::router::Router;
@@ -86,7 +92,9 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
         (Some(_), Some(directory)) => Gate::mtls(directory.clone()),
         _ => Gate::open(),
     };
-    let bus = Arc::new(Bus { log: log.clone(), delivery: delivery.clone(), config: config.clone(), blobs, mailboxes, gate, audit });
+    let receipts = mailboxes.as_ref().map(|m| ReceiptWriter::start(m.clone(), journal.clone()));
+    let bus =
+        Arc::new(Bus { log: log.clone(), delivery: delivery.clone(), config: config.clone(), blobs, mailboxes, receipts, gate, audit });
     let router = match routing {
         Some((directory, mailboxes)) => {
             Some(Router { mailboxes, directory, settings: config.routing.clone(), journal: journal.clone() }.start().await?)
@@ -111,7 +119,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     let max_message = config.log_settings.max_event_bytes + 1024 * 1024;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<pb::publisher_server::PublisherServer<PublisherService>>().await;
-    health_reporter.set_serving::<pb::subscriber_server::SubscriberServer<SubscriberService>>().await;
+    health_reporter.set_serving::<justizbus_proto::raw::subscriber_server::SubscriberServer<SubscriberService>>().await;
     health_reporter.set_serving::<pb::replayer_server::ReplayerServer<ReplayerService>>().await;
     health_reporter.set_serving::<pb::admin_server::AdminServer<AdminService>>().await;
     health_reporter.set_serving::<pb::blobs_server::BlobsServer<crate::grpc::blobs::BlobsService>>().await;
@@ -137,7 +145,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
         .add_service(reflection_alpha)
         .add_service(pb::publisher_server::PublisherServer::new(PublisherService::new(bus.clone())).max_decoding_message_size(max_message))
         .add_service(
-            pb::subscriber_server::SubscriberServer::new(SubscriberService::new(bus.clone()))
+            justizbus_proto::raw::subscriber_server::SubscriberServer::new(SubscriberService::new(bus.clone()))
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message),
         )

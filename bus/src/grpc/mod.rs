@@ -30,6 +30,8 @@ pub struct Bus {
     pub blobs: Arc<crate::blob::BlobStore>,
     /// Participants' mailboxes, when routing is on (the same store `log` serves them from).
     pub mailboxes: Option<Arc<crate::routing::mailbox::MailboxLog>>,
+    /// Stores the receipts of mailbox subscriptions, when routing is on.
+    pub receipts: Option<subscribe::ReceiptWriter>,
     /// Identifies callers and checks what they may do.
     pub gate: crate::security::auth::Gate,
     /// Hash chains, checkpoints and the delivery journal.

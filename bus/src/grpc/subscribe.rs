@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use justizbus_proto::v1 as pb;
+use justizbus_proto::wire::RawSubscribeResponse;
 use pb::subscribe_request::Request as Req;
 use pb::subscribe_response::Response as Resp;
 use tokio::sync::mpsc;
@@ -22,7 +23,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::Bus;
 use crate::audit::journal::{Entry as JournalEntry, Journal, Kind};
 use crate::delivery::{GroupOverrides, Outgoing, Settler, StartPosition, SubscribeParams, SubscriberControl};
-use crate::event::{ms_timestamp, Event};
+use crate::event::{ms_timestamp, Event, EventHead};
+use crate::log::NewRecord;
 use crate::routing::mailbox::{is_mailbox_topic, MailboxLog};
 use crate::routing::router::{receipt_for, RECIPIENT_HEADER};
 use crate::Error;
@@ -42,14 +44,14 @@ impl SubscriberService {
     }
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<RawSubscribeResponse, Status>> + Send>>;
 
 fn nonzero(v: u32) -> Option<u32> {
     (v > 0).then_some(v)
 }
 
 #[tonic::async_trait]
-impl pb::subscriber_server::Subscriber for SubscriberService {
+impl justizbus_proto::raw::subscriber_server::Subscriber for SubscriberService {
     type SubscribeStream = ResponseStream;
 
     async fn subscribe(&self, request: Request<Streaming<pb::SubscribeRequest>>) -> Result<Response<ResponseStream>, Status> {
@@ -82,12 +84,12 @@ impl pb::subscriber_server::Subscriber for SubscriberService {
                 max_unacked: subscription.max_unacked,
             })),
         };
-        let receipts = match &self.bus.mailboxes {
-            Some(mailboxes) if is_mailbox_topic(&init.topic) => Some(Arc::new(Receipts {
+        let receipts = match (&self.bus.mailboxes, &self.bus.receipts) {
+            (Some(mailboxes), Some(writer)) if is_mailbox_topic(&init.topic) => Some(Arc::new(Receipts {
                 mailboxes: mailboxes.clone(),
                 topic: init.topic.clone(),
                 pending: Default::default(),
-                journal: self.bus.audit.journal.clone(),
+                writer: writer.clone(),
             })),
             _ => None,
         };
@@ -97,43 +99,51 @@ impl pb::subscriber_server::Subscriber for SubscriberService {
         // The stream ends when the group lets the subscriber go (it left, or the server shuts
         // down: the `None` after the deliveries), or with a protocol violation.
         let deliveries = ReceiverStream::new(subscription.receiver)
-            .map(move |out| {
-                let wire = to_wire(&topic, out);
-                if let (Some(book), Some(Resp::Delivery(d))) = (&receipts, &wire.response) {
-                    book.delivered(d);
-                }
-                Some(Ok(wire))
-            })
+            .map(move |out| Some(Ok(to_wire(&topic, out, receipts.as_deref()))))
             .chain(tokio_stream::once(None));
         let violations = ReceiverStream::new(violation_rx).map(|status| Some(Err(status)));
-        let stream = tokio_stream::once(Ok(subscribed)).chain(deliveries.merge(violations).map_while(|item| item));
+        let stream = tokio_stream::once(Ok(subscribed.into())).chain(deliveries.merge(violations).map_while(|item| item));
         Ok(Response::new(Box::pin(stream)))
     }
 }
 
-fn to_wire(topic: &str, out: Outgoing) -> pb::SubscribeResponse {
+/// The wire form of what the group hands out. A mailbox delivery (the subscription keeps a
+/// receipt book) goes out as stored: the bus composed it from an event it had decoded, so
+/// only the fields its receipt needs are read. Any other record is decoded in full first.
+fn to_wire(topic: &str, out: Outgoing, book: Option<&Receipts>) -> RawSubscribeResponse {
     let response = match out {
         Outgoing::Delivery(d) => {
             let r = &d.record;
-            // A stored envelope that no longer decodes is delivered with its id so the
-            // subscriber can nack it; it then ends in the dead-letter topic.
-            let event = Event::decode(&r.value).unwrap_or_else(|_| pb::Event { id: r.id.clone(), ..Default::default() });
-            Resp::Delivery(pb::Delivery {
+            let head = pb::Delivery {
                 delivery_id: d.delivery_id,
                 topic: topic.to_string(),
                 partition: r.partition,
                 offset: r.offset,
                 key: String::from_utf8_lossy(&r.key).into_owned(),
                 attempt: d.attempt,
-                event: Some(event),
+                event: None,
                 log_time: Some(ms_timestamp(r.timestamp_ms)),
-            })
+            };
+            let decoded = match book {
+                Some(book) => match <EventHead as prost::Message>::decode(r.value.clone()) {
+                    Ok(event) => {
+                        book.delivered(d.delivery_id, r.offset, event);
+                        return RawSubscribeResponse::Delivery { head, event: r.value.clone() };
+                    }
+                    Err(_) => None,
+                },
+                None => Event::decode(&r.value).ok(),
+            };
+            // A stored envelope that no longer decodes is delivered with its id so the
+            // subscriber can nack it; it then ends in the dead-letter topic.
+            let event = decoded.unwrap_or_else(|| pb::Event { id: r.id.clone(), ..Default::default() });
+            Resp::Delivery(pb::Delivery { event: Some(event), ..head })
         }
         Outgoing::AckError { delivery_id, error } => {
             Resp::AckError(pb::AckError { delivery_id, code: error.code() as i32, message: error.to_string() })
         }
     };
-    pb::SubscribeResponse { response: Some(response) }
+    pb::SubscribeResponse { response: Some(response) }.into()
 }
 
 /// What a mailbox subscription needs to send receipts: the deliveries it holds.
@@ -143,22 +153,21 @@ struct Receipts {
     /// Delivery id -> (mailbox offset, the event's id, sender, subject, source and recipient
     /// header). Filled as deliveries go out, emptied by acks and nacks.
     pending: std::sync::Mutex<HashMap<u64, (u64, pb::Event)>>,
-    /// Where stored receipts are journaled.
-    journal: Option<Journal>,
+    /// Stores the receipts.
+    writer: ReceiptWriter,
 }
 
 impl Receipts {
-    fn delivered(&self, d: &pb::Delivery) {
-        let Some(e) = &d.event else { return };
+    fn delivered(&self, delivery_id: u64, offset: u64, mut e: EventHead) {
         let slim = pb::Event {
-            id: e.id.clone(),
-            source: e.source.clone(),
-            sender: e.sender.clone(),
-            subject: e.subject.clone(),
-            headers: e.headers.get(RECIPIENT_HEADER).map(|r| [(RECIPIENT_HEADER.to_string(), r.clone())].into()).unwrap_or_default(),
+            id: e.id,
+            source: e.source,
+            sender: e.sender,
+            subject: e.subject,
+            headers: e.headers.remove_entry(RECIPIENT_HEADER).into_iter().collect(),
             ..Default::default()
         };
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(d.delivery_id, (d.offset, slim));
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(delivery_id, (offset, slim));
     }
 
     fn take(&self, ids: &[u64]) -> Vec<(u64, pb::Event)> {
@@ -169,7 +178,7 @@ impl Receipts {
     /// The receipts acknowledging `ids` causes (taken out of the book). They are stored before
     /// the deliveries are settled, so a crash in between repeats the delivery and its receipt
     /// (stored once: receipt ids are per event and recipient) and never loses the receipt.
-    fn receipts(&self, ids: &[u64]) -> (Vec<(String, crate::log::NewRecord)>, Vec<JournalEntry>) {
+    fn receipts(&self, ids: &[u64]) -> (Vec<(String, NewRecord)>, Vec<JournalEntry>) {
         let mut journal = Vec::new();
         let mut receipts = Vec::new();
         for (offset, e) in self.take(ids) {
@@ -186,32 +195,75 @@ impl Receipts {
         }
         (receipts, journal)
     }
+}
 
-    /// Stores receipts, retrying until they are durable or the bus stops; then settles the
-    /// deliveries they acknowledge, which lets the group commit them.
-    async fn store(
-        mailboxes: Arc<MailboxLog>,
-        (receipts, entries): (Vec<(String, crate::log::NewRecord)>, Vec<JournalEntry>),
-        ids: Vec<u64>,
-        settler: Settler,
-        journal: Option<Journal>,
-    ) {
+/// Receipts of one ack, and the deliveries to settle once they are durable.
+struct ReceiptJob {
+    receipts: Vec<(String, NewRecord)>,
+    entries: Vec<JournalEntry>,
+    ids: Vec<u64>,
+    settler: Settler,
+}
+
+/// Most receipts in one write.
+const MAX_RECEIPTS_PER_WRITE: usize = 4096;
+
+/// Stores the receipts of every mailbox subscription. What acks brought while a write was
+/// on disk goes out in the next one: one write and one store batch for many acks.
+#[derive(Clone)]
+pub struct ReceiptWriter {
+    jobs: mpsc::UnboundedSender<ReceiptJob>,
+}
+
+impl ReceiptWriter {
+    /// Starts the writer task; it ends when the last handle is dropped.
+    pub fn start(mailboxes: Arc<MailboxLog>, journal: Option<Journal>) -> Self {
+        let (jobs, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_receipts(mailboxes, journal, rx));
+        ReceiptWriter { jobs }
+    }
+
+    /// Stores `receipts` (journaling `entries`), then settles the deliveries `ids`. They are
+    /// stored before the deliveries are settled, so a crash in between repeats the delivery
+    /// and its receipt (stored once: receipt ids are per event and recipient) and never loses
+    /// the receipt.
+    fn store(&self, (receipts, entries): (Vec<(String, NewRecord)>, Vec<JournalEntry>), ids: Vec<u64>, settler: Settler) {
+        // Fails only once the writer has stopped (the server is stopping): the deliveries
+        // stay unsettled and are delivered again after the restart.
+        let _ = self.jobs.send(ReceiptJob { receipts, entries, ids, settler });
+    }
+}
+
+/// The receipt writer task: stores the waiting receipts in one write, retrying until it is
+/// durable or the bus stops; then journals them and settles their deliveries.
+async fn write_receipts(mailboxes: Arc<MailboxLog>, journal: Option<Journal>, mut jobs: mpsc::UnboundedReceiver<ReceiptJob>) {
+    while let Some(first) = jobs.recv().await {
+        let mut count = first.receipts.len();
+        let mut batch = vec![first];
+        while count < MAX_RECEIPTS_PER_WRITE {
+            let Ok(job) = jobs.try_recv() else { break };
+            count += job.receipts.len();
+            batch.push(job);
+        }
+        let receipts: Vec<(String, NewRecord)> = batch.iter().flat_map(|j| j.receipts.iter().cloned()).collect();
         let mut wait = Duration::from_millis(50);
         loop {
             match mailboxes.append_many(receipts.clone()).await {
                 Ok(_) => break,
                 Err(Error::ShuttingDown) => return, // not settled: redelivered after the restart
                 Err(e) => {
-                    tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "storing receipts failed");
+                    tracing::error!(error = %e, receipts = receipts.len(), retry_in_ms = wait.as_millis() as u64, "storing receipts failed");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
             }
         }
-        if let Some(journal) = journal {
-            entries.into_iter().for_each(|e| journal.record(e));
+        for job in batch {
+            if let Some(journal) = &journal {
+                job.entries.into_iter().for_each(|e| journal.record(e));
+            }
+            let _ = job.settler.settle(job.ids).await;
         }
-        let _ = settler.settle(ids).await;
     }
 }
 
@@ -238,13 +290,7 @@ async fn forward_client_messages(
                         // The case's next delivery need not wait for the receipt's disk write;
                         // the group commits these deliveries only once their receipts are durable.
                         let result = control.release(ack.delivery_ids.clone()).await;
-                        tokio::spawn(Receipts::store(
-                            book.mailboxes.clone(),
-                            made,
-                            ack.delivery_ids,
-                            control.settler(),
-                            book.journal.clone(),
-                        ));
+                        book.writer.store(made, ack.delivery_ids, control.settler());
                         result
                     }
                 }

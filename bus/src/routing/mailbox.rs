@@ -32,7 +32,6 @@ use std::sync::{Arc, Mutex as SyncMutex};
 
 use async_trait::async_trait;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use justizbus_proto::v1 as pb;
 use tokio::sync::{oneshot, watch, Mutex};
 
 use super::directory::{DirectoryHandle, MAILBOX_PREFIX};
@@ -228,20 +227,38 @@ fn decode_entry(value: &Bytes) -> Result<(u64, Bytes, Content)> {
     Ok((seq, key, content))
 }
 
-/// Makes `event` the delivery `overlay` describes: the overlay's sender and recipients replace
-/// the event's, its headers are added.
-pub fn overlay_onto(event: &mut pb::Event, overlay: pb::Event) {
-    event.sender = overlay.sender;
-    event.recipients = overlay.recipients;
-    event.headers.extend(overlay.headers);
+/// Event fields (numbers as in `event.proto`) a delivery's overlay sets: sender and recipients
+/// replace the event's, headers are added.
+const OVERLAY_REPLACES: [u32; 2] = [7, 8];
+const OVERLAY_HEADERS: u32 = 13;
+
+/// The delivery an encoded overlay describes, made of an encoded event: the overlay's sender
+/// and recipients replace the event's, its headers are added (and win over equal keys).
+///
+/// Works on the encodings, without decoding the event: its fields but sender and recipients
+/// are copied, then the overlay's sender, recipients and headers appended. Protobuf decoding
+/// keeps the last value of a field and of a map key.
+pub fn apply_overlay(event: &[u8], overlay: &[u8]) -> Result<Bytes> {
+    let mut delivery = Vec::with_capacity(event.len() + overlay.len());
+    copy_fields(event, &mut delivery, |tag| !OVERLAY_REPLACES.contains(&tag))?;
+    copy_fields(overlay, &mut delivery, |tag| OVERLAY_REPLACES.contains(&tag) || tag == OVERLAY_HEADERS)?;
+    Ok(delivery.into())
 }
 
-/// The delivery a reference stands for: the referenced event under the encoded overlay.
-fn apply_overlay(event: &Bytes, overlay: &Bytes) -> Result<Bytes> {
-    use prost::Message;
-    let mut event = crate::event::Event::decode(event)?;
-    overlay_onto(&mut event, crate::event::Event::decode(overlay)?);
-    Ok(Bytes::from(event.encode_to_vec()))
+/// Appends the fields of the encoded message `encoded` whose number `keep` accepts to `out`.
+fn copy_fields(encoded: &[u8], out: &mut Vec<u8>, keep: impl Fn(u32) -> bool) -> Result<()> {
+    use prost::encoding::{decode_key, skip_field, DecodeContext};
+    let corrupt = |e: prost::DecodeError| Error::Corrupt { path: "event envelope".into(), reason: e.to_string() };
+    let mut rest = encoded;
+    while !rest.is_empty() {
+        let start = encoded.len() - rest.len();
+        let (tag, wire_type) = decode_key(&mut rest).map_err(corrupt)?;
+        skip_field(wire_type, tag, &mut rest, DecodeContext::default()).map_err(corrupt)?;
+        if keep(tag) {
+            out.extend_from_slice(&encoded[start..encoded.len() - rest.len()]);
+        }
+    }
+    Ok(())
 }
 
 impl MailboxLog {
@@ -683,6 +700,9 @@ impl Log for MailboxLog {
 mod tests {
     use std::path::Path;
 
+    use justizbus_proto::v1 as pb;
+    use prost::Message;
+
     use super::*;
     use crate::config::LogSettings;
     use crate::log::embedded::EmbeddedLog;
@@ -777,9 +797,46 @@ mod tests {
         assert_eq!(log.describe_topic("mailbox.DE.Justiz.p999.1").await.expect("exists").partitions[0].end, 5);
     }
 
+    #[test]
+    fn an_overlay_replaces_sender_and_recipients_and_adds_headers_on_the_encoding() {
+        let event = pb::Event {
+            id: "ev1".into(),
+            r#type: "nachricht.test".into(),
+            subject: "case-1".into(),
+            time: Some(prost_types::Timestamp { seconds: 1, nanos: 2 }),
+            sender: "court:C0".into(),
+            recipients: vec!["court:C1".into(), "court:C2".into()],
+            data: Bytes::from(vec![7u8; 3000]),
+            attachments: vec![pb::Attachment { sha256: "ab".into(), size: 3, name: "a.pdf".into(), media_type: "application/pdf".into() }],
+            // A header the overlay sets too: the overlay's value wins.
+            headers: [("origin".to_string(), "land".to_string()), ("justizbus.recipient".to_string(), "forged".to_string())].into(),
+            spec_version: "justizbus.v1".into(),
+            ..Default::default()
+        };
+        let overlay = pb::Event {
+            id: "not taken".into(),
+            sender: "DE.Justiz.p0.1".into(),
+            recipients: vec!["DE.Justiz.p1.1".into()],
+            headers: [("justizbus.recipient".to_string(), "DE.Justiz.p1.1".to_string())].into(),
+            ..Default::default()
+        };
+        let delivery = apply_overlay(&event.encode_to_vec(), &overlay.encode_to_vec()).expect("overlay");
+        let expected = pb::Event {
+            sender: overlay.sender.clone(),
+            recipients: overlay.recipients.clone(),
+            headers: [("origin".to_string(), "land".to_string()), ("justizbus.recipient".to_string(), "DE.Justiz.p1.1".to_string())].into(),
+            ..event.clone()
+        };
+        assert_eq!(pb::Event::decode(delivery).expect("decodes"), expected);
+        // An overlay without a sender leaves none.
+        let no_sender = pb::Event { recipients: vec!["DE.Justiz.p1.1".into()], ..Default::default() };
+        let delivery = apply_overlay(&event.encode_to_vec(), &no_sender.encode_to_vec()).expect("overlay");
+        assert_eq!(pb::Event::decode(delivery).expect("decodes").sender, "");
+        assert!(matches!(apply_overlay(&[0x0a, 0x05, b'a'], &[]), Err(Error::Corrupt { .. })), "a truncated event is refused");
+    }
+
     #[tokio::test]
     async fn a_delivery_by_reference_reads_as_the_referenced_event_under_its_overlay() {
-        use prost::Message;
         let dir = tempfile::tempdir().expect("tempdir");
         let log = open(dir.path(), 2).await;
         let ingest = TopicConfig { partitions: 1, retention_ms: 0, retention_bytes: 0 };

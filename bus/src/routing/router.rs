@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::directory::{mailbox_topic, DirectoryHandle};
-use super::mailbox::{overlay_onto, Content, MailboxLog, MailboxRecord};
+use super::mailbox::{apply_overlay, Content, MailboxLog, MailboxRecord};
 use crate::audit::journal::{Entry as JournalEntry, Journal, Kind};
 use crate::delivery::positions::PositionWriter;
 use crate::event::{now_ms, now_timestamp, Event, SPEC_VERSION};
@@ -349,17 +349,16 @@ impl Router {
                     .into(),
                     ..Default::default()
                 };
+                let overlay = Bytes::from(overlay.encode_to_vec());
                 let content = if by_reference {
                     Content::Reference {
                         topic: self.settings.ingest_topic.clone(),
                         partition: record.partition,
                         offset: record.offset,
-                        overlay: Bytes::from(overlay.encode_to_vec()),
+                        overlay,
                     }
                 } else {
-                    let mut copy = event.clone();
-                    overlay_onto(&mut copy, overlay);
-                    Content::Event(Bytes::from(copy.encode_to_vec()))
+                    Content::Event(apply_overlay(&record.value, &overlay)?)
                 };
                 deliveries.push((
                     mailbox_topic(recipient),
