@@ -175,9 +175,8 @@ impl Receipts {
         ids.iter().filter_map(|id| pending.remove(id)).collect()
     }
 
-    /// The receipts acknowledging `ids` causes (taken out of the book). They are stored before
-    /// the deliveries are settled, so a crash in between repeats the delivery and its receipt
-    /// (stored once: receipt ids are per event and recipient) and never loses the receipt.
+    /// The receipts acknowledging `ids` causes (taken out of the book), for the
+    /// [`ReceiptWriter`].
     fn receipts(&self, ids: &[u64]) -> (Vec<(String, NewRecord)>, Vec<JournalEntry>) {
         let mut journal = Vec::new();
         let mut receipts = Vec::new();
