@@ -1,7 +1,9 @@
 //! Generated types of the `justizbus.v1` gRPC API.
 //!
 //! This crate holds no logic: the bus converts these types into its own
-//! core types at the edge (see `justizbus::event`).
+//! core types at the edge (see `justizbus::event`). The one hand-written type,
+//! [`wire::RawSubscribeResponse`], only encodes: it lets the server send a stored event's
+//! bytes as a delivery's event.
 #![allow(missing_docs, clippy::all)]
 
 /// `justizbus.v1`: envelope, publish, subscribe, replay and admin services.
