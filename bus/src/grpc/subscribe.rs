@@ -261,7 +261,7 @@ async fn write_receipts(mailboxes: Arc<MailboxLog>, journal: Option<Journal>, mu
             if let Some(journal) = &journal {
                 job.entries.into_iter().for_each(|e| journal.record(e));
             }
-            let _ = job.settler.settle(job.ids).await;
+            job.settler.settle_soon(job.ids);
         }
     }
 }
