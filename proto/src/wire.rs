@@ -79,13 +79,10 @@ impl Message for RawSubscribeResponse {
 
     fn merge_field(&mut self, tag: u32, wire_type: WireType, buf: &mut impl Buf, ctx: DecodeContext) -> Result<(), DecodeError> {
         // Decoding (which the server never does) yields the generated form.
-        if let RawSubscribeResponse::Delivery { .. } = self {
-            *self = RawSubscribeResponse::Message(std::mem::take(self).into_message()?);
-        }
-        match self {
-            RawSubscribeResponse::Message(m) => m.merge_field(tag, wire_type, buf, ctx),
-            RawSubscribeResponse::Delivery { .. } => unreachable!("converted above"),
-        }
+        let mut message = std::mem::take(self).into_message()?;
+        let merged = message.merge_field(tag, wire_type, buf, ctx);
+        *self = RawSubscribeResponse::Message(message);
+        merged
     }
 
     fn encoded_len(&self) -> usize {
