@@ -25,28 +25,59 @@ pub struct ServerProcess {
     child: Option<Child>,
 }
 
-/// A free loopback port (bound and released; the OS does not reuse it at once).
+/// Lowest port [`free_port`] picks.
+const LOWEST_PORT: u16 = 10_000;
+
+/// A free loopback port for a server to listen on (bound and released). It lies below the
+/// kernel's range of ephemeral ports when there is room: a port taken from that range and
+/// released can go to some outgoing connection before the server binds it, which then fails
+/// with "address in use".
 pub fn free_port() -> Result<u16> {
+    use std::hash::BuildHasher;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_start > LOWEST_PORT + 1000 {
+        let span = u64::from(ephemeral_start - LOWEST_PORT);
+        for attempt in 0..100u32 {
+            // A fresh `RandomState` is randomly keyed: a random port without a random crate.
+            let port = LOWEST_PORT + (std::collections::hash_map::RandomState::new().hash_one((std::process::id(), attempt)) % span) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("finding a free port", e))?;
     Ok(l.local_addr().map_err(|e| Error::io("finding a free port", e))?.port())
 }
+
+/// Starts of a new server that find their port taken before another port is tried.
+const PORT_ATTEMPTS: u32 = 5;
 
 impl ServerProcess {
     /// Starts `binary serve --data-dir DIR --listen 127.0.0.1:PORT EXTRA...` and waits until it
     /// accepts connections.
     pub fn start(binary: &Path, data_dir: &Path, extra_args: &[String]) -> Result<Self> {
         std::fs::create_dir_all(data_dir).map_err(|e| Error::io(format!("creating {}", data_dir.display()), e))?;
-        let addr = format!("127.0.0.1:{}", free_port()?);
         let mut p = ServerProcess {
             binary: binary.to_path_buf(),
             data_dir: data_dir.to_path_buf(),
             log_file: data_dir.with_extension("server.log"),
-            addr,
+            addr: String::new(),
             extra_args: extra_args.to_vec(),
             child: None,
         };
-        p.restart()?;
-        Ok(p)
+        // Another process may take the port between `free_port` and the server's bind.
+        let mut attempt = 1;
+        loop {
+            p.addr = format!("127.0.0.1:{}", free_port()?);
+            match p.restart() {
+                Ok(_) => return Ok(p),
+                Err(Error::Serve(log)) if attempt < PORT_ATTEMPTS && log.contains("Address already in use") => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The server URL.
