@@ -115,17 +115,12 @@ pub struct BenchArgs {
 }
 
 pub(crate) fn payload(size: usize, i: u64) -> Vec<u8> {
-    // The padding is copied from one alphabet run made once: the benchmark client shares the
-    // cores with the server, so making a payload should cost no more than copying it.
-    static PAD: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    let pad = PAD.get_or_init(|| b"abcdefghijklmnopqrstuvwxyz".iter().copied().cycle().take(64 * 1024).collect());
+    const ALPHABET: &[u8; 26] = b"abcdefghijklmnopqrstuvwxyz";
     let mut v = format!("{{\"n\":{i},\"pad\":\"").into_bytes();
-    let mut padding = size.saturating_sub(v.len() + 2);
-    v.reserve(padding + 2);
-    while padding > 0 {
-        let n = padding.min(pad.len());
-        v.extend_from_slice(&pad[..n]);
-        padding -= n;
+    v.reserve(size.saturating_sub(v.len()));
+    while v.len() + 2 < size {
+        let n = (size - 2 - v.len()).min(ALPHABET.len());
+        v.extend_from_slice(&ALPHABET[..n]);
     }
     v.extend_from_slice(b"\"}");
     v
