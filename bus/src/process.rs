@@ -195,3 +195,38 @@ impl Drop for ServerProcess {
         self.kill9();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_lie_below_the_ephemeral_range_and_are_free() {
+        let ephemeral_start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .expect("port range")
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .expect("a number");
+        for _ in 0..20 {
+            let port = free_port().expect("port");
+            assert!((LOWEST_PORT..ephemeral_start).contains(&port), "port {port}");
+            std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+        }
+    }
+
+    #[test]
+    fn cpu_time_grows_with_work() {
+        let before = cpu_time_of("self").expect("cpu time");
+        // Spin until 50 ms of CPU are counted (a loaded machine gives less CPU per wall second).
+        let started = Instant::now();
+        let mut x = 0u64;
+        while cpu_time_of("self").expect("cpu time") < before + Duration::from_millis(50) {
+            assert!(started.elapsed() < Duration::from_secs(30), "spinning is not counted as CPU time");
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+        }
+        assert!(cpu_time_of("999999999").is_none(), "no such process");
+    }
+}
