@@ -12,7 +12,9 @@
 //! (The design card put the dedup index in sled; measured with `justizbus bench`, three sled
 //! writes per event cut batched publish from about 104,000 to 35,000 events/s, so it lives here.)
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use hashbrown::HashTable;
 
 /// Hash of an event id: two CRC32C with different seeds, stable across versions and restarts.
 pub fn id_hash(id: &[u8]) -> u64 {
@@ -21,15 +23,22 @@ pub fn id_hash(id: &[u8]) -> u64 {
     (u64::from(a) << 32) | u64::from(b)
 }
 
+/// Most ids a partition remembers: offsets in the table are kept in 32 bits.
+const MAX_IDS: usize = (u32::MAX / 2) as usize;
+
 /// Recent ids of one partition.
+///
+/// About 14-28 bytes per id: the hashes in offset order, and a table of the offsets (32 bits
+/// each) that finds them by hash. A map of hash to 64-bit offset beside the hashes took twice
+/// that: at a million ids per partition the index was most of a large log's resident memory.
 #[derive(Debug)]
 pub struct DedupIndex {
     window_ms: i64,
     max_ids: usize,
-    /// Id hash -> offset of the latest record with that hash.
-    by_hash: HashMap<u64, u64>,
     /// Hashes of offsets `first_offset..`, in order.
     hashes: VecDeque<u64>,
+    /// The latest offset of each hash in `hashes`, truncated to 32 bits (see [`Self::offset`]).
+    by_hash: HashTable<u32>,
     first_offset: u64,
     /// (first offset, time recorded) of each commit still in the window.
     commits: VecDeque<(u64, i64)>,
@@ -40,9 +49,9 @@ impl DedupIndex {
     pub fn new(window_ms: u64, max_ids: usize, first_offset: u64) -> Self {
         DedupIndex {
             window_ms: window_ms.min(i64::MAX as u64) as i64,
-            max_ids: if window_ms == 0 { 0 } else { max_ids },
-            by_hash: HashMap::new(),
+            max_ids: if window_ms == 0 { 0 } else { max_ids.min(MAX_IDS) },
             hashes: VecDeque::new(),
+            by_hash: HashTable::new(),
             first_offset,
             commits: VecDeque::new(),
         }
@@ -68,7 +77,8 @@ impl DedupIndex {
         if !self.enabled() {
             return None;
         }
-        self.by_hash.get(&hash).copied()
+        let (first, hashes) = (self.first_offset, &self.hashes);
+        self.by_hash.find(hash, |&low| hash_at(hashes, first, low) == hash).map(|&low| offset(first, low))
     }
 
     /// Records the hashes of records stored at `first..first + hashes.len()` at time `now_ms`.
@@ -84,9 +94,16 @@ impl DedupIndex {
             self.first_offset = first;
         }
         self.commits.push_back((first, now_ms));
-        for (i, h) in hashes.iter().enumerate() {
-            self.by_hash.insert(*h, first + i as u64);
-            self.hashes.push_back(*h);
+        for (i, &h) in hashes.iter().enumerate() {
+            self.hashes.push_back(h);
+            let low = (first + i as u64) as u32;
+            let (base, ring) = (self.first_offset, &self.hashes);
+            match self.by_hash.find_mut(h, |&l| hash_at(ring, base, l) == h) {
+                Some(latest) => *latest = low,
+                None => {
+                    self.by_hash.insert_unique(h, low, |&l| hash_at(ring, base, l));
+                }
+            }
         }
         self.expire(now_ms);
     }
@@ -110,16 +127,35 @@ impl DedupIndex {
         while self.commits.len() > 1 && self.commits[1].0 <= self.first_offset {
             self.commits.pop_front();
         }
+        if self.by_hash.capacity() > 4 * self.by_hash.len().max(1024) {
+            let (base, ring) = (self.first_offset, &self.hashes);
+            self.by_hash.shrink_to_fit(|&l| hash_at(ring, base, l));
+            self.hashes.shrink_to_fit();
+        }
     }
 
     fn pop_oldest(&mut self) {
-        if let Some(h) = self.hashes.pop_front() {
-            if self.by_hash.get(&h) == Some(&self.first_offset) {
-                self.by_hash.remove(&h);
+        let Some(&h) = self.hashes.front() else { return };
+        let (base, ring) = (self.first_offset, &self.hashes);
+        if let Ok(entry) = self.by_hash.find_entry(h, |&l| hash_at(ring, base, l) == h) {
+            // Only when the oldest is the hash's latest offset: a newer record keeps it.
+            if offset(base, *entry.get()) == base {
+                entry.remove();
             }
-            self.first_offset += 1;
         }
+        self.hashes.pop_front();
+        self.first_offset += 1;
     }
+}
+
+/// The offset in `first..first + 2^32` whose low 32 bits are `low`.
+fn offset(first: u64, low: u32) -> u64 {
+    first + u64::from(low.wrapping_sub(first as u32))
+}
+
+/// The hash stored for the offset whose low bits are `low` (0 if it left the window).
+fn hash_at(hashes: &VecDeque<u64>, first: u64, low: u32) -> u64 {
+    hashes.get((offset(first, low) - first) as usize).copied().unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -140,6 +176,41 @@ mod tests {
         assert_eq!(d.candidate(id_hash(b"c")), Some(2));
         d.expire(1300);
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn a_repeated_hash_names_its_latest_offset_until_that_one_leaves() {
+        let mut d = DedupIndex::new(1000, 3, 10);
+        d.record(10, &[id_hash(b"a"), id_hash(b"b"), id_hash(b"a")], 100);
+        assert_eq!(d.candidate(id_hash(b"a")), Some(12), "the latest of the two");
+        d.record(13, &[id_hash(b"c")], 100);
+        assert_eq!(d.candidate(id_hash(b"a")), Some(12), "offset 10 left, 12 still names it");
+        d.record(14, &[id_hash(b"d"), id_hash(b"e")], 100);
+        assert_eq!(d.candidate(id_hash(b"a")), None);
+        assert_eq!(d.len(), 3);
+    }
+
+    #[test]
+    fn offsets_beyond_32_bits_are_found() {
+        let first = (u32::MAX as u64) - 1;
+        let mut d = DedupIndex::new(1000, 10, first);
+        let hashes: Vec<u64> = (0..5u8).map(|i| id_hash(&[i])).collect();
+        d.record(first, &hashes, 1);
+        for (i, h) in hashes.iter().enumerate() {
+            assert_eq!(d.candidate(*h), Some(first + i as u64));
+        }
+    }
+
+    #[test]
+    fn the_table_shrinks_when_the_window_empties_it() {
+        let mut d = DedupIndex::new(100, 1_000_000, 0);
+        let hashes: Vec<u64> = (0..100_000u32).map(|i| id_hash(&i.to_le_bytes())).collect();
+        d.record(0, &hashes, 1);
+        let full = d.by_hash.capacity();
+        d.record(100_000, &[id_hash(b"late")], 500);
+        assert_eq!(d.len(), 1);
+        assert!(d.by_hash.capacity() < full / 4, "{} of {full}", d.by_hash.capacity());
+        assert_eq!(d.candidate(id_hash(b"late")), Some(100_000));
     }
 
     #[test]
