@@ -178,7 +178,8 @@ impl Journal {
 
 async fn write(log: Arc<dyn Log>, mut rx: mpsc::UnboundedReceiver<Msg>, pending: Arc<AtomicUsize>) {
     let mut seq: u64 = 0;
-    let run = uuid::Uuid::now_v7();
+    // Unique per writer run: the journal keeps every entry, also repeats.
+    let id_prefix = format!("journal.{}.", uuid::Uuid::now_v7());
     while let Some(first) = rx.recv().await {
         let mut batch = Vec::new();
         let mut waiting = Vec::new();
@@ -197,29 +198,19 @@ async fn write(log: Arc<dyn Log>, mut rx: mpsc::UnboundedReceiver<Msg>, pending:
             }
         }
         if !batch.is_empty() {
-            let records: Vec<NewRecord> = batch
-                .iter()
-                .map(|e| {
-                    seq += 1;
-                    NewRecord {
-                        // Unique per writer run: the journal keeps every entry, also repeats.
-                        id: format!("journal.{run}.{seq}"),
-                        key: e.event_id.clone().into_bytes().into(),
-                        timestamp_ms: e.time_ms,
-                        value: serde_json::to_vec(e).unwrap_or_default().into(),
-                    }
-                })
-                .collect();
+            let first_seq = seq + 1;
+            seq += batch.len() as u64;
             let mut wait = std::time::Duration::from_millis(50);
             loop {
-                match log.append(JOURNAL_TOPIC, records.clone()).await {
+                // Built again for a retry rather than cloned for every append.
+                match log.append(JOURNAL_TOPIC, records(&batch, &id_prefix, first_seq)).await {
                     Ok(_) => {
-                        pending.fetch_sub(records.len(), Ordering::Relaxed);
+                        pending.fetch_sub(batch.len(), Ordering::Relaxed);
                         break;
                     }
                     Err(Error::ShuttingDown) => return,
                     Err(e) => {
-                        tracing::error!(error = %e, entries = records.len(), "appending to the delivery journal failed; retrying");
+                        tracing::error!(error = %e, entries = batch.len(), "appending to the delivery journal failed; retrying");
                         tokio::time::sleep(wait).await;
                         wait = (wait * 2).min(std::time::Duration::from_secs(5));
                     }
@@ -230,6 +221,24 @@ async fn write(log: Arc<dyn Log>, mut rx: mpsc::UnboundedReceiver<Msg>, pending:
             let _ = done.send(());
         }
     }
+}
+
+/// The records of `entries`, numbered from `first_seq` after `id_prefix`.
+fn records(entries: &[Entry], id_prefix: &str, first_seq: u64) -> Vec<NewRecord> {
+    use std::fmt::Write as _;
+    entries
+        .iter()
+        .zip(first_seq..)
+        .map(|(e, seq)| {
+            let mut id = String::with_capacity(id_prefix.len() + 20);
+            id.push_str(id_prefix);
+            let _ = write!(id, "{seq}");
+            let mut value = Vec::with_capacity(256);
+            // Serializing plain strings and numbers to a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut value, e);
+            NewRecord { id, key: e.event_id.clone().into_bytes().into(), timestamp_ms: e.time_ms, value: value.into() }
+        })
+        .collect()
 }
 
 /// The journal entries of one event, oldest first: reads the partition its id maps to, from
