@@ -37,6 +37,9 @@ enum WriterMsg {
     Close(oneshot::Sender<()>),
 }
 
+/// A group commit (write and `fdatasync`) longer than this is logged as a warning.
+const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// State shared by the writer, readers and retention.
 #[derive(Debug)]
 pub struct Partition {
@@ -435,7 +438,13 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
     }
     let started = std::time::Instant::now();
     let pos = active.write_batch(&buf).and_then(|pos| active.sync().map(|()| pos));
-    tracing::trace!(topic = %p.topic, partition = p.id, jobs = jobs.len(), records = fresh.len(), bytes = len, sync_us = started.elapsed().as_micros() as u64, "group commit");
+    let took = started.elapsed();
+    tracing::trace!(topic = %p.topic, partition = p.id, jobs = jobs.len(), records = fresh.len(), bytes = len, sync_us = took.as_micros() as u64, "group commit");
+    if took >= SLOW_COMMIT {
+        // Appends, deliveries and acknowledgements wait for it: this is what a tail latency
+        // spike looks like when the disk stalls (every partition's sync at once).
+        tracing::warn!(topic = %p.topic, partition = p.id, ms = took.as_millis() as u64, bytes = len, "slow group commit: writing and syncing took long");
+    }
     let pos = match pos {
         Ok(pos) => pos,
         Err(e) => {
