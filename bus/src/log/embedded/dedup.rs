@@ -37,7 +37,7 @@ pub struct DedupIndex {
     max_ids: usize,
     /// Hashes of offsets `first_offset..`, in order.
     hashes: VecDeque<u64>,
-    /// The latest offset of each hash in `hashes`, truncated to 32 bits (see [`Self::offset`]).
+    /// The latest offset of each hash in `hashes`, truncated to 32 bits (see [`offset`]).
     by_hash: HashTable<u32>,
     first_offset: u64,
     /// (first offset, time recorded) of each commit still in the window.
