@@ -244,14 +244,15 @@ async fn write_receipts(mailboxes: Arc<MailboxLog>, journal: Option<Journal>, mu
             count += job.receipts.len();
             batch.push(job);
         }
-        let receipts: Vec<(String, NewRecord)> = batch.iter().flat_map(|j| j.receipts.iter().cloned()).collect();
         let mut wait = Duration::from_millis(50);
         loop {
-            match mailboxes.append_many(receipts.clone()).await {
+            // Collected again for a retry rather than cloned twice for every write.
+            let receipts: Vec<(String, NewRecord)> = batch.iter().flat_map(|j| j.receipts.iter().cloned()).collect();
+            match mailboxes.append_many(receipts).await {
                 Ok(_) => break,
                 Err(Error::ShuttingDown) => return, // not settled: redelivered after the restart
                 Err(e) => {
-                    tracing::error!(error = %e, receipts = receipts.len(), retry_in_ms = wait.as_millis() as u64, "storing receipts failed");
+                    tracing::error!(error = %e, receipts = count, retry_in_ms = wait.as_millis() as u64, "storing receipts failed");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
