@@ -6,7 +6,7 @@
 //! keeps one slow case from blocking the others. Eligible heads wait in `ready` until a
 //! subscriber has credit.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ use crate::audit::journal::{Entry as JournalEntry, Journal, Kind};
 use crate::config::DeliverySettings;
 use crate::event::now_ms;
 use crate::log::{Cursor, GroupConfig, Log, NewRecord, Quarantine, StoredRecord, TopicConfig};
+use crate::FastMap;
 use crate::{Error, Result};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
@@ -165,7 +166,7 @@ struct Part {
     next_read: u64,
     end: u64,
     entries: BTreeMap<u64, Entry>,
-    keys: HashMap<Bytes, VecDeque<u64>>,
+    keys: FastMap<Bytes, VecDeque<u64>>,
     /// Payload bytes of `entries`.
     buffered_bytes: usize,
     dirty: bool,
@@ -232,15 +233,15 @@ struct Actor {
     subs: BTreeMap<u64, Sub>,
     /// Round-robin position among subscribers.
     rr: u64,
-    inflight: HashMap<u64, InFlight>,
+    inflight: FastMap<u64, InFlight>,
     /// Released deliveries (id -> partition, offset) waiting for `Settle`.
-    settling: HashMap<u64, (u32, u64)>,
+    settling: FastMap<u64, (u32, u64)>,
     /// Ack deadlines of `inflight`, earliest first: the actor sleeps until the first one
     /// instead of polling.
     deadlines: BTreeSet<(Instant, u64)>,
     ready: VecDeque<(u32, u64)>,
     backoff: BTreeSet<(Instant, u32, u64)>,
-    quarantined: HashMap<Bytes, Quarantine>,
+    quarantined: FastMap<Bytes, Quarantine>,
     next_delivery: u64,
     last_commit: Instant,
     /// Where a group without a stored position starts.
@@ -340,12 +341,12 @@ pub async fn spawn(
         parts: Vec::new(),
         subs: BTreeMap::new(),
         rr: 0,
-        inflight: HashMap::new(),
+        inflight: FastMap::default(),
         ready: VecDeque::new(),
         backoff: BTreeSet::new(),
         deadlines: BTreeSet::new(),
-        settling: HashMap::new(),
-        quarantined: HashMap::new(),
+        settling: FastMap::default(),
+        quarantined: FastMap::default(),
         next_delivery: 1,
         start,
         shared: log.shares_groups(topic),

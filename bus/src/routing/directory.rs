@@ -20,7 +20,6 @@
 //! `other:Testsender`, `rvtraeger:15`); [`Directory::resolve`] maps one to a participant. A
 //! participant is also reachable by its own id (`other:<id>`), as SAFE-IDs appear in headers.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -169,8 +168,8 @@ pub struct Resolution {
 #[derive(Debug, Default)]
 pub struct Directory {
     participants: Vec<Participant>,
-    by_id: HashMap<String, usize>,
-    by_address: HashMap<String, usize>,
+    by_id: crate::FastMap<String, usize>,
+    by_address: crate::FastMap<String, usize>,
     rules: Vec<Rule>,
 }
 

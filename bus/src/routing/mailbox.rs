@@ -25,9 +25,8 @@
 //! stored in a mailbox is answered as a duplicate without appending (the index knows every id),
 //! which makes router retries after a crash idempotent.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
+use std::collections::BTreeMap;
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex as SyncMutex};
 
 use async_trait::async_trait;
@@ -39,6 +38,7 @@ use crate::audit::chain::ChainHash;
 use crate::audit::checkpoint::Checkpoint;
 use crate::log::{Appended, Cursor, GroupConfig, Log, NewRecord, PartitionOffsets, Quarantine, StoredRecord, TopicConfig, TopicInfo};
 use crate::partitioner::partition_for_key;
+use crate::FastMap;
 use crate::{Error, Result};
 
 /// The physical topic that holds every mailbox.
@@ -76,16 +76,17 @@ impl Mailbox {
 
 #[derive(Default)]
 struct Index {
-    mailboxes: HashMap<String, Mailbox>,
+    mailboxes: FastMap<String, Mailbox>,
     /// Hash of (mailbox, record id) -> sequence number: what is stored already.
-    ids: HashMap<u64, u64>,
+    ids: FastMap<u64, u64>,
+    /// Hashes the ids (seeded per process: the index is rebuilt at every start).
+    hasher: foldhash::fast::RandomState,
 }
 
-fn id_hash(mailbox: &str, id: &str) -> u64 {
-    let mut h = DefaultHasher::new();
-    mailbox.hash(&mut h);
-    id.hash(&mut h);
-    h.finish()
+impl Index {
+    fn id_hash(&self, mailbox: &str, id: &str) -> u64 {
+        self.hasher.hash_one((mailbox, id))
+    }
 }
 
 /// The log with mailboxes layered on top; everything else passes through.
@@ -291,7 +292,8 @@ impl MailboxLog {
                 for r in &batch {
                     let (seq, _, _) = decode_entry(&r.value)?;
                     let name = String::from_utf8_lossy(&r.key).into_owned();
-                    index.ids.insert(id_hash(&name, &r.id), seq);
+                    let h = index.id_hash(&name, &r.id);
+                    index.ids.insert(h, seq);
                     let mb = index.mailboxes.entry(name).or_insert_with(Mailbox::new);
                     if mb.entries.is_empty() {
                         mb.start = seq;
@@ -409,10 +411,10 @@ impl MailboxLog {
         let mut placed = Vec::new();
         {
             let index = self.lock();
-            let mut next: HashMap<&str, u64> = HashMap::new();
-            let mut batch_ids: HashMap<u64, u64> = HashMap::new();
+            let mut next: FastMap<&str, u64> = FastMap::default();
+            let mut batch_ids: FastMap<u64, u64> = FastMap::default();
             for (i, (topic, r)) in records.iter().enumerate() {
-                let h = id_hash(topic, &r.id);
+                let h = index.id_hash(topic, &r.id);
                 if let Some(&seq) = index.ids.get(&h).or_else(|| batch_ids.get(&h)) {
                     results[i] = Some(Appended { partition: 0, offset: seq, duplicate: true });
                     continue;

@@ -6,7 +6,6 @@
 //! jobs. Readers never see records above the high watermark, so nothing a consumer sees can be
 //! lost by a crash.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -394,7 +393,7 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
     let base = active.next_offset();
     let mut next = base;
     let mut fresh: Vec<&NewRecord> = Vec::new();
-    let mut in_batch: HashMap<&str, u64> = HashMap::new();
+    let mut in_batch: crate::FastMap<&str, u64> = crate::FastMap::default();
     let mut hashes = Vec::new();
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {

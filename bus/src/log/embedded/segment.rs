@@ -5,7 +5,7 @@
 //! per `index_interval_bytes` of log. The index of the active segment is rebuilt on recovery;
 //! a sealed segment's index is synced when the segment is rolled.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -149,7 +149,7 @@ impl CachedBatch {
 #[derive(Debug, Default)]
 struct CacheInner {
     /// (segment uid, position) -> the batch.
-    batches: HashMap<(u64, u64), Arc<CachedBatch>>,
+    batches: crate::FastMap<(u64, u64), Arc<CachedBatch>>,
     /// Insertion order, for eviction.
     order: VecDeque<(u64, u64)>,
     /// Allocated bytes of the batches held.
