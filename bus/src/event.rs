@@ -26,27 +26,6 @@ pub struct Event {
     pub wire: pb::Event,
 }
 
-/// The envelope fields a stored event is routed and receipted by, decoded without the rest
-/// (payload, original, attachments are skipped): field numbers as in `event.proto`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct EventHead {
-    /// `Event.id`.
-    #[prost(string, tag = "1")]
-    pub id: String,
-    /// `Event.source`.
-    #[prost(string, tag = "2")]
-    pub source: String,
-    /// `Event.subject`.
-    #[prost(string, tag = "5")]
-    pub subject: String,
-    /// `Event.sender`.
-    #[prost(string, tag = "7")]
-    pub sender: String,
-    /// `Event.headers`.
-    #[prost(map = "string, string", tag = "13")]
-    pub headers: std::collections::HashMap<String, String>,
-}
-
 impl Event {
     /// Validates a wire event and fills in what the bus assigns: a UUID v7 id when empty,
     /// the current time when absent, and the envelope version.

@@ -6,7 +6,6 @@
 //! at once) ends the stream with `INVALID_ARGUMENT`; an ack the group cannot apply is answered
 //! in-band with an `ack_error` and the stream goes on.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,10 +22,10 @@ use tonic::{Request, Response, Status, Streaming};
 use super::Bus;
 use crate::audit::journal::{Entry as JournalEntry, Journal, Kind};
 use crate::delivery::{GroupOverrides, Outgoing, Settler, StartPosition, SubscribeParams, SubscriberControl};
-use crate::event::{ms_timestamp, Event, EventHead};
+use crate::event::{ms_timestamp, Event};
 use crate::log::NewRecord;
 use crate::routing::mailbox::{is_mailbox_topic, MailboxLog};
-use crate::routing::router::{receipt_for, RECIPIENT_HEADER};
+use crate::routing::router::{receipt_for, ReceiptHead};
 use crate::Error;
 
 /// Most delivery ids in one ack or nack message.
@@ -125,9 +124,11 @@ fn to_wire(topic: &str, out: Outgoing, book: Option<&Receipts>) -> RawSubscribeR
                 log_time: Some(ms_timestamp(r.timestamp_ms)),
             };
             let decoded = match book {
-                Some(book) => match <EventHead as prost::Message>::decode(r.value.clone()) {
-                    Ok(event) => {
-                        book.delivered(d.delivery_id, r.offset, event);
+                Some(book) => match ReceiptHead::decode(&r.value) {
+                    Ok(receipted) => {
+                        if let Some(receipted) = receipted {
+                            book.delivered(d.delivery_id, r.offset, receipted);
+                        }
                         return RawSubscribeResponse::Delivery { head, event: r.value.clone() };
                     }
                     Err(_) => None,
@@ -150,27 +151,19 @@ fn to_wire(topic: &str, out: Outgoing, book: Option<&Receipts>) -> RawSubscribeR
 struct Receipts {
     mailboxes: Arc<MailboxLog>,
     topic: String,
-    /// Delivery id -> (mailbox offset, the event's id, sender, subject, source and recipient
-    /// header). Filled as deliveries go out, emptied by acks and nacks.
-    pending: std::sync::Mutex<HashMap<u64, (u64, pb::Event)>>,
+    /// Delivery id -> (mailbox offset, what its receipt needs) of the deliveries out that earn
+    /// a receipt. Filled as deliveries go out, emptied by acks and nacks.
+    pending: std::sync::Mutex<crate::FastMap<u64, (u64, ReceiptHead)>>,
     /// Stores the receipts.
     writer: ReceiptWriter,
 }
 
 impl Receipts {
-    fn delivered(&self, delivery_id: u64, offset: u64, mut e: EventHead) {
-        let slim = pb::Event {
-            id: e.id,
-            source: e.source,
-            sender: e.sender,
-            subject: e.subject,
-            headers: e.headers.remove_entry(RECIPIENT_HEADER).into_iter().collect(),
-            ..Default::default()
-        };
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(delivery_id, (offset, slim));
+    fn delivered(&self, delivery_id: u64, offset: u64, head: ReceiptHead) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(delivery_id, (offset, head));
     }
 
-    fn take(&self, ids: &[u64]) -> Vec<(u64, pb::Event)> {
+    fn take(&self, ids: &[u64]) -> Vec<(u64, ReceiptHead)> {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         ids.iter().filter_map(|id| pending.remove(id)).collect()
     }
@@ -180,15 +173,15 @@ impl Receipts {
     fn receipts(&self, ids: &[u64]) -> (Vec<(String, NewRecord)>, Vec<JournalEntry>) {
         let mut journal = Vec::new();
         let mut receipts = Vec::new();
-        for (offset, e) in self.take(ids) {
-            let Some((mailbox, record)) = receipt_for(&self.topic, offset, &e) else { continue };
+        for (offset, head) in self.take(ids) {
+            let (mailbox, record) = receipt_for(&self.topic, offset, &head);
             // A sender that has left the directory has no mailbox: its receipt is dropped.
             if !self.mailboxes.exists(&mailbox) {
                 tracing::warn!(mailbox, id = %record.id, "receipt dropped: the sender has no mailbox");
                 continue;
             }
-            let mut entry = JournalEntry::now(Kind::Receipt, &self.topic, 0, offset, &mailbox, &e.id);
-            entry.detail = e.headers.get(RECIPIENT_HEADER).map(|r| format!("acknowledged by {r}"));
+            let mut entry = JournalEntry::now(Kind::Receipt, &self.topic, 0, offset, &mailbox, &head.id);
+            entry.detail = Some(format!("acknowledged by {}", head.recipient));
             journal.push(entry);
             receipts.push((mailbox, record));
         }

@@ -130,22 +130,106 @@ fn notice(id: String, kind: &str, subject: &str, sender: &str, recipient: &str, 
     NewRecord { id, key: Bytes::copy_from_slice(subject.as_bytes()), timestamp_ms: now_ms(), value: Bytes::from(wire.encode_to_vec()) }
 }
 
-/// The receipt record for an acknowledged mailbox delivery: `None` when the delivery is not
-/// an event with a sender to notify (notices themselves get no receipts).
-pub fn receipt_for(mailbox: &str, offset: u64, event: &pb::Event) -> Option<(String, NewRecord)> {
-    let recipient = event.headers.get(RECIPIENT_HEADER)?;
-    if event.sender.is_empty() || event.source == "justizbus" {
-        return None;
+/// What the receipt for a delivered event needs of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptHead {
+    /// The event id.
+    pub id: String,
+    /// Its case.
+    pub subject: String,
+    /// The sender participant, who gets the receipt.
+    pub sender: String,
+    /// The recipient participant (the router's `justizbus.recipient` header).
+    pub recipient: String,
+}
+
+impl ReceiptHead {
+    /// Reads an encoded mailbox delivery's event, skipping what a receipt does not need (the
+    /// payload above all, and every header but the recipient's, without allocating for
+    /// them). `Ok(None)`: acknowledging it earns no receipt, because it is a notice of the bus
+    /// itself, has no sender, or was not delivered by the router.
+    pub fn decode(mut encoded: &[u8]) -> Result<Option<ReceiptHead>> {
+        use prost::encoding::{decode_key, skip_field, DecodeContext, WireType};
+        // Field numbers of `justizbus.v1.Event` (event.proto).
+        const ID: u32 = 1;
+        const SOURCE: u32 = 2;
+        const SUBJECT: u32 = 5;
+        const SENDER: u32 = 7;
+        const HEADERS: u32 = 13;
+        let (mut id, mut source, mut subject, mut sender, mut recipient): (&[u8], &[u8], &[u8], &[u8], Option<&[u8]>) =
+            (b"", b"", b"", b"", None);
+        while !encoded.is_empty() {
+            let (tag, wire_type) = decode_key(&mut encoded).map_err(corrupt_delivery)?;
+            let field = match (tag, wire_type) {
+                (ID | SOURCE | SUBJECT | SENDER | HEADERS, WireType::LengthDelimited) => length_delimited(&mut encoded)?,
+                _ => {
+                    skip_field(wire_type, tag, &mut encoded, DecodeContext::default()).map_err(corrupt_delivery)?;
+                    continue;
+                }
+            };
+            // Protobuf keeps the last value of a field and of a map key.
+            match tag {
+                ID => id = field,
+                SOURCE => source = field,
+                SUBJECT => subject = field,
+                SENDER => sender = field,
+                _ => {
+                    let (key, value) = map_entry(field)?;
+                    if key == RECIPIENT_HEADER.as_bytes() {
+                        recipient = Some(value);
+                    }
+                }
+            }
+        }
+        let Some(recipient) = recipient else { return Ok(None) };
+        if sender.is_empty() || source == b"justizbus" {
+            return Ok(None);
+        }
+        let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| corrupt_delivery("a string field is not UTF-8"));
+        Ok(Some(ReceiptHead { id: text(id)?, subject: text(subject)?, sender: text(sender)?, recipient: text(recipient)? }))
     }
+}
+
+fn corrupt_delivery(reason: impl ToString) -> Error {
+    Error::Corrupt { path: "mailbox delivery".into(), reason: reason.to_string() }
+}
+
+/// Splits a length-delimited field's contents off `buf`.
+fn length_delimited<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8]> {
+    let len = prost::encoding::decode_varint(buf).map_err(corrupt_delivery)?;
+    if len > buf.len() as u64 {
+        return Err(corrupt_delivery("a field runs past the end"));
+    }
+    let (field, rest) = buf.split_at(len as usize);
+    *buf = rest;
+    Ok(field)
+}
+
+/// The key and value of an encoded `map<string, string>` entry.
+fn map_entry(mut entry: &[u8]) -> Result<(&[u8], &[u8])> {
+    use prost::encoding::{decode_key, skip_field, DecodeContext, WireType};
+    let (mut key, mut value): (&[u8], &[u8]) = (b"", b"");
+    while !entry.is_empty() {
+        match decode_key(&mut entry).map_err(corrupt_delivery)? {
+            (1, WireType::LengthDelimited) => key = length_delimited(&mut entry)?,
+            (2, WireType::LengthDelimited) => value = length_delimited(&mut entry)?,
+            (tag, wire_type) => skip_field(wire_type, tag, &mut entry, DecodeContext::default()).map_err(corrupt_delivery)?,
+        }
+    }
+    Ok((key, value))
+}
+
+/// The receipt record for an acknowledged mailbox delivery, and the sender's mailbox it goes to.
+pub fn receipt_for(mailbox: &str, offset: u64, head: &ReceiptHead) -> (String, NewRecord) {
     let receipt = Receipt {
-        event_id: event.id.clone(),
-        recipient: recipient.clone(),
+        event_id: head.id.clone(),
+        recipient: head.recipient.clone(),
         acknowledged_at: crate::event::rfc3339(&now_timestamp()),
         mailbox: mailbox.to_string(),
         offset,
     };
-    let id = format!("receipt.{}.{recipient}", event.id);
-    Some((mailbox_topic(&event.sender), notice(id, RECEIPT_TYPE, &event.subject, recipient, &event.sender, &receipt)))
+    let id = format!("receipt.{}.{}", head.id, head.recipient);
+    (mailbox_topic(&head.sender), notice(id, RECEIPT_TYPE, &head.subject, &head.recipient, &head.sender, &receipt))
 }
 
 /// Most bytes the router reads from one ingest partition per batch.
@@ -457,5 +541,42 @@ mod tests {
         assert_eq!(by_reference.headers.get(RECIPIENT_HEADER).map(String::as_str), Some("DE.Justiz.p1.1"));
         assert_eq!(by_reference.headers.get("justizbus.sender_address").map(String::as_str), Some("court:C0"));
         assert_eq!(by_reference.headers.get("justizbus.ingest").map(String::as_str), Some("xjustiz.ingest/0/0"));
+    }
+
+    /// An event as a mailbox delivery carries it: a user header, then the router's.
+    fn delivered(source: &str, sender: &str, recipient: Option<&str>) -> pb::Event {
+        let mut e = pb::Event {
+            id: "ev1".into(),
+            source: source.into(),
+            subject: "case-1".into(),
+            sender: sender.into(),
+            recipients: vec!["DE.Justiz.p1.1".into()],
+            data: Bytes::from(vec![7u8; 100]),
+            ..Default::default()
+        };
+        e.headers.insert("x-user".into(), "value".into());
+        if let Some(r) = recipient {
+            e.headers.insert(RECIPIENT_HEADER.into(), r.into());
+        }
+        e
+    }
+
+    #[test]
+    fn a_receipt_head_is_read_from_a_delivery_and_only_where_a_receipt_is_due() {
+        let head = |e: &pb::Event| ReceiptHead::decode(&e.encode_to_vec()).expect("decodes");
+        let expected =
+            ReceiptHead { id: "ev1".into(), subject: "case-1".into(), sender: "DE.Justiz.p0.1".into(), recipient: "DE.Justiz.p1.1".into() };
+        assert_eq!(head(&delivered("land-a", "DE.Justiz.p0.1", Some("DE.Justiz.p1.1"))), Some(expected.clone()));
+        // A delivery of the bus's own notice, one without sender, one not made by the router.
+        assert_eq!(head(&delivered("justizbus", "DE.Justiz.p0.1", Some("DE.Justiz.p1.1"))), None);
+        assert_eq!(head(&delivered("land-a", "", Some("DE.Justiz.p1.1"))), None);
+        assert_eq!(head(&delivered("land-a", "DE.Justiz.p0.1", None)), None);
+        // The overlay appends the router's fields after the event's: the last value wins, as
+        // in protobuf decoding.
+        let mut overlaid = delivered("land-a", "court:C0", Some("forged")).encode_to_vec();
+        overlaid.extend(delivered("land-a", "DE.Justiz.p0.1", Some("DE.Justiz.p1.1")).encode_to_vec());
+        assert_eq!(ReceiptHead::decode(&overlaid).expect("decodes"), Some(expected));
+        let whole = delivered("land-a", "DE.Justiz.p0.1", Some("DE.Justiz.p1.1")).encode_to_vec();
+        assert!(ReceiptHead::decode(&whole[..whole.len() - 3]).is_err(), "a cut event is an error");
     }
 }
