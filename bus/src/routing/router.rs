@@ -175,11 +175,19 @@ impl ReceiptHead {
                 SENDER => sender = field,
                 _ => {
                     let (key, value) = map_entry(field)?;
+                    // Checked as decoding the whole event would: what a client cannot decode
+                    // goes out as an envelope of its id only (see `to_wire`).
+                    if std::str::from_utf8(key).is_err() || std::str::from_utf8(value).is_err() {
+                        return Err(corrupt_delivery("a header is not UTF-8"));
+                    }
                     if key == RECIPIENT_HEADER.as_bytes() {
                         recipient = Some(value);
                     }
                 }
             }
+        }
+        if std::str::from_utf8(source).is_err() {
+            return Err(corrupt_delivery("the source is not UTF-8"));
         }
         let Some(recipient) = recipient else { return Ok(None) };
         if sender.is_empty() || source == b"justizbus" {
@@ -576,6 +584,12 @@ mod tests {
         let mut overlaid = delivered("land-a", "court:C0", Some("forged")).encode_to_vec();
         overlaid.extend(delivered("land-a", "DE.Justiz.p0.1", Some("DE.Justiz.p1.1")).encode_to_vec());
         assert_eq!(ReceiptHead::decode(&overlaid).expect("decodes"), Some(expected));
+        let mut bad = delivered("land-a", "DE.Justiz.p0.1", Some("DE.Justiz.p1.1"));
+        bad.headers.insert("x-bad".into(), "\u{e9}".into());
+        let mut bad = bad.encode_to_vec();
+        let at = bad.windows(2).position(|w| w == "\u{e9}".as_bytes()).expect("the header value");
+        bad[at] = 0xff;
+        assert!(ReceiptHead::decode(&bad).is_err(), "a header that is not UTF-8 is an error");
         let whole = delivered("land-a", "DE.Justiz.p0.1", Some("DE.Justiz.p1.1")).encode_to_vec();
         assert!(ReceiptHead::decode(&whole[..whole.len() - 3]).is_err(), "a cut event is an error");
     }
