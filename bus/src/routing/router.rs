@@ -156,8 +156,8 @@ impl ReceiptHead {
         const SUBJECT: u32 = 5;
         const SENDER: u32 = 7;
         const HEADERS: u32 = 13;
-        let (mut id, mut source, mut subject, mut sender, mut recipient): (&[u8], &[u8], &[u8], &[u8], Option<&[u8]>) =
-            (b"", b"", b"", b"", None);
+        let (mut id, mut source, mut subject, mut sender): (&[u8], &[u8], &[u8], &[u8]) = (b"", b"", b"", b"");
+        let mut recipient: Option<&[u8]> = None;
         while !encoded.is_empty() {
             let (tag, wire_type) = decode_key(&mut encoded).map_err(corrupt_delivery)?;
             let field = match (tag, wire_type) {
