@@ -177,17 +177,37 @@ impl ServerProcess {
     pub fn cpu_time(&self) -> Option<Duration> {
         cpu_time_of(&self.pid()?.to_string())
     }
+
+    /// Page faults the server has taken so far, while running.
+    pub fn page_faults(&self) -> Option<u64> {
+        page_faults_of(&self.pid()?.to_string())
+    }
+}
+
+/// The numeric fields of `/proc/<pid>/stat` from field 3 (state) on, `"self"` for this process.
+fn stat_fields(pid: &str) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: it ends at the last ')'.
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    // State (a letter) reads as 0; every field after it is a number.
+    Some(after_name.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect())
 }
 
 /// CPU time (user and system, all threads) of process `pid` (`"self"` for this one), from
 /// `/proc/<pid>/stat`, which counts in USER_HZ (100 per second on Linux).
 pub fn cpu_time_of(pid: &str) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start at state, field 3.
-    let after_name = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let fields = stat_fields(pid)?;
+    // utime and stime: fields 14 and 15.
+    let ticks = fields.get(11)? + fields.get(12)?;
     Some(Duration::from_millis(ticks * 10))
+}
+
+/// Page faults (minor and major, all threads) process `pid` has taken: memory it touched for
+/// the first time, or again after the allocator gave it back to the system.
+pub fn page_faults_of(pid: &str) -> Option<u64> {
+    let fields = stat_fields(pid)?;
+    // minflt and majflt: fields 10 and 12.
+    Some(fields.get(7)? + fields.get(9)?)
 }
 
 impl Drop for ServerProcess {
@@ -228,5 +248,15 @@ mod tests {
             }
         }
         assert!(cpu_time_of("999999999").is_none(), "no such process");
+    }
+
+    #[test]
+    fn page_faults_grow_with_fresh_memory() {
+        let before = page_faults_of("self").expect("page faults");
+        // 32 MiB written: 8,192 pages touched for the first time.
+        let touched = std::hint::black_box(vec![1u8; 32 << 20]);
+        let after = page_faults_of("self").expect("page faults");
+        assert!(after >= before + 1000, "{before} -> {after} faults for {} bytes", touched.len());
+        assert!(page_faults_of("999999999").is_none(), "no such process");
     }
 }
