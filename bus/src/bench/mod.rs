@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 use justizbus_proto::v1 as pb;
 use serde_json::json;
@@ -112,6 +112,9 @@ pub struct BenchArgs {
     /// beside it, with the same events.
     #[arg(long)]
     pub log: Option<String>,
+    /// Configuration file for the started server (not with a `kafka://` log, which brings its own).
+    #[arg(long, conflicts_with = "server")]
+    pub server_config: Option<std::path::PathBuf>,
 }
 
 pub(crate) fn payload(size: usize, i: u64) -> Vec<u8> {
@@ -208,6 +211,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 extra = vec!["--config".to_string(), config.display().to_string()];
             } else if let Some(log) = &args.log {
                 extra = vec!["--log".to_string(), log.clone()];
+            }
+            if let Some(config) = &args.server_config {
+                if kafka.is_some() {
+                    bail!("--server-config cannot be combined with a kafka:// --log");
+                }
+                extra.extend(["--config".to_string(), config.display().to_string()]);
             }
             let p = ServerProcess::start(&binary, &dir.join("data"), &extra)?;
             let url = p.url();
