@@ -189,7 +189,8 @@ fn stat_fields(pid: &str) -> Option<Vec<u64>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: it ends at the last ')'.
     let after_name = &stat[stat.rfind(')')? + 2..];
-    // State (a letter) reads as 0; every field after it is a number.
+    // What is not an unsigned number (the state letter, a negative nice value) reads as 0;
+    // none of those fields is used.
     Some(after_name.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect())
 }
 
@@ -253,10 +254,11 @@ mod tests {
     #[test]
     fn page_faults_grow_with_fresh_memory() {
         let before = page_faults_of("self").expect("page faults");
-        // 32 MiB written: 8,192 pages touched for the first time.
+        // 32 MiB written: 8,192 pages touched for the first time, or 16 where transparent huge
+        // pages back all of it.
         let touched = std::hint::black_box(vec![1u8; 32 << 20]);
         let after = page_faults_of("self").expect("page faults");
-        assert!(after >= before + 1000, "{before} -> {after} faults for {} bytes", touched.len());
+        assert!(after >= before + 16, "{before} -> {after} faults for {} bytes", touched.len());
         assert!(page_faults_of("999999999").is_none(), "no such process");
     }
 }
