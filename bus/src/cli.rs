@@ -385,7 +385,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve(_) | Command::Adapter { .. });
     init_tracing(if serving { "info" } else { "warn" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().on_thread_park(crate::memory::release_if_due).build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -435,7 +435,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(args) => crate::bench::run_command(args).await,
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Certs(args) => print_json(&serde_json::to_value(crate::security::certs::run(&args)?)?),
-        Command::Adapter { command } => justizbus_xjustiz::cli::run_adapter(command).await,
+        Command::Adapter { command } => {
+            crate::memory::set_interval_ms(crate::memory::DEFAULT_INTERVAL_MS);
+            justizbus_xjustiz::cli::run_adapter(command).await
+        }
         Command::Xjustiz { command } => tokio::task::spawn_blocking(move || justizbus_xjustiz::cli::run(command)).await?,
     }
 }

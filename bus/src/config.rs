@@ -42,6 +42,9 @@ pub struct ServerConfig {
     pub kafka: crate::log::kafka::KafkaSettings,
     /// Checkpoint signing and the delivery journal.
     pub audit: crate::audit::AuditSettings,
+    /// Least time between two returns of a thread's freed memory to the system (see
+    /// [`crate::memory`]); 0 leaves it to the allocator alone.
+    pub memory_release_interval_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +60,7 @@ impl Default for ServerConfig {
             tls: None,
             kafka: Default::default(),
             audit: Default::default(),
+            memory_release_interval_ms: crate::memory::DEFAULT_INTERVAL_MS,
         }
     }
 }

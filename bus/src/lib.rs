@@ -24,6 +24,7 @@ pub mod error;
 pub mod event;
 pub mod grpc;
 pub mod log;
+pub mod memory;
 pub mod partitioner;
 pub mod process;
 pub mod routing;

@@ -55,6 +55,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
         Some(path) => Some(Arc::new(crate::audit::checkpoint::Signer::load(path)?)),
         None => None,
     };
+    crate::memory::set_interval_ms(config.memory_release_interval_ms);
     let url = config.log_url();
     let mut log = log::open(&url, &config.log_settings, &config.kafka).await?;
     // Chains, checkpoints and the journal cover the log as stored, beneath the mailbox view.

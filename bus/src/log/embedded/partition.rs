@@ -354,6 +354,8 @@ async fn run_writer(partition: std::sync::Weak<Partition>, mut state: WriterStat
         let (topic, id) = (p.topic.clone(), p.id);
         let joined = tokio::task::spawn_blocking(move || {
             let result = write_jobs(&p, &mut state, &jobs);
+            // Blocking threads may sleep for long after a write.
+            crate::memory::release_if_due();
             (state, jobs, result)
         })
         .await;
