@@ -4,7 +4,7 @@
 //! later, when that same thread frees again in the same segment after the purge delay. A
 //! thread that goes quiet after a burst (a runtime worker that parks, a blocking thread that
 //! wrote a batch) keeps them resident, and even busy threads keep many long past the delay:
-//! `justizbus bench --large-log-gb 5` peaked at 374-411 MiB of RSS where heaptrack counted at
+//! `justizbus bench --large-log-gb 5` peaked at 362-417 MiB of RSS where heaptrack counted at
 //! most 188 MiB of live heap. The allocator is chosen by the binary, so the binary registers
 //! how to release ([`set_release`]); the library says when: [`release_if_due`], called as a
 //! runtime worker parks and after each partition write, at most once per interval and
