@@ -119,3 +119,27 @@ fn bad_input_exits_non_zero_with_a_clear_error() {
     let out = run_cli(&["serve".into(), "--config".into(), bad_config.to_str().expect("utf8").into()], None);
     assert!(!out.ok && out.stderr.contains("bogus_key"), "{}", out.stderr);
 }
+
+/// A benchmark that fails half-way (here: its server refuses the configuration) removes the
+/// data directory it made, as one that completes does: a large-log run leaves gigabytes.
+#[test]
+fn a_failed_benchmark_leaves_no_data_behind() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("server.toml");
+    std::fs::write(&config, "no_such_setting = 1\n").expect("write config");
+    let scratch = tmp.path().join("scratch");
+    std::fs::create_dir(&scratch).expect("scratch dir");
+    for bench in [&["bench"][..], &["bench", "routing", "--participants", "100", "--cases", "10"]] {
+        let out = std::process::Command::new(justizbus_e2e::binary())
+            .args(bench)
+            .arg("--server-config")
+            .arg(&config)
+            .env("TMPDIR", &scratch)
+            .output()
+            .expect("run the benchmark");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("no_such_setting"), "{bench:?}: {stderr}");
+        let left: Vec<_> = std::fs::read_dir(&scratch).expect("read scratch").flatten().map(|e| e.path()).collect();
+        assert!(left.is_empty(), "{bench:?} left {left:?}");
+    }
+}

@@ -31,8 +31,8 @@ pub struct AuditBenchArgs {
 /// Runs the audit benchmark and prints one JSON summary.
 pub async fn run(args: AuditBenchArgs) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
-    let result = measure(&args, &dir).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    let result = measure(&args, dir.path()).await;
+    drop(dir);
     let summary = result?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())

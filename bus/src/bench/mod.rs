@@ -201,7 +201,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => {
             let dir = match &args.data_dir {
                 Some(d) => d.clone(),
-                None => temporary.insert(tempfile_dir()?).clone(),
+                None => temporary.insert(tempfile_dir()?).path().to_path_buf(),
             };
             let binary = std::env::current_exe().context("locating the justizbus binary")?;
             let mut extra = Vec::new();
@@ -362,7 +362,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         p.stop()?;
     }
     if let Some(dir) = temporary {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        let path = dir.path().display().to_string();
+        dir.close().with_context(|| format!("removing {path}"))?;
     }
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
@@ -387,10 +388,10 @@ pub(crate) fn percentile_ms(sorted: &[u128], q: f64) -> f64 {
     (sorted[i] as f64 / 1e6 * 100.0).round() / 100.0
 }
 
-pub(crate) fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("justizbus-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// A temporary directory for a benchmark's servers, removed when dropped: also when the
+/// benchmark fails half-way (a failed `--large-log-gb 5` run used to leave 5 GB behind).
+pub(crate) fn tempfile_dir() -> anyhow::Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new().prefix(&format!("justizbus-bench-{}-", std::process::id())).tempdir()?)
 }
 
 /// Subscribes and acknowledges until `expected` events arrived or `idle` passed without one.

@@ -243,10 +243,11 @@ pub async fn run(args: RoutingBenchArgs) -> anyhow::Result<()> {
     if args.cases == 0 || u64::from(args.participants) < 2 * u64::from(args.cases) + 2 {
         bail!("--participants must be at least 2 x --cases + 2 (each case has its own sender and recipient, plus two quiet mailboxes)");
     }
-    let temporary = args.data_dir.is_none();
-    let dir = match &args.data_dir {
-        Some(d) => d.clone(),
-        None => tempfile_dir()?,
+    // Removed when dropped, also when the benchmark fails half-way.
+    let temporary = args.data_dir.is_none().then(tempfile_dir).transpose()?;
+    let dir = match (&temporary, &args.data_dir) {
+        (Some(t), _) => t.path().to_path_buf(),
+        (None, d) => d.clone().unwrap_or_default(),
     };
     std::fs::create_dir_all(&dir)?;
     let directory = dir.join("directory.toml");
@@ -394,8 +395,8 @@ pub async fn run(args: RoutingBenchArgs) -> anyhow::Result<()> {
         summary["server_rss"] = json!({"peak_mib": peak / (1 << 20), "current_mib": rss / (1 << 20)});
     }
     server.stop()?;
-    if temporary {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    if let Some(t) = temporary {
+        t.close().with_context(|| format!("removing {}", dir.display()))?;
     }
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
