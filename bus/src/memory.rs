@@ -51,10 +51,10 @@ pub fn release_if_due() {
 
 /// [`release_if_due`] with the interval given.
 fn release_every(interval: u64) {
-    let Some(release) = RELEASE.get() else { return };
     if interval == 0 {
         return;
     }
+    let Some(release) = RELEASE.get() else { return };
     let now = Instant::now();
     let due = LAST_RELEASE.with(|last| match last.get() {
         Some(at) if now.duration_since(at).as_millis() < u128::from(interval) => false,

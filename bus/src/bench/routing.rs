@@ -245,9 +245,9 @@ pub async fn run(args: RoutingBenchArgs) -> anyhow::Result<()> {
     }
     // Removed when dropped, also when the benchmark fails half-way.
     let temporary = args.data_dir.is_none().then(tempfile_dir).transpose()?;
-    let dir = match (&temporary, &args.data_dir) {
-        (Some(t), _) => t.path().to_path_buf(),
-        (None, d) => d.clone().unwrap_or_default(),
+    let dir = match &temporary {
+        Some(t) => t.path().to_path_buf(),
+        None => args.data_dir.clone().unwrap_or_default(),
     };
     std::fs::create_dir_all(&dir)?;
     let directory = dir.join("directory.toml");
