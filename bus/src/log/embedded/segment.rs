@@ -116,6 +116,46 @@ static NEXT_SEGMENT_UID: AtomicU64 = AtomicU64::new(0);
 pub struct BatchCache {
     capacity: usize,
     inner: Mutex<CacheInner>,
+    spares: Arc<Spares>,
+}
+
+/// Emptied batch buffers for the next batches. Without them the allocator hands an old batch's
+/// memory back to the system and the next batch faults fresh memory in (zeroing a 2 MiB page
+/// where transparent huge pages back it). A cached batch hands its buffer in when its last
+/// reader lets go of it: readers often hold a batch past its eviction. At most
+/// [`SPARE_BUFFERS`], together a quarter of the cache; the largest are kept, as they fault most.
+#[derive(Debug)]
+struct Spares {
+    max_bytes: usize,
+    buffers: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Spares {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.buffers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn keep(&self, buffer: Vec<u8>) {
+        if buffer.capacity() == 0 || buffer.capacity() > self.max_bytes {
+            return;
+        }
+        let mut spare = self.lock();
+        spare.push(buffer);
+        let mut held: usize = spare.iter().map(Vec::capacity).sum();
+        while spare.len() > SPARE_BUFFERS || held > self.max_bytes {
+            let smallest = (0..spare.len()).min_by_key(|&i| spare[i].capacity()).unwrap_or(0);
+            held -= spare.swap_remove(smallest).capacity();
+        }
+    }
+
+    /// A spare buffer of at least `len` bytes but not more than twice as many (or 64 KiB).
+    fn take(&self, len: usize) -> Option<Vec<u8>> {
+        let mut spare = self.lock();
+        let i = spare.iter().position(|b| b.capacity() >= len && b.capacity() <= 2 * len.max(64 * 1024))?;
+        let mut b = spare.swap_remove(i);
+        b.clear();
+        Some(b)
+    }
 }
 
 /// A whole batch and where each of its records starts, so that a read of one record in the
@@ -124,6 +164,14 @@ pub struct BatchCache {
 pub struct CachedBatch {
     bytes: Vec<u8>,
     starts: Vec<u32>,
+    /// Where the buffer goes when the batch is dropped.
+    spares: Arc<Spares>,
+}
+
+impl Drop for CachedBatch {
+    fn drop(&mut self) {
+        self.spares.keep(std::mem::take(&mut self.bytes));
+    }
 }
 
 /// A record's value inside a cached batch, handed out without a copy.
@@ -139,10 +187,15 @@ impl AsRef<[u8]> for SharedValue {
 }
 
 impl CachedBatch {
-    /// Indexes a whole, checked batch; fails when its records do not fit it.
-    fn new(header: &BatchHeader, bytes: Vec<u8>) -> std::result::Result<CachedBatch, BadBatch> {
-        let starts = format::record_starts(header, &bytes)?;
-        Ok(CachedBatch { bytes, starts })
+    /// Indexes a whole, checked batch of `cache`; fails when its records do not fit it.
+    fn new(cache: &BatchCache, header: &BatchHeader, bytes: Vec<u8>) -> std::result::Result<CachedBatch, BadBatch> {
+        match format::record_starts(header, &bytes) {
+            Ok(starts) => Ok(CachedBatch { bytes, starts, spares: cache.spares.clone() }),
+            Err(bad) => {
+                cache.recycle(bytes);
+                Err(bad)
+            }
+        }
     }
 }
 
@@ -154,28 +207,16 @@ struct CacheInner {
     order: VecDeque<(u64, u64)>,
     /// Allocated bytes of the batches held.
     bytes: usize,
-    /// Buffers of evicted batches, handed to the next writes and reads: allocating a fresh
-    /// buffer per batch costs a page fault per 4 KiB once the allocator has returned freed
-    /// memory to the system. At most [`SPARE_BUFFERS`], together a quarter of the capacity.
-    spare: Vec<Vec<u8>>,
 }
 
 /// Most spare buffers kept.
 const SPARE_BUFFERS: usize = 16;
 
-impl CacheInner {
-    fn keep_spare(&mut self, buffer: Vec<u8>, capacity: usize) {
-        let held: usize = self.spare.iter().map(Vec::capacity).sum();
-        if self.spare.len() < SPARE_BUFFERS && held + buffer.capacity() <= capacity / 4 {
-            self.spare.push(buffer);
-        }
-    }
-}
-
 impl BatchCache {
     /// A cache of at most `capacity` bytes (0: no caching).
     pub fn new(capacity: usize) -> Self {
-        BatchCache { capacity, inner: Mutex::new(CacheInner::default()) }
+        let spares = Arc::new(Spares { max_bytes: capacity / 4, buffers: Mutex::default() });
+        BatchCache { capacity, inner: Mutex::new(CacheInner::default()), spares }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
@@ -194,26 +235,19 @@ impl BatchCache {
     /// An empty buffer for a batch of `len` bytes: a spare one that fits (not more than
     /// twice as large), or a new one.
     pub fn buffer(&self, len: usize) -> Vec<u8> {
-        let mut c = self.lock();
-        match c.spare.iter().position(|b| b.capacity() >= len && b.capacity() <= 2 * len.max(64 * 1024)) {
-            Some(i) => {
-                let mut b = c.spare.swap_remove(i);
-                b.clear();
-                b
-            }
-            None => Vec::with_capacity(len),
-        }
+        self.spares.take(len).unwrap_or_else(|| Vec::with_capacity(len))
     }
 
     /// Takes back a buffer that was not cached.
     pub fn recycle(&self, buffer: Vec<u8>) {
-        self.lock().keep_spare(buffer, self.capacity);
+        self.spares.keep(buffer);
     }
 
     fn put(&self, key: (u64, u64), batch: Arc<CachedBatch>) {
         if !self.keeps(batch.bytes.capacity()) {
             return;
         }
+        let mut evicted = Vec::new();
         let mut c = self.lock();
         if c.batches.contains_key(&key) {
             return;
@@ -225,12 +259,12 @@ impl BatchCache {
             let Some(old) = c.order.pop_front() else { break };
             if let Some(b) = c.batches.remove(&old) {
                 c.bytes -= b.bytes.capacity();
-                // Still being read: the reader frees it.
-                if let Ok(b) = Arc::try_unwrap(b) {
-                    c.keep_spare(b.bytes, self.capacity);
-                }
+                // Dropped outside the lock: the last holder's drop hands the buffer on.
+                evicted.push(b);
             }
         }
+        drop(c);
+        drop(evicted);
     }
 }
 
@@ -482,7 +516,7 @@ impl Segment {
     pub fn cache_written(&self, cache: &BatchCache, pos: u64, header: &BatchHeader, bytes: Vec<u8>) {
         if !cache.keeps(bytes.capacity()) {
             cache.recycle(bytes);
-        } else if let Ok(batch) = CachedBatch::new(header, bytes) {
+        } else if let Ok(batch) = CachedBatch::new(cache, header, bytes) {
             cache.put((self.uid, pos), Arc::new(batch));
         }
     }
@@ -575,7 +609,7 @@ impl Segment {
                         buf.resize(h.total_len as usize, 0);
                         self.file.read_exact_at(&mut buf, pos).map_err(io(&self.log_path, "reading"))?;
                         format::check_crc(&h, &buf).map_err(|b| self.corrupt(pos, b))?;
-                        let batch = Arc::new(CachedBatch::new(&h, buf).map_err(|b| self.corrupt(pos, b))?);
+                        let batch = Arc::new(CachedBatch::new(cache, &h, buf).map_err(|b| self.corrupt(pos, b))?);
                         cache.put((self.uid, pos), batch.clone());
                         batch
                     }
@@ -691,23 +725,54 @@ mod tests {
         let cache = BatchCache::new(64 * 1024);
         for i in 0..20u64 {
             let (h, b) = batch(i, 8 * 1024);
-            cache.put((1, i), Arc::new(CachedBatch::new(&h, b).expect("batch")));
+            cache.put((1, i), Arc::new(CachedBatch::new(&cache, &h, b).expect("batch")));
             assert!(cache.lock().bytes <= 64 * 1024);
         }
         // The oldest are gone, the newest are there.
         assert!(cache.get((1, 0)).is_none());
         assert!(cache.get((1, 19)).is_some());
         // An evicted batch's buffer serves the next batch of about its size, emptied.
-        let spare = cache.lock().spare.len();
+        let spare = cache.spares.lock().len();
         assert!(spare > 0);
         let reused = cache.buffer(8 * 1024);
         assert!(reused.is_empty() && reused.capacity() >= 8 * 1024);
-        assert_eq!(cache.lock().spare.len(), spare - 1);
-        assert!(cache.lock().spare.iter().map(Vec::capacity).sum::<usize>() <= 16 * 1024);
+        assert_eq!(cache.spares.lock().len(), spare - 1);
+        assert!(cache.spares.lock().iter().map(Vec::capacity).sum::<usize>() <= 16 * 1024);
         // A buffer far larger than asked for is not handed out for a small batch.
         let cache = BatchCache::new(4 << 20);
         cache.recycle(Vec::with_capacity(512 * 1024));
         assert!(cache.buffer(1000).capacity() < 512 * 1024);
         assert!(cache.buffer(300 * 1024).capacity() >= 512 * 1024);
+    }
+
+    #[test]
+    fn a_batch_evicted_while_read_hands_its_buffer_on_when_the_reader_lets_go() {
+        let cache = BatchCache::new(16 << 20);
+        let (h, b) = batch(0, 600 * 1024);
+        cache.put((1, 0), Arc::new(CachedBatch::new(&cache, &h, b).expect("batch")));
+        let reader = cache.get((1, 0)).expect("cached");
+        for i in 1..30u64 {
+            let (h, b) = batch(i, 600 * 1024);
+            cache.put((1, i), Arc::new(CachedBatch::new(&cache, &h, b).expect("batch")));
+        }
+        assert!(cache.get((1, 0)).is_none(), "evicted");
+        let before = cache.spares.lock().len();
+        drop(reader);
+        assert_eq!(cache.spares.lock().len(), before + 1, "the last reader's drop hands the buffer in");
+        assert!(cache.buffer(600 * 1024).capacity() >= 600 * 1024);
+    }
+
+    #[test]
+    fn spares_keep_the_largest_buffers_within_their_bounds() {
+        let spares = Spares { max_bytes: 1 << 20, buffers: Mutex::default() };
+        for _ in 0..40 {
+            spares.keep(Vec::with_capacity(1024));
+        }
+        spares.keep(Vec::with_capacity(512 * 1024));
+        spares.keep(Vec::with_capacity(2 << 20)); // more than all spares together may hold
+        let held: Vec<usize> = spares.lock().iter().map(Vec::capacity).collect();
+        assert!(held.len() <= SPARE_BUFFERS && held.iter().sum::<usize>() <= 1 << 20, "{held:?}");
+        assert!(held.contains(&(512 * 1024)), "a large buffer displaces small ones: {held:?}");
+        assert!(spares.take(400 * 1024).is_some_and(|b| b.capacity() == 512 * 1024));
     }
 }
