@@ -394,10 +394,10 @@ fn write_jobs(p: &Partition, st: &mut WriterState, jobs: &[AppendJob]) -> Result
     let mut active = p.segments.read().unwrap_or_else(|e| e.into_inner()).last().cloned().ok_or(Error::ShuttingDown)?;
     let base = active.next_offset();
     let mut next = base;
-    let records = jobs.iter().map(|j| j.records.len()).sum();
-    let mut fresh: Vec<&NewRecord> = Vec::with_capacity(records);
-    let mut in_batch: crate::FastMap<&str, u64> = crate::FastMap::with_capacity_and_hasher(records, Default::default());
-    let mut hashes = Vec::with_capacity(records);
+    let record_count = jobs.iter().map(|j| j.records.len()).sum();
+    let mut fresh: Vec<&NewRecord> = Vec::with_capacity(record_count);
+    let mut in_batch: crate::FastMap<&str, u64> = crate::FastMap::with_capacity_and_hasher(record_count, Default::default());
+    let mut hashes = Vec::with_capacity(record_count);
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
         let mut res = Vec::with_capacity(job.records.len());

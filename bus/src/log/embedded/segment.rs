@@ -148,7 +148,8 @@ impl Spares {
         }
     }
 
-    /// A spare buffer of at least `len` bytes but not more than twice as many (or 64 KiB).
+    /// A spare buffer of at least `len` bytes and at most twice as many (at most 128 KiB for
+    /// batches under 64 KiB), emptied.
     fn take(&self, len: usize) -> Option<Vec<u8>> {
         let mut spare = self.lock();
         let i = spare.iter().position(|b| b.capacity() >= len && b.capacity() <= 2 * len.max(64 * 1024))?;
@@ -232,8 +233,8 @@ impl BatchCache {
         len <= self.capacity / 4
     }
 
-    /// An empty buffer for a batch of `len` bytes: a spare one that fits (not more than
-    /// twice as large), or a new one.
+    /// An empty buffer for a batch of `len` bytes: a spare one that fits ([`Spares::take`]),
+    /// or a new one.
     pub fn buffer(&self, len: usize) -> Vec<u8> {
         self.spares.take(len).unwrap_or_else(|| Vec::with_capacity(len))
     }
