@@ -321,11 +321,18 @@ pub async fn trail(log: &dyn Log, event_id: &str, since_ms: Option<i64>) -> Resu
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_journal_behind_its_writer_is_congested_until_it_caught_up() {
+    /// A journal (congested beyond `limit` entries) on an empty embedded log in a temporary
+    /// directory, which lives as long as the returned guard.
+    async fn fresh_journal(limit: usize) -> (tempfile::TempDir, Arc<dyn Log>, Journal) {
         let dir = tempfile::tempdir().expect("tempdir");
         let log: Arc<dyn Log> = Arc::new(crate::log::embedded::EmbeddedLog::open(dir.path(), Default::default()).await.expect("open"));
-        let journal = Journal::start_with_limit(log.clone(), 10).await.expect("start");
+        let journal = Journal::start_with_limit(log.clone(), limit).await.expect("start");
+        (dir, log, journal)
+    }
+
+    #[tokio::test]
+    async fn a_journal_behind_its_writer_is_congested_until_it_caught_up() {
+        let (_dir, log, journal) = fresh_journal(10).await;
         // The writer runs only when this task yields: the entries pile up.
         for i in 0..11 {
             journal.record(Entry::now(Kind::Acknowledged, "t", 0, i, "g", &format!("e{i}")));
@@ -339,9 +346,7 @@ mod tests {
 
     #[tokio::test]
     async fn entries_are_packed_many_to_a_record_and_the_trail_finds_each_events_own() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log: Arc<dyn Log> = Arc::new(crate::log::embedded::EmbeddedLog::open(dir.path(), Default::default()).await.expect("open"));
-        let journal = Journal::start(log.clone()).await.expect("start");
+        let (_dir, log, journal) = fresh_journal(MAX_PENDING).await;
         // An id that JSON escapes, to find it by its escaped form.
         let ids = ["e0", "e1", "e10", "say \"hi\"\\ \u{1}"];
         let total = 3 * ENTRIES_PER_RECORD + 1;
@@ -369,9 +374,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_journal_of_one_entry_per_record_reads_the_same() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log: Arc<dyn Log> = Arc::new(crate::log::embedded::EmbeddedLog::open(dir.path(), Default::default()).await.expect("open"));
-        let _journal = Journal::start(log.clone()).await.expect("start");
+        let (_dir, log, _journal) = fresh_journal(MAX_PENDING).await;
         // As the journal stored entries before they were packed: one JSON object per record,
         // keyed by its event id, no line end.
         let old: Vec<NewRecord> = (0..3)
