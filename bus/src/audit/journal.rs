@@ -205,12 +205,13 @@ async fn write(log: Arc<dyn Log>, mut rx: mpsc::UnboundedReceiver<Msg>, pending:
             }
         }
         if !batch.is_empty() {
-            let first_seq = seq + 1;
-            seq += batch.len().div_ceil(ENTRIES_PER_RECORD) as u64;
+            let records = records(&batch, &id_prefix, seq + 1);
+            seq += records.len() as u64;
             let mut wait = std::time::Duration::from_millis(50);
             loop {
-                // Built again for a retry rather than cloned for every append.
-                match log.append(JOURNAL_TOPIC, records(&batch, &id_prefix, first_seq)).await {
+                // A few packed records whose values are shared, not copied: cheap to clone, and
+                // a retry appends the same ids, which the log then stores once.
+                match log.append(JOURNAL_TOPIC, records.clone()).await {
                     Ok(_) => {
                         pending.fetch_sub(batch.len(), Ordering::Relaxed);
                         break;
