@@ -143,6 +143,11 @@ pub struct LogSettings {
     /// Memory for recently read batches, which several readers of one batch share (the
     /// mailboxes above all); 0 turns the cache off.
     pub read_cache_bytes: usize,
+    /// Bytes of each partition's newest log data left in the OS page cache once durable;
+    /// older written pages are dropped from it (drop-behind), so writing reuses a small set
+    /// of page-cache pages instead of taking fresh memory for every write (0: the kernel
+    /// keeps what it likes). Readers further behind read from the disk.
+    pub page_cache_window_bytes: u64,
     /// Maintain the per-partition hash chain on append (DESIGN.md section 8). Off only to
     /// measure what it costs: records appended without it cannot be verified.
     pub hash_chain: bool,
@@ -160,6 +165,7 @@ impl Default for LogSettings {
             state_cache_bytes: 32 * 1024 * 1024,
             max_batch_bytes: 1024 * 1024,
             read_cache_bytes: 32 * 1024 * 1024,
+            page_cache_window_bytes: 64 * 1024 * 1024,
             hash_chain: true,
         }
     }

@@ -401,6 +401,66 @@ mod tests {
         assert_eq!(again.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["r395", "r396", "r397", "r398", "r399"]);
     }
 
+    /// Bytes of `file` in the page cache, as util-linux's `fincore` reports them.
+    fn resident_bytes(file: &Path) -> u64 {
+        let out = std::process::Command::new("fincore")
+            .args(["--bytes", "--raw", "--noheadings", "--output", "RES"])
+            .arg(file)
+            .output()
+            .expect("running fincore (util-linux)");
+        assert!(out.status.success(), "fincore: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("a byte count")
+    }
+
+    /// Appends 24 MiB in 64 KiB records with the given window; returns the bytes of the
+    /// partition's segments left in the page cache, after checking every record reads back.
+    async fn resident_after_writing(window: u64) -> u64 {
+        // On a disk file system: tmpfs keeps its pages whatever the advice.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = LogSettings {
+            segment_bytes: 6 << 20,
+            page_cache_window_bytes: window,
+            read_cache_bytes: 0,
+            dedup_window_ms: 0,
+            ..LogSettings::default()
+        };
+        let log: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir.path(), settings).await.expect("open"));
+        log.create_topic("t", TopicConfig { partitions: 1, retention_ms: 0, retention_bytes: 0 }).await.expect("create");
+        let record = |i: u32| NewRecord { id: format!("r{i}"), key: "k".into(), timestamp_ms: 1, value: vec![i as u8; 64 << 10].into() };
+        for i in 0..384 {
+            log.append("t", vec![record(i)]).await.expect("append");
+        }
+        let mut resident = 0;
+        for entry in std::fs::read_dir(dir.path().join("log/t/0")).expect("list") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "log") {
+                resident += resident_bytes(&path);
+            }
+        }
+        let mut next = 0;
+        while next < 384 {
+            let read = log.read("t", 0, next, 100, 8 << 20).await.expect("read");
+            for r in &read {
+                assert_eq!(r.value, vec![r.offset as u8; 64 << 10], "record {}", r.offset);
+            }
+            next += read.len() as u64;
+        }
+        log.close().await.expect("close");
+        resident
+    }
+
+    #[tokio::test]
+    async fn written_pages_beyond_the_window_leave_the_page_cache_and_still_read_back() {
+        let (window, written) = (4u64 << 20, 24u64 << 20);
+        let kept = resident_after_writing(0).await;
+        let dropped = resident_after_writing(window).await;
+        // Without drop-behind the kernel keeps (nearly) everything on a machine with free memory.
+        assert!(kept > written / 2, "without drop-behind {kept} bytes stayed cached");
+        // With it: the window, one step (an eighth of it), the batch in hand, and the pages
+        // the kernel keeps at the range's edges (a large folio is dropped only whole).
+        assert!(dropped <= window + window / 8 + (1 << 20), "with a {window}-byte window {dropped} bytes stayed cached");
+    }
+
     #[tokio::test]
     async fn a_segment_of_the_old_format_is_refused_and_left_alone() {
         let dir = tempfile::tempdir().expect("tempdir");

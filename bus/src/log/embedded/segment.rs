@@ -527,6 +527,15 @@ impl Segment {
         self.file.sync_data().map_err(io(&self.log_path, "syncing"))
     }
 
+    /// Drops `[from, to)` of the file from the OS page cache. Only for synced data: the kernel
+    /// does not drop dirty pages. A failure only leaves the pages cached.
+    pub fn drop_cached(&self, from: u64, to: u64) {
+        let Some(len) = std::num::NonZeroU64::new(to.saturating_sub(from)) else { return };
+        if let Err(e) = rustix::fs::fadvise(&self.file, from, Some(len), rustix::fs::Advice::DontNeed) {
+            tracing::debug!(segment = %self.log_path.display(), from, to, error = %e, "dropping written pages from the page cache failed");
+        }
+    }
+
     /// Cuts the file back to its committed size after a failed write.
     pub fn discard_uncommitted(&self) {
         let _ = self.file.set_len(self.size());
