@@ -70,14 +70,34 @@ pub struct EmbeddedLog {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
 }
 
+/// How long opening waits for the state store's lock. sled's own threads let go of it a moment
+/// after the log holding it was dropped, so a log reopened in the same process (a restart in
+/// the tests) can find it still taken; another server on the directory keeps it.
+const STATE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens the state store (sled), waiting up to [`STATE_LOCK_WAIT`] for its lock.
+async fn open_state(path: &Path, cache_bytes: u64) -> Result<sled::Db> {
+    let started = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(path).cache_capacity(cache_bytes).open() {
+            Ok(db) => return Ok(db),
+            // sled reports a taken lock only in the message of an `Other` I/O error.
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") && started.elapsed() < STATE_LOCK_WAIT => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => {
+                return Err(Error::State(format!("opening {} (is another justizbus serving this data directory?): {e}", path.display())))
+            }
+        }
+    }
+}
+
 impl EmbeddedLog {
     /// Opens or creates the log in `dir`, recovering every partition.
     pub async fn open(dir: &Path, settings: LogSettings) -> Result<Self> {
         let dir = dir.to_path_buf();
         std::fs::create_dir_all(dir.join("log")).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let db = sled::Config::new().path(dir.join("state")).cache_capacity(settings.state_cache_bytes).open().map_err(|e| {
-            Error::State(format!("opening {} (is another justizbus serving this data directory?): {e}", dir.join("state").display()))
-        })?;
+        let db = open_state(&dir.join("state"), settings.state_cache_bytes).await?;
         let log = EmbeddedLog {
             topic_configs: db.open_tree("topics")?,
             cursors: db.open_tree("cursors")?,
@@ -470,6 +490,20 @@ mod tests {
         let bound = window + window / 8 + (1 << 20);
         let dropped = resident_after_writing(window, |resident| resident <= bound).await;
         assert!(dropped <= bound, "with a {window}-byte window {dropped} bytes stayed cached");
+    }
+
+    #[tokio::test]
+    async fn a_data_directory_in_use_is_refused_and_free_again_once_its_log_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = open(dir.path()).await;
+        let err = EmbeddedLog::open(dir.path(), settings()).await.err().expect("a second log on the directory is refused");
+        assert!(err.to_string().contains("is another justizbus serving this data directory?"), "{err}");
+        first.close().await.expect("close");
+        drop(first);
+        for _ in 0..20 {
+            let log = open(dir.path()).await;
+            log.close().await.expect("close");
+        }
     }
 
     #[tokio::test]
