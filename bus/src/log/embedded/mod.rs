@@ -432,14 +432,15 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).trim().parse().expect("a byte count")
     }
 
-    /// Appends 24 MiB in 64 KiB records with the given window; returns the bytes of the
-    /// partition's segments left in the page cache, after checking every record reads back.
-    /// The writer drops pages after acknowledging, so this waits up to 10 s for `expected`.
-    async fn resident_after_writing(window: u64, expected: impl Fn(u64) -> bool) -> u64 {
+    /// Appends 24 MiB in 64 KiB records with the given window and segment size; returns the
+    /// bytes of the partition's segments left in the page cache, after checking every record
+    /// reads back. The writer drops pages after acknowledging, so this waits up to 10 s for
+    /// `expected`.
+    async fn resident_after_writing(window: u64, segment_bytes: u64, expected: impl Fn(u64) -> bool) -> u64 {
         // On a disk file system: tmpfs keeps its pages whatever the advice.
         let dir = tempfile::tempdir().expect("tempdir");
         let settings = LogSettings {
-            segment_bytes: 6 << 20,
+            segment_bytes,
             page_cache_window_bytes: window,
             read_cache_bytes: 0,
             dedup_window_ms: 0,
@@ -483,13 +484,20 @@ mod tests {
     async fn written_pages_beyond_the_window_leave_the_page_cache_and_still_read_back() {
         let (window, written) = (4u64 << 20, 24u64 << 20);
         // Without drop-behind the kernel keeps (nearly) everything on a machine with free memory.
-        let kept = resident_after_writing(0, |_| true).await;
+        let kept = resident_after_writing(0, 6 << 20, |_| true).await;
         assert!(kept > written / 2, "without drop-behind {kept} bytes stayed cached");
         // With it: the window, one step (an eighth of it), the batch in hand, and the pages
-        // the kernel keeps at the range's edges (a large folio is dropped only whole).
+        // the kernel keeps at the range's edges (a large folio is dropped only whole); and
+        // nothing inside the window, also where segments are smaller than the window.
         let bound = window + window / 8 + (1 << 20);
-        let dropped = resident_after_writing(window, |resident| resident <= bound).await;
-        assert!(dropped <= bound, "with a {window}-byte window {dropped} bytes stayed cached");
+        for segment_bytes in [6 << 20, 1 << 20] {
+            let dropped = resident_after_writing(window, segment_bytes, |resident| resident <= bound).await;
+            assert!(dropped <= bound, "with a {window}-byte window {dropped} bytes stayed cached ({segment_bytes}-byte segments)");
+            assert!(
+                dropped >= window - (512 << 10),
+                "with a {window}-byte window only {dropped} bytes stayed cached ({segment_bytes}-byte segments)"
+            );
+        }
     }
 
     #[tokio::test]

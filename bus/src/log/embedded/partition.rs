@@ -72,9 +72,12 @@ struct WriterState {
     /// Drop-behind (`page_cache_window_bytes`): from this position on, the active segment's
     /// written pages may still be in the page cache.
     cached_from: u64,
-    /// The segment before the active one and where its possibly cached tail begins, until the
-    /// tail falls behind the window.
-    cached_tail: Option<(Arc<Segment>, u64)>,
+    /// Bytes of the segments this writer rolled away from: the log position of the active
+    /// segment's start, counted from where the writer began.
+    rolled_bytes: u64,
+    /// Segments before the active one whose tails may still be cached: (segment, where the
+    /// cached tail begins, the log position of its end).
+    cached_tails: std::collections::VecDeque<(Arc<Segment>, u64, u64)>,
     /// Synced ranges to drop from the page cache once the commit is acknowledged (off the
     /// appenders' path: a drop of 8 MiB took about half a millisecond).
     page_drops: Vec<(Arc<Segment>, u64, u64)>,
@@ -90,31 +93,32 @@ impl WriterState {
     /// by the next writes.
     fn drop_behind(&mut self, active: &Arc<Segment>, end: u64) {
         let window = self.settings.page_cache_window_bytes;
-        if window == 0 || end < window {
+        if window == 0 {
             return;
         }
-        self.drop_previous_tail();
-        if end - window >= self.cached_from + (window / 8).max(1) {
+        let head = self.rolled_bytes + end;
+        while let Some((segment, from, tail_end)) = self.cached_tails.pop_front() {
+            if head - tail_end < window {
+                self.cached_tails.push_front((segment, from, tail_end));
+                break;
+            }
+            let to = segment.size();
+            self.page_drops.push((segment, from, to));
+        }
+        if end >= window && end - window >= self.cached_from + (window / 8).max(1) {
             self.page_drops.push((active.clone(), self.cached_from, end - window));
             self.cached_from = end - window;
         }
     }
 
-    /// Queues the drop of the previous segment's tail, if it is still cached.
-    fn drop_previous_tail(&mut self) {
-        if let Some((tail, from)) = self.cached_tail.take() {
-            let to = tail.size();
-            self.page_drops.push((tail, from, to));
-        }
-    }
-
-    /// The writer moved on to a new segment: `previous`'s cached tail is dropped once the new
-    /// segment holds a window's worth.
+    /// The writer moved on from `previous` to a new segment: its cached tail is dropped once
+    /// it lies a window behind.
     fn rolled(&mut self, previous: Arc<Segment>) {
-        self.drop_previous_tail();
+        let size = previous.size();
         if self.settings.page_cache_window_bytes > 0 {
-            self.cached_tail = Some((previous, self.cached_from));
+            self.cached_tails.push_back((previous, self.cached_from, self.rolled_bytes + size));
         }
+        self.rolled_bytes += size;
         self.cached_from = 0;
     }
 }
@@ -184,7 +188,8 @@ impl Partition {
             dedup,
             chain,
             cached_from: 0,
-            cached_tail: None,
+            rolled_bytes: 0,
+            cached_tails: Default::default(),
             page_drops: Vec::new(),
         };
         tokio::spawn(run_writer(Arc::downgrade(&partition), state, rx));
