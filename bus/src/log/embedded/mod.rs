@@ -70,9 +70,10 @@ pub struct EmbeddedLog {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
 }
 
-/// How long opening waits for the state store's lock. sled's own threads let go of it a moment
-/// after the log holding it was dropped, so a log reopened in the same process (a restart in
-/// the tests) can find it still taken; another server on the directory keeps it.
+/// How long opening waits for the state store's lock. A log reopened in the same process right
+/// after the one holding it was dropped found it still taken once, under load (sled's
+/// background threads are the likely holders; not reproduced alone); another server on the
+/// directory keeps it, and is refused after the wait.
 const STATE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Opens the state store (sled), waiting up to [`STATE_LOCK_WAIT`] for its lock.
