@@ -9,7 +9,7 @@ use justizbus::routing::directory::{mailbox_topic, Directory};
 use justizbus::security::certs::{self, Authority, CertsArgs, Validity};
 use justizbus_e2e::{files_below, run_cli, spawn, wait_exit, Subscriber, TestServer, ARRIVES};
 use justizbus_proto::v1 as pb;
-use justizbus_xjustiz::client::{endpoint, ClientTls};
+use justizbus_xjustiz::client::ClientTls;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -33,8 +33,9 @@ fn tls(ca_dir: &Path, dir: &Path, name: &str) -> ClientTls {
     ClientTls { tls_ca: Some(certs::paths(ca_dir, "ca").0), tls_cert: Some(cert), tls_key: Some(key) }
 }
 
+/// A channel as clients make it (through the coalescing connector, TLS on top).
 async fn channel(server: &TestServer, tls: &ClientTls) -> Channel {
-    endpoint(&server.url(), tls).expect("endpoint").connect_lazy()
+    justizbus_xjustiz::client::connect(&server.url(), tls).expect("channel")
 }
 
 fn xjustiz_event(id: &str, sender: &str, recipient: &str) -> pb::Event {
@@ -211,7 +212,7 @@ async fn mtls_identities_and_authorization() {
     assert!(logged(&server, "UnknownIssuer").await, "the foreign certificate's refusal is logged:\n{}", server.process.log());
     let anonymous = channel(&server, &ClientTls { tls_ca: Some(certs::paths(&pki, "ca").0), ..Default::default() }).await;
     assert!(publish(&anonymous, "xjustiz.ingest", xjustiz_event("x", "court:9D0000", "court:9B0000")).await.is_err());
-    let plain = endpoint(&server.url(), &ClientTls::default()).expect("endpoint").connect_lazy();
+    let plain = channel(&server, &ClientTls::default()).await;
     assert!(
         publish(&plain, "xjustiz.ingest", xjustiz_event("x", "court:9D0000", "court:9B0000")).await.is_err(),
         "plain HTTP/2 is refused"

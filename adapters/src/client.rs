@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+
+use crate::coalesce::CoalescingConnector;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Chunk size of blob uploads.
@@ -32,7 +34,7 @@ pub fn endpoint(server: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
     let url = format!("{scheme}://{}", server.split_once("://").map_or(server, |(_, rest)| rest));
     let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| anyhow::anyhow!("invalid server URL {server:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
     if let Some(ca) = &tls.tls_ca {
         let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
@@ -45,9 +47,19 @@ pub fn endpoint(server: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
     Ok(endpoint)
 }
 
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A channel to a bus that connects on first use (and reconnects after failures).
 pub fn connect(server: &str, tls: &ClientTls) -> anyhow::Result<Channel> {
-    Ok(endpoint(server, tls)?.connect_lazy())
+    Ok(endpoint(server, tls)?.connect_with_connector_lazy(CoalescingConnector::new(CONNECT_TIMEOUT)))
+}
+
+/// A channel to a bus, connected now.
+pub async fn connect_now(server: &str, tls: &ClientTls) -> anyhow::Result<Channel> {
+    let endpoint = endpoint(server, tls)?;
+    let url = endpoint.uri().to_string();
+    endpoint.connect_with_connector(CoalescingConnector::new(CONNECT_TIMEOUT)).await.with_context(|| format!("cannot connect to {url}"))
 }
 
 /// Creates `topic` unless it exists. Looks first, so a participant without the admin role

@@ -14,6 +14,7 @@ pub mod adapter;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod coalesce;
 pub mod error;
 pub mod event;
 mod fasthash;

@@ -122,9 +122,7 @@ struct ServerArg {
 impl ServerArg {
     /// A connected channel to the server.
     async fn connect(&self) -> anyhow::Result<Channel> {
-        let endpoint = justizbus_xjustiz::client::endpoint(&self.server, &self.tls)?;
-        let url = endpoint.uri().to_string();
-        endpoint.connect().await.with_context(|| format!("cannot connect to {url}"))
+        justizbus_xjustiz::client::connect_now(&self.server, &self.tls).await
     }
 }
 

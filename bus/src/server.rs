@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use justizbus_proto::v1 as pb;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 
 use crate::config::ServerConfig;
 use crate::delivery::Delivery;
@@ -25,6 +26,7 @@ use crate::routing::mailbox::MailboxLog;
 use crate::routing::router::Router;
 use crate::security::auth::Gate;
 use crate::{log, Error, Result};
+use justizbus_xjustiz::coalesce::Coalescing;
 
 /// How long a shutdown waits for clients to close their connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -167,14 +169,16 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     };
     let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
         Some((tls_config, handshake_timeout)) => {
-            Box::pin(routes.serve_with_incoming_shutdown(crate::security::tls::incoming(listener, tls_config, handshake_timeout), shutdown))
+            let incoming = crate::security::tls::incoming(listener, tls_config, handshake_timeout).map(|c| c.map(Coalescing::new));
+            Box::pin(routes.serve_with_incoming_shutdown(incoming, shutdown))
         }
         // `Server::tcp_nodelay` applies only to listeners tonic binds itself: without it here,
         // Nagle's algorithm held small frames (a delivery, an ack's answer) until the peer's
         // delayed ACK, up to 40 ms.
-        None => Box::pin(
-            routes.serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown),
-        ),
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)).map(|c| c.map(Coalescing::new));
+            Box::pin(routes.serve_with_incoming_shutdown(incoming, shutdown))
+        }
     };
     // A client that keeps its half of a stream open would hold the graceful shutdown forever;
     // give connections a moment to close, then drop them.
