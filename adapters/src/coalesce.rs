@@ -12,8 +12,10 @@
 //!   [`HELD_BYTES`] or more go out without waiting.
 //! - Small reads are served from one read of up to [`READ_BYTES`].
 //!
-//! Both buffers are let go once empty (the write buffer when larger than [`KEPT_BYTES`]), so an
-//! idle connection, of which a server may have thousands, holds no buffer.
+//! A busy connection keeps its buffers from turn to turn (a buffer grown anew for every turn
+//! copied its bytes again at each doubling); they are let go in the first turn without traffic
+//! (a flush with nothing to write, a read that finds nothing), so an idle connection, of which a
+//! server may have thousands, holds none.
 //!
 //! The contract: a put-off flush goes out at the task's next read or flush of this connection,
 //! so a user must read or flush again (h2 does; so does a TLS handshake, which reads the answer
@@ -35,8 +37,8 @@ use tonic::transport::server::Connected;
 pub const HELD_BYTES: usize = 256 * 1024;
 /// Most bytes read at once for a reader that asks for less.
 pub const READ_BYTES: usize = 64 * 1024;
-/// Capacity the write buffer keeps once empty.
-const KEPT_BYTES: usize = 16 * 1024;
+/// Capacity the write buffer starts with.
+const FIRST_WRITE_BYTES: usize = 16 * 1024;
 
 /// A connection whose writes wait for the task's next turn and whose small reads are served
 /// from one larger read.
@@ -58,14 +60,19 @@ impl<T> Coalescing<T> {
         Coalescing { inner, held: Vec::new(), written: 0, deferred: false, read: BytesMut::new() }
     }
 
-    /// Hands out read bytes; lets the read buffer go once it is empty.
+    /// Hands out read bytes.
     fn take_read(&mut self, buf: &mut ReadBuf<'_>) {
         let n = buf.remaining().min(self.read.len());
         buf.put_slice(&self.read[..n]);
         self.read.advance(n);
-        if self.read.is_empty() {
-            self.read = BytesMut::new();
+    }
+
+    /// Takes bytes to write.
+    fn hold(&mut self, bytes: &[u8]) {
+        if self.held.capacity() == 0 {
+            self.held.reserve(FIRST_WRITE_BYTES.max(bytes.len()));
         }
+        self.held.extend_from_slice(bytes);
     }
 }
 
@@ -78,9 +85,6 @@ impl<T: AsyncWrite + Unpin> Coalescing<T> {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.written += n;
-        }
-        if self.held.capacity() > KEPT_BYTES {
-            self.held = Vec::new();
         }
         self.held.clear();
         self.written = 0;
@@ -119,6 +123,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalescing<T> {
             if buf.remaining() >= READ_BYTES {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
+            // Reclaims the emptied buffer while the connection is busy.
             this.read.reserve(READ_BYTES);
             let polled = tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.read);
             if polled.is_pending() {
@@ -134,7 +139,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalescing<T> {
 impl<T: AsyncWrite + Unpin> AsyncWrite for Coalescing<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         ready!(self.poll_room(cx))?;
-        self.held.extend_from_slice(buf);
+        self.hold(buf);
         Poll::Ready(Ok(buf.len()))
     }
 
@@ -142,7 +147,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalescing<T> {
         ready!(self.poll_room(cx))?;
         let mut n = 0;
         for b in bufs {
-            self.held.extend_from_slice(b);
+            self.hold(b);
             n += b.len();
         }
         Poll::Ready(Ok(n))
@@ -155,6 +160,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalescing<T> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.held.is_empty() {
+            // A turn without traffic: the connection has gone quiet.
+            self.held = Vec::new();
             return Pin::new(&mut self.inner).poll_flush(cx);
         }
         if !self.deferred {
@@ -306,7 +313,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_quiet_connection_holds_no_buffers() {
+    async fn a_busy_connection_keeps_its_buffers_and_a_quiet_one_lets_them_go() {
         let (ours, mut peer) = tokio::io::duplex(1 << 20);
         let mut conn = Coalescing::new(ours);
         conn.write_all(&vec![7u8; 200 * 1024]).await.expect("write");
@@ -316,7 +323,9 @@ mod tests {
         peer.write_all(b"ack").await.expect("peer writes");
         let mut ack = [0u8; 3];
         conn.read_exact(&mut ack).await.expect("read");
+        assert!(conn.held.capacity() > 0, "a busy connection keeps its write buffer");
         assert!(conn.read(&mut [0u8; 16]).now_or_never().is_none(), "nothing more to read");
+        conn.flush().await.expect("flush");
         assert_eq!((conn.held.capacity(), conn.read.capacity()), (0, 0), "buffers let go");
     }
 }
