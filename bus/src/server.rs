@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use justizbus_proto::v1 as pb;
+use justizbus_xjustiz::coalesce::Coalescing;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 
@@ -26,7 +27,6 @@ use crate::routing::mailbox::MailboxLog;
 use crate::routing::router::Router;
 use crate::security::auth::Gate;
 use crate::{log, Error, Result};
-use justizbus_xjustiz::coalesce::Coalescing;
 
 /// How long a shutdown waits for clients to close their connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -167,6 +167,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
         stopping.shutdown().await;
         let _ = stopping_tx.send(());
     };
+    // Every connection gathers h2's frames into one write per turn (adapters/src/coalesce.rs).
     let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
         Some((tls_config, handshake_timeout)) => {
             let incoming = crate::security::tls::incoming(listener, tls_config, handshake_timeout).map(|c| c.map(Coalescing::new));
