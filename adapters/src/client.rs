@@ -28,14 +28,14 @@ pub struct ClientTls {
     pub tls_key: Option<PathBuf>,
 }
 
-/// The endpoint of a bus: `host:port` or a URL, whose scheme follows the TLS settings.
-pub fn endpoint(server: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
+/// The endpoint of a bus: `host:port` or a URL, whose scheme follows the TLS settings. Private:
+/// channels connect through [`CoalescingConnector`], which `Endpoint::connect` would bypass.
+fn endpoint(server: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
     let scheme = if tls.tls_ca.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{}", server.split_once("://").map_or(server, |(_, rest)| rest));
     let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| anyhow::anyhow!("invalid server URL {server:?}: {e}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
+        .connect_timeout(Duration::from_secs(5));
     if let Some(ca) = &tls.tls_ca {
         let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
         let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
@@ -47,19 +47,16 @@ pub fn endpoint(server: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
     Ok(endpoint)
 }
 
-/// How long a connection attempt may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// A channel to a bus that connects on first use (and reconnects after failures).
 pub fn connect(server: &str, tls: &ClientTls) -> anyhow::Result<Channel> {
-    Ok(endpoint(server, tls)?.connect_with_connector_lazy(CoalescingConnector::new(CONNECT_TIMEOUT)))
+    Ok(endpoint(server, tls)?.connect_with_connector_lazy(CoalescingConnector::default()))
 }
 
 /// A channel to a bus, connected now.
 pub async fn connect_now(server: &str, tls: &ClientTls) -> anyhow::Result<Channel> {
     let endpoint = endpoint(server, tls)?;
     let url = endpoint.uri().to_string();
-    endpoint.connect_with_connector(CoalescingConnector::new(CONNECT_TIMEOUT)).await.with_context(|| format!("cannot connect to {url}"))
+    endpoint.connect_with_connector(CoalescingConnector::default()).await.with_context(|| format!("cannot connect to {url}"))
 }
 
 /// Creates `topic` unless it exists. Looks first, so a participant without the admin role

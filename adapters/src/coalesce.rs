@@ -35,9 +35,9 @@ use tonic::codegen::http::Uri;
 use tonic::transport::server::Connected;
 
 /// Bytes held before a write goes out without waiting for the flush.
-pub const HELD_BYTES: usize = 256 * 1024;
+const HELD_BYTES: usize = 256 * 1024;
 /// Most bytes read at once for a reader that asks for less.
-pub const READ_BYTES: usize = 64 * 1024;
+const READ_BYTES: usize = 64 * 1024;
 /// Capacity the write buffer starts with.
 const FIRST_WRITE_BYTES: usize = 16 * 1024;
 
@@ -182,21 +182,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalescing<T> {
     }
 }
 
-/// Connects clients as tonic's own connector does (TCP, no Nagle, a connect timeout), with
-/// the connection wrapped in [`Coalescing`]: a subscriber's acknowledgements on many streams
+/// Connects clients as tonic's own connector does (TCP without Nagle; the endpoint's connect
+/// timeout applies around it), with the connection wrapped in [`Coalescing`]: a subscriber's acknowledgements on many streams
 /// of one connection go out together, as the server's deliveries do.
 #[derive(Clone, Debug)]
 pub struct CoalescingConnector {
     http: HttpConnector,
 }
 
-impl CoalescingConnector {
-    /// A connector whose connection attempts give up after `connect_timeout`.
-    pub fn new(connect_timeout: std::time::Duration) -> Self {
+/// A connector for plain and TLS endpoints (tonic adds the TLS).
+impl Default for CoalescingConnector {
+    fn default() -> Self {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
-        http.set_connect_timeout(Some(connect_timeout));
         CoalescingConnector { http }
     }
 }
