@@ -30,6 +30,7 @@ pub mod process;
 pub mod routing;
 pub mod security;
 pub mod server;
+pub mod sharded;
 
 pub use error::{Error, Result};
 

@@ -38,6 +38,7 @@ use crate::audit::chain::ChainHash;
 use crate::audit::checkpoint::Checkpoint;
 use crate::log::{Appended, Cursor, GroupConfig, Log, NewRecord, PartitionOffsets, Quarantine, StoredRecord, TopicConfig, TopicInfo};
 use crate::partitioner::partition_for_key;
+use crate::sharded::ShardedTable;
 use crate::FastMap;
 use crate::{Error, Result};
 
@@ -77,8 +78,9 @@ impl Mailbox {
 #[derive(Default)]
 struct Index {
     mailboxes: FastMap<String, Mailbox>,
-    /// Hash of (mailbox, record id) -> sequence number: what is stored already.
-    ids: FastMap<u64, u64>,
+    /// (hash of (mailbox, record id), sequence number): what is stored already. Sharded: it
+    /// grows with every delivery and receipt, under the lock every append takes.
+    ids: ShardedTable<(u64, u64)>,
     /// Hashes the ids (seeded per process: the index is rebuilt at every start).
     hasher: foldhash::fast::RandomState,
 }
@@ -86,6 +88,22 @@ struct Index {
 impl Index {
     fn id_hash(&self, mailbox: &str, id: &str) -> u64 {
         self.hasher.hash_one((mailbox, id))
+    }
+
+    /// The sequence number of the record whose id hash is `h`, if stored.
+    fn stored(&self, h: u64) -> Option<u64> {
+        self.ids.shard(h).find(h, |&(k, _)| k == h).map(|&(_, seq)| seq)
+    }
+
+    /// Records that the record whose id hash is `h` has sequence number `seq`.
+    fn remember(&mut self, h: u64, seq: u64) {
+        let shard = self.ids.shard_mut(h);
+        match shard.find_mut(h, |&(k, _)| k == h) {
+            Some(entry) => entry.1 = seq,
+            None => {
+                shard.insert_unique(h, (h, seq), |&(k, _)| k);
+            }
+        }
     }
 }
 
@@ -293,7 +311,7 @@ impl MailboxLog {
                     let (seq, _, _) = decode_entry(&r.value)?;
                     let name = String::from_utf8_lossy(&r.key).into_owned();
                     let h = index.id_hash(&name, &r.id);
-                    index.ids.insert(h, seq);
+                    index.remember(h, seq);
                     let mb = index.mailboxes.entry(name).or_insert_with(Mailbox::new);
                     if mb.entries.is_empty() {
                         mb.start = seq;
@@ -415,7 +433,7 @@ impl MailboxLog {
             let mut batch_ids: FastMap<u64, u64> = FastMap::default();
             for (i, (topic, r)) in records.iter().enumerate() {
                 let h = index.id_hash(topic, &r.id);
-                if let Some(&seq) = index.ids.get(&h).or_else(|| batch_ids.get(&h)) {
+                if let Some(seq) = index.stored(h).or_else(|| batch_ids.get(&h).copied()) {
                     results[i] = Some(Appended { partition: 0, offset: seq, duplicate: true });
                     continue;
                 }
@@ -439,7 +457,7 @@ impl MailboxLog {
                 debug_assert_eq!(seq, mb.next_seq());
                 mb.entries.push((a.offset, ts));
                 mb.end.send_replace(mb.next_seq());
-                index.ids.insert(h, seq);
+                index.remember(h, seq);
                 results[i] = Some(Appended { partition: 0, offset: seq, duplicate: false });
             }
         }

@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 
-use hashbrown::HashTable;
+use crate::sharded::ShardedTable;
 
 /// Hash of an event id: two CRC32C with different seeds, stable across versions and restarts.
 pub fn id_hash(id: &[u8]) -> u64 {
@@ -37,8 +37,9 @@ pub struct DedupIndex {
     max_ids: usize,
     /// Hashes of offsets `first_offset..`, in order.
     hashes: VecDeque<u64>,
-    /// The latest offset of each hash in `hashes`, truncated to 32 bits (see [`offset`]).
-    by_hash: HashTable<u32>,
+    /// The latest offset of each hash in `hashes`, truncated to 32 bits (see [`offset`]);
+    /// sharded, so that the writer never stalls to move them all at once.
+    by_hash: ShardedTable<u32>,
     first_offset: u64,
     /// (first offset, time recorded) of each commit still in the window.
     commits: VecDeque<(u64, i64)>,
@@ -51,7 +52,7 @@ impl DedupIndex {
             window_ms: window_ms.min(i64::MAX as u64) as i64,
             max_ids: if window_ms == 0 { 0 } else { max_ids.min(MAX_IDS) },
             hashes: VecDeque::new(),
-            by_hash: HashTable::new(),
+            by_hash: ShardedTable::default(),
             first_offset,
             commits: VecDeque::new(),
         }
@@ -78,7 +79,7 @@ impl DedupIndex {
             return None;
         }
         let (first, hashes) = (self.first_offset, &self.hashes);
-        self.by_hash.find(hash, |&low| hash_at(hashes, first, low) == hash).map(|&low| offset(first, low))
+        self.by_hash.shard(hash).find(hash, |&low| hash_at(hashes, first, low) == hash).map(|&low| offset(first, low))
     }
 
     /// Records the hashes of records stored at `first..first + hashes.len()` at time `now_ms`.
@@ -98,10 +99,11 @@ impl DedupIndex {
             self.hashes.push_back(h);
             let low = (first + i as u64) as u32;
             let (base, ring) = (self.first_offset, &self.hashes);
-            match self.by_hash.find_mut(h, |&l| hash_at(ring, base, l) == h) {
+            let shard = self.by_hash.shard_mut(h);
+            match shard.find_mut(h, |&l| hash_at(ring, base, l) == h) {
                 Some(latest) => *latest = low,
                 None => {
-                    self.by_hash.insert_unique(h, low, |&l| hash_at(ring, base, l));
+                    shard.insert_unique(h, low, |&l| hash_at(ring, base, l));
                 }
             }
         }
@@ -129,7 +131,7 @@ impl DedupIndex {
         }
         if self.by_hash.capacity() > 4 * self.by_hash.len().max(1024) {
             let (base, ring) = (self.first_offset, &self.hashes);
-            self.by_hash.shrink_to_fit(|&l| hash_at(ring, base, l));
+            self.by_hash.shrink_sparse(1024, |&l| hash_at(ring, base, l));
             self.hashes.shrink_to_fit();
         }
     }
@@ -137,7 +139,7 @@ impl DedupIndex {
     fn pop_oldest(&mut self) {
         let Some(&h) = self.hashes.front() else { return };
         let (base, ring) = (self.first_offset, &self.hashes);
-        if let Ok(entry) = self.by_hash.find_entry(h, |&l| hash_at(ring, base, l) == h) {
+        if let Ok(entry) = self.by_hash.shard_mut(h).find_entry(h, |&l| hash_at(ring, base, l) == h) {
             // Only when the oldest is the hash's latest offset: a newer record keeps it.
             if offset(base, *entry.get()) == base {
                 entry.remove();
