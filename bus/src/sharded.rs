@@ -13,10 +13,14 @@ use hashbrown::HashTable;
 /// Number of shards.
 pub const SHARDS: usize = 64;
 
-/// The shard of a hash: bits 32-37. hashbrown picks buckets from a hash's low bits and tags
-/// them with its top seven, so both must keep varying within a shard.
+/// The shard of a hash: the top bits of its product with an odd constant, which depend on all
+/// of its bits. hashbrown picks buckets from a hash's low bits and tags them with its top seven,
+/// so those must keep varying within a shard, also for hashes whose halves are related: the
+/// log's id hash is two CRCs of the id, which differ by a constant for ids of one length.
+/// Taking bits 32-37 as the shard fixed the low six bits of such hashes within a shard: every
+/// probe of a shard started at one in 64 of its buckets.
 fn shard_of(hash: u64) -> usize {
-    (hash >> 32) as usize & (SHARDS - 1)
+    (hash.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SHARDS.trailing_zeros())) as usize
 }
 
 /// Entries of type `T` found by a 64-bit hash, in [`SHARDS`] hashbrown tables. Callers work on
@@ -125,6 +129,17 @@ mod tests {
         // One table would have moved 114,688 entries at once at its last doubling; a shard
         // holds about 3,100 of the 200,000.
         assert!(largest_move < 12_500, "a growth moved {largest_move} entries");
+    }
+
+    #[test]
+    fn within_a_shard_the_bucket_bits_still_vary_when_the_halves_of_the_hash_are_related() {
+        // Like the log's id hash: the low half is the high half xor a constant.
+        let related = |a: u64| (a << 32) | (a ^ 0x5bd1_e995);
+        for shard in [0, 17, 63] {
+            let low_bits: std::collections::HashSet<u64> =
+                (0..1_000_000u64).map(|i| related(hash(i) >> 32)).filter(|&h| shard_of(h) == shard).map(|h| h & 63).collect();
+            assert_eq!(low_bits.len(), 64, "shard {shard}: only {} of 64 low-bit patterns", low_bits.len());
+        }
     }
 
     #[test]
