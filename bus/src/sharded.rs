@@ -2,9 +2,9 @@
 //!
 //! A hashbrown table doubles when full and moves all its entries within that one insert. The
 //! mailbox store's id index did so at 229,376 entries (100,000 routed events and their
-//! receipts, then 15,000 more) while holding the index lock: 4-19 ms in which no mailbox
-//! append could finish, and the events routed meanwhile arrived 25-45 ms late (`bench
-//! routing`, latency phase, at 7.34 s in about half of the runs). Split into [`SHARDS`] tables,
+//! receipts, then 15,000 more) while holding the index lock: 3.5-19 ms in which no mailbox
+//! append could finish, and the events routed meanwhile arrived 25-50 ms late (`bench
+//! routing`, latency phase, at 7.34 s in 8 of 12 runs). Split into [`SHARDS`] tables,
 //! each doubles on its own, moving a 64th of the entries; the shards fill evenly, so their
 //! doublings come one after another, spread over a few percent of growth.
 
