@@ -67,8 +67,8 @@ impl<T> ShardedTable<T> {
         self.shards.iter_mut().for_each(HashTable::clear);
     }
 
-    /// Gives back the memory of shards that hold less than a quarter of their capacity (and
-    /// more than `least` entries could take), rehashing their entries with `hasher`.
+    /// Gives back the memory of shards filled to less than a quarter (of `least / SHARDS`
+    /// entries at least, so small shards are left alone), rehashing their entries with `hasher`.
     pub fn shrink_sparse(&mut self, least: usize, hasher: impl Fn(&T) -> u64) {
         for shard in self.shards.iter_mut() {
             if shard.capacity() > 4 * shard.len().max(least / SHARDS) {
