@@ -284,7 +284,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for _ in 0..8 {
         clients.push(pb::publisher_client::PublisherClient::new(connect(&url).await?));
     }
-    let started = Instant::now();
+    let (started, started_ns) = (Instant::now(), now_ns());
     for i in 0..lat_events {
         let client = &clients[i as usize % clients.len()];
         let due = started + Duration::from_secs_f64(i as f64 / args.rate as f64);
@@ -304,7 +304,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     drop(rtt_tx);
     let publish_elapsed = started.elapsed();
     let (lat_delivered, _) = consumer.await??;
-    let latencies = sorted(&mut lat_rx);
+    let (mut timed, latencies) = timed_samples(&mut lat_rx);
     let rtts = sorted(&mut rtt_rx);
     let pct = |q: f64| percentile_ms(&latencies, q);
     let rtt = |q: f64| percentile_ms(&rtts, q);
@@ -323,6 +323,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "events": lat_delivered,
             "p50_ms": pct(0.50), "p99_ms": pct(0.99), "p999_ms": pct(0.999), "max_ms": pct(1.0),
             "publish_ack_p50_ms": rtt(0.50), "publish_ack_p99_ms": rtt(0.99),
+            "slow_spells": slow_spells(&mut timed, started_ns, SLOW_LATENCY_NS),
         },
     });
     if let Some(p) = &server {
@@ -369,6 +370,57 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Latency above which an event of the core latency phase counts as slow (its p99 target).
+const SLOW_LATENCY_NS: u128 = 15_000_000;
+
+/// When the slow events of a latency phase were sent: events (send time, latency) slower than
+/// `slow_ns` (the bench's p99 target), grouped into spells (sent less than 100 ms apart), the
+/// five largest each with its start (seconds into the phase, and UTC to match with the server's
+/// log, e.g. its "slow group commit" warnings), length, count and worst latency. A p99 miss is
+/// one long spell (a stall: every event sent during it waits) or slow events spread over the
+/// phase.
+pub(crate) fn slow_spells(timed: &mut [(u128, u128)], phase_started_ns: u128, slow_ns: u128) -> serde_json::Value {
+    const GAP_NS: u128 = 100_000_000;
+    timed.sort_unstable();
+    let mut spells: Vec<(u128, u128, u64, u128)> = Vec::new(); // first sent, last sent, events, worst
+    for &(sent, latency) in timed.iter().filter(|&&(_, latency)| latency > slow_ns) {
+        match spells.last_mut() {
+            Some(spell) if sent - spell.1 < GAP_NS => {
+                spell.1 = sent;
+                spell.2 += 1;
+                spell.3 = spell.3.max(latency);
+            }
+            _ => spells.push((sent, sent, 1, latency)),
+        }
+    }
+    let seconds = |ns: u128| (ns as f64 / 1e7).round() / 100.0;
+    let mut largest_first = spells.clone();
+    largest_first.sort_by_key(|s| std::cmp::Reverse(s.2));
+    json!({
+        "over_ms": slow_ns / 1_000_000,
+        "events": spells.iter().map(|s| s.2).sum::<u64>(),
+        "spells": spells.len(),
+        "largest": largest_first.iter().take(5).map(|&(first, last, events, worst)| json!({
+            "at_s": seconds(first.saturating_sub(phase_started_ns)),
+            "at_utc": crate::event::rfc3339(&crate::event::ms_timestamp((first / 1_000_000) as i64)),
+            "lasting_s": seconds(last - first),
+            "events": events,
+            "worst_ms": (worst as f64 / 1e4).round() / 100.0,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Drains a channel of (send time, latency) samples: the samples, and the latencies sorted.
+pub(crate) fn timed_samples(rx: &mut mpsc::UnboundedReceiver<(u128, u128)>) -> (Vec<(u128, u128)>, Vec<u128>) {
+    let mut timed = Vec::new();
+    while let Ok(sample) = rx.try_recv() {
+        timed.push(sample);
+    }
+    let mut latencies: Vec<u128> = timed.iter().map(|&(_, latency)| latency).collect();
+    latencies.sort_unstable();
+    (timed, latencies)
+}
+
 /// Drains a channel of nanosecond samples into a sorted vector.
 pub(crate) fn sorted(rx: &mut mpsc::UnboundedReceiver<u128>) -> Vec<u128> {
     let mut v = Vec::new();
@@ -395,14 +447,14 @@ pub(crate) fn tempfile_dir() -> anyhow::Result<tempfile::TempDir> {
 }
 
 /// Subscribes and acknowledges until `expected` events arrived or `idle` passed without one.
-/// With `latencies`, sends each event's publish-to-delivery time in nanoseconds.
+/// With `latencies`, sends each event's send time and publish-to-delivery time in nanoseconds.
 async fn drain(
     channel: tonic::transport::Channel,
     topic: &str,
     group: &str,
     expected: u64,
     idle: Duration,
-    latencies: Option<mpsc::UnboundedSender<u128>>,
+    latencies: Option<mpsc::UnboundedSender<(u128, u128)>>,
 ) -> anyhow::Result<(u64, Duration)> {
     let mut client = pb::subscriber_client::SubscriberClient::new(channel).max_decoding_message_size(usize::MAX);
     let (tx, rx) = mpsc::channel(1024);
@@ -421,7 +473,7 @@ async fn drain(
             if let (Some(tx), Some(sent)) =
                 (&latencies, d.event.as_ref().and_then(|e| e.headers.get("bench.sent_ns")).and_then(|s| s.parse::<u128>().ok()))
             {
-                let _ = tx.send(now_ns().saturating_sub(sent));
+                let _ = tx.send((sent, now_ns().saturating_sub(sent)));
             }
             got += 1;
             // Acknowledge at once: the next event of a case waits for this ack.
@@ -503,4 +555,34 @@ async fn large_log(args: &BenchArgs, server: &mut ServerProcess, gb: f64) -> any
         "server_rss_mib": rss / (1 << 20),
         "restart_after_kill9_seconds": restart.as_secs_f64(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u128 = 1_000_000;
+
+    #[test]
+    fn slow_events_sent_close_together_form_one_spell_and_the_largest_come_first() {
+        let start = 1_000 * MS;
+        let mut timed = vec![
+            (start + 2_000 * MS, 30 * MS), // a lone slow event at 2 s
+            (start + 5_000 * MS, 40 * MS), // a spell at 5 s: three slow events < 100 ms apart,
+            (start + 5_050 * MS, 3 * MS),  // a fast one among them,
+            (start + 5_090 * MS, 60 * MS),
+            (start + 5_150 * MS, 26 * MS),
+            (start + 5_400 * MS, 2 * MS),  // then fast again
+            (start + 9_000 * MS, 25 * MS), // exactly the limit is not slow
+        ];
+        timed.reverse(); // the subscribers report out of order
+        let report = slow_spells(&mut timed, start, 25 * MS);
+        assert_eq!(report["events"], 4);
+        assert_eq!(report["spells"], 2);
+        let largest = report["largest"].as_array().expect("a list");
+        let at_utc = "1970-01-01T00:00:06Z";
+        assert_eq!(largest[0], json!({"at_s": 5.0, "at_utc": at_utc, "lasting_s": 0.15, "events": 3, "worst_ms": 60.0}));
+        assert_eq!(largest[1]["at_s"], 2.0);
+        assert_eq!(largest[1]["events"], 1);
+    }
 }

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use super::{now_ns, payload, per_sec, percentile_ms, tempfile_dir};
+use super::{now_ns, payload, per_sec, percentile_ms, slow_spells, tempfile_dir, timed_samples};
 use crate::cli::connect;
 use crate::process::{cpu_time_of, ServerProcess};
 use crate::routing::directory::mailbox_topic;
@@ -176,44 +176,8 @@ async fn subscriber(
     Ok(())
 }
 
-/// Latency above which an event counts as slow in the spells report (the p99 target).
-const SLOW_LATENCY_NS: u128 = 25_000_000;
-
-/// When the slow events of the latency phase were sent: events slower than
-/// `SLOW_LATENCY_NS`, grouped into spells (sent less than 100 ms apart), the five largest
-/// each with its start (seconds into the phase, and UTC to match with the server's log, e.g.
-/// its "slow group commit" warnings), length, count and worst latency. A p99 miss is one long
-/// spell (a stall: every event sent during it waits) or slow events spread over the phase.
-fn slow_spells(timed: &mut [(u128, u128)], phase_started_ns: u128) -> serde_json::Value {
-    const GAP_NS: u128 = 100_000_000;
-    timed.sort_unstable();
-    let mut spells: Vec<(u128, u128, u64, u128)> = Vec::new(); // first sent, last sent, events, worst
-    for &(sent, latency) in timed.iter().filter(|&&(_, latency)| latency > SLOW_LATENCY_NS) {
-        match spells.last_mut() {
-            Some(spell) if sent - spell.1 < GAP_NS => {
-                spell.1 = sent;
-                spell.2 += 1;
-                spell.3 = spell.3.max(latency);
-            }
-            _ => spells.push((sent, sent, 1, latency)),
-        }
-    }
-    let seconds = |ns: u128| (ns as f64 / 1e7).round() / 100.0;
-    let mut largest_first = spells.clone();
-    largest_first.sort_by_key(|s| std::cmp::Reverse(s.2));
-    json!({
-        "over_ms": SLOW_LATENCY_NS / 1_000_000,
-        "events": spells.iter().map(|s| s.2).sum::<u64>(),
-        "spells": spells.len(),
-        "largest": largest_first.iter().take(5).map(|&(first, last, events, worst)| json!({
-            "at_s": seconds(first.saturating_sub(phase_started_ns)),
-            "at_utc": crate::event::rfc3339(&crate::event::ms_timestamp((first / 1_000_000) as i64)),
-            "lasting_s": seconds(last - first),
-            "events": events,
-            "worst_ms": (worst as f64 / 1e4).round() / 100.0,
-        })).collect::<Vec<_>>(),
-    })
-}
+/// Latency above which a routed event counts as slow in the spells report (the p99 target).
+const ROUTED_SLOW_LATENCY_NS: u128 = 25_000_000;
 
 /// Waits until `counter` reaches `target`; fails when it stops moving for `idle`.
 async fn wait_for(counter: &AtomicU64, target: u64, idle: Duration, what: &str) -> anyhow::Result<()> {
@@ -395,12 +359,7 @@ pub async fn run(args: RoutingBenchArgs) -> anyhow::Result<()> {
     for s in &subscribers {
         s.abort();
     }
-    let mut timed = Vec::new();
-    while let Ok(sample) = lat_rx.try_recv() {
-        timed.push(sample);
-    }
-    let mut latencies: Vec<u128> = timed.iter().map(|&(_, latency)| latency).collect();
-    latencies.sort_unstable();
+    let (mut timed, latencies) = timed_samples(&mut lat_rx);
     let pct = |q: f64| percentile_ms(&latencies, q);
 
     // 4. Reading a quiet mailbox again, now that the store is full.
@@ -432,7 +391,7 @@ pub async fn run(args: RoutingBenchArgs) -> anyhow::Result<()> {
             "achieved_publish_rate": per_sec(lat_events, lat_publish_elapsed),
             "events": latencies.len(),
             "p50_ms": pct(0.50), "p99_ms": pct(0.99), "p999_ms": pct(0.999), "max_ms": pct(1.0),
-            "slow_spells": slow_spells(&mut timed, started_ns),
+            "slow_spells": slow_spells(&mut timed, started_ns, ROUTED_SLOW_LATENCY_NS),
         },
         "mailbox_read": {"small_store": read_small, "large_store": read_large},
     });
@@ -445,34 +404,4 @@ pub async fn run(args: RoutingBenchArgs) -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MS: u128 = 1_000_000;
-
-    #[test]
-    fn slow_events_sent_close_together_form_one_spell_and_the_largest_come_first() {
-        let start = 1_000 * MS;
-        let mut timed = vec![
-            (start + 2_000 * MS, 30 * MS), // a lone slow event at 2 s
-            (start + 5_000 * MS, 40 * MS), // a spell at 5 s: three slow events < 100 ms apart,
-            (start + 5_050 * MS, 3 * MS),  // a fast one among them,
-            (start + 5_090 * MS, 60 * MS),
-            (start + 5_150 * MS, 26 * MS),
-            (start + 5_400 * MS, 2 * MS),  // then fast again
-            (start + 9_000 * MS, 25 * MS), // exactly the limit is not slow
-        ];
-        timed.reverse(); // the subscribers report out of order
-        let report = slow_spells(&mut timed, start);
-        assert_eq!(report["events"], 4);
-        assert_eq!(report["spells"], 2);
-        let largest = report["largest"].as_array().expect("a list");
-        let at_utc = "1970-01-01T00:00:06Z";
-        assert_eq!(largest[0], json!({"at_s": 5.0, "at_utc": at_utc, "lasting_s": 0.15, "events": 3, "worst_ms": 60.0}));
-        assert_eq!(largest[1]["at_s"], 2.0);
-        assert_eq!(largest[1]["events"], 1);
-    }
 }
