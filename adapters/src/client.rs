@@ -35,7 +35,7 @@ fn endpoint(server: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
     let url = format!("{scheme}://{}", server.split_once("://").map_or(server, |(_, rest)| rest));
     let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| anyhow::anyhow!("invalid server URL {server:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(CONNECT_TIMEOUT);
     if let Some(ca) = &tls.tls_ca {
         let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
         let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
@@ -46,6 +46,9 @@ fn endpoint(server: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
     }
     Ok(endpoint)
 }
+
+/// How long a connection attempt may take (tonic applies it around the connector).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A channel to a bus that connects on first use (and reconnects after failures).
 pub fn connect(server: &str, tls: &ClientTls) -> anyhow::Result<Channel> {

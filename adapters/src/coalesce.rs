@@ -183,8 +183,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalescing<T> {
 }
 
 /// Connects clients as tonic's own connector does (TCP without Nagle; the endpoint's connect
-/// timeout applies around it), with the connection wrapped in [`Coalescing`]: a subscriber's acknowledgements on many streams
-/// of one connection go out together, as the server's deliveries do.
+/// timeout applies around it), with the connection wrapped in [`Coalescing`]: a subscriber's
+/// acknowledgements on many streams of one connection go out together, as the server's
+/// deliveries do.
 #[derive(Clone, Debug)]
 pub struct CoalescingConnector {
     http: HttpConnector,

@@ -412,21 +412,20 @@ pub(crate) fn slow_spells(timed: &mut [(u128, u128)], phase_started_ns: u128, sl
 
 /// Drains a channel of (send time, latency) samples: the samples, and the latencies sorted.
 pub(crate) fn timed_samples(rx: &mut mpsc::UnboundedReceiver<(u128, u128)>) -> (Vec<(u128, u128)>, Vec<u128>) {
-    let mut timed = Vec::new();
-    while let Ok(sample) = rx.try_recv() {
-        timed.push(sample);
-    }
+    let timed = drained(rx);
     let mut latencies: Vec<u128> = timed.iter().map(|&(_, latency)| latency).collect();
     latencies.sort_unstable();
     (timed, latencies)
 }
 
+/// Everything a channel holds now.
+fn drained<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
+    std::iter::from_fn(|| rx.try_recv().ok()).collect()
+}
+
 /// Drains a channel of nanosecond samples into a sorted vector.
 pub(crate) fn sorted(rx: &mut mpsc::UnboundedReceiver<u128>) -> Vec<u128> {
-    let mut v = Vec::new();
-    while let Ok(x) = rx.try_recv() {
-        v.push(x);
-    }
+    let mut v = drained(rx);
     v.sort_unstable();
     v
 }

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex as SyncMutex};
 
 use async_trait::async_trait;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use hashbrown::hash_table::Entry;
 use tokio::sync::{oneshot, watch, Mutex};
 
 use super::directory::{DirectoryHandle, MAILBOX_PREFIX};
@@ -97,11 +98,10 @@ impl Index {
 
     /// Records that the record whose id hash is `h` has sequence number `seq`.
     fn remember(&mut self, h: u64, seq: u64) {
-        let shard = self.ids.shard_mut(h);
-        match shard.find_mut(h, |&(k, _)| k == h) {
-            Some(entry) => entry.1 = seq,
-            None => {
-                shard.insert_unique(h, (h, seq), |&(k, _)| k);
+        match self.ids.shard_mut(h).entry(h, |&(k, _)| k == h, |&(k, _)| k) {
+            Entry::Occupied(mut stored) => stored.get_mut().1 = seq,
+            Entry::Vacant(free) => {
+                free.insert((h, seq));
             }
         }
     }

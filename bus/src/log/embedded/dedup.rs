@@ -14,6 +14,8 @@
 
 use std::collections::VecDeque;
 
+use hashbrown::hash_table::Entry;
+
 use crate::sharded::ShardedTable;
 
 /// Hash of an event id: two CRC32C with different seeds, stable across versions and restarts.
@@ -99,11 +101,10 @@ impl DedupIndex {
             self.hashes.push_back(h);
             let low = (first + i as u64) as u32;
             let (base, ring) = (self.first_offset, &self.hashes);
-            let shard = self.by_hash.shard_mut(h);
-            match shard.find_mut(h, |&l| hash_at(ring, base, l) == h) {
-                Some(latest) => *latest = low,
-                None => {
-                    shard.insert_unique(h, low, |&l| hash_at(ring, base, l));
+            match self.by_hash.shard_mut(h).entry(h, |&l| hash_at(ring, base, l) == h, |&l| hash_at(ring, base, l)) {
+                Entry::Occupied(mut latest) => *latest.get_mut() = low,
+                Entry::Vacant(free) => {
+                    free.insert(low);
                 }
             }
         }
