@@ -47,6 +47,11 @@ impl<T> ShardedTable<T> {
         &mut self.shards[shard_of(hash)]
     }
 
+    /// Shard number `i` (below [`SHARDS`]), for work done a shard at a time.
+    pub fn shard_at_mut(&mut self, i: usize) -> &mut HashTable<T> {
+        &mut self.shards[i]
+    }
+
     /// Entries in all shards.
     pub fn len(&self) -> usize {
         self.shards.iter().map(HashTable::len).sum()

@@ -17,18 +17,21 @@ fn record(id: &str, key: &str, ts: i64) -> NewRecord {
     NewRecord { id: id.into(), key: Bytes::copy_from_slice(key.as_bytes()), timestamp_ms: ts, value: Bytes::from(format!("value of {id}")) }
 }
 
+/// The retention `topics` sets on a topic created without.
+const CHANGED_RETENTION_MS: u64 = 86_400_000;
+
 fn config(partitions: u32) -> TopicConfig {
     TopicConfig { partitions, retention_ms: 0, retention_bytes: 0 }
 }
 
-/// Runs every check in sequence.
-pub async fn run_all<F, Fut>(open: F)
+/// Runs every check in sequence (`retention_changes`: see [`topics`]).
+pub async fn run_all<F, Fut>(open: F, retention_changes: bool)
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Arc<dyn Log>>,
 {
     let log = open().await;
-    topics(&*log).await;
+    topics(&*log, retention_changes).await;
     append_read_in_order(&*log).await;
     idempotent_append(&*log).await;
     read_limits_and_ranges(&*log).await;
@@ -39,12 +42,14 @@ where
     log.close().await.expect("close");
     drop(log);
     let log = open().await;
-    survives_restart(&*log).await;
+    survives_restart(&*log, retention_changes).await;
     log.close().await.expect("close");
 }
 
-/// Create, list, describe; duplicate and invalid creation; unknown topic.
-pub async fn topics(log: &dyn Log) {
+/// Create, list, describe, change retention; duplicate and invalid creation; unknown topic.
+/// `retention_changes`: whether the backend can change a topic's retention (a broker without
+/// AlterConfigs cannot; then the call must fail and change nothing).
+pub async fn topics(log: &dyn Log, retention_changes: bool) {
     let info = log.create_topic("conf-topics", config(3)).await.expect("create");
     assert_eq!(info.config.partitions, 3);
     assert_eq!(info.partitions.len(), 3);
@@ -59,6 +64,26 @@ pub async fn topics(log: &dyn Log) {
     assert!(matches!(log.partition_count("nope").await, Err(Error::UnknownTopic(_))));
     assert!(matches!(log.append("nope", vec![record("a", "k", 1)]).await, Err(Error::UnknownTopic(_))));
     assert!(matches!(log.read("conf-topics", 7, 0, 10, 1 << 20).await, Err(Error::UnknownPartition { .. })));
+    assert!(matches!(log.set_retention("nope", 1, 0).await, Err(Error::UnknownTopic(_))));
+    match log.set_retention("conf-topics", CHANGED_RETENTION_MS, 0).await {
+        Ok(changed) => {
+            assert!(retention_changes, "this backend was expected to refuse changing retention");
+            let c = changed.config;
+            assert_eq!((c.partitions, c.retention_ms, c.retention_bytes), (3, CHANGED_RETENTION_MS, 0));
+            assert_eq!(log.describe_topic("conf-topics").await.expect("describe").config.retention_ms, CHANGED_RETENTION_MS);
+            assert!(!log.keeps_everything("conf-topics").await.expect("keeps everything"));
+        }
+        Err(e) => {
+            assert!(!retention_changes, "changing retention failed: {e}");
+            assert!(matches!(e, Error::Unavailable(_)), "a refused change says why: {e}");
+            assert_eq!(
+                log.describe_topic("conf-topics").await.expect("describe").config.retention_ms,
+                0,
+                "a refused change changes nothing"
+            );
+            assert!(log.keeps_everything("conf-topics").await.expect("keeps everything"));
+        }
+    }
 }
 
 /// Records land in the murmur2 partition of their key, with dense offsets, in order per key.
@@ -159,10 +184,12 @@ pub async fn group_state(log: &dyn Log) {
     assert_eq!(log.load_group_config("conf-order", "g1").await.expect("load"), Some(config));
 }
 
-/// After close and reopen: topics, records, dedup ids, cursors, quarantine and group settings are all there,
+/// After close and reopen: topics (with changed retention), records, dedup ids, cursors, quarantine and group settings are all there,
 /// and offsets continue.
-pub async fn survives_restart(log: &dyn Log) {
-    assert_eq!(log.describe_topic("conf-topics").await.expect("describe").config.partitions, 3);
+pub async fn survives_restart(log: &dyn Log, retention_changes: bool) {
+    let topic = log.describe_topic("conf-topics").await.expect("describe").config;
+    let retention = if retention_changes { CHANGED_RETENTION_MS } else { 0 };
+    assert_eq!((topic.partitions, topic.retention_ms), (3, retention), "a changed retention survives a restart");
     let recs = log.read("conf-read", 0, 0, 1000, 1 << 30).await.expect("read");
     assert_eq!(recs.len(), 50);
     let next = log.append("conf-read", vec![record("r-after", "k", 99)]).await.expect("append")[0];

@@ -205,6 +205,9 @@ impl Membership {
 pub trait Log: Send + Sync + 'static {
     /// Creates a topic. Fails with [`Error::TopicExists`] if it exists (whatever its settings).
     async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicInfo>;
+    /// Changes a topic's retention (0 keeps everything); its partitions stay. What a later
+    /// [`Log::apply_retention`] deletes follows the new setting.
+    async fn set_retention(&self, name: &str, retention_ms: u64, retention_bytes: u64) -> Result<TopicInfo>;
     /// All topics, sorted by name.
     async fn list_topics(&self) -> Result<Vec<TopicInfo>>;
     /// One topic.
