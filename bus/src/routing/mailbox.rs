@@ -20,10 +20,17 @@
 //!   `Subscribe`, `Replay`, cursors, dead letters and quarantine work on it unchanged. Its dead
 //!   letter topic (`mailbox.<id>.<group>.dlq`) is a virtual topic of the same store.
 //!
+//! - Retention (`routing.mailbox_retention_ms`) is the store topic's: the log deletes its old
+//!   segments, and the index follows the store's start, dropping the mailboxes' records below
+//!   it and their ids. A mailbox whose records are all gone keeps its numbering: before the
+//!   log may delete a mailbox's last record, its next sequence number is kept in the log's
+//!   cursor store (group [`END_MARK_GROUP`]), and the rebuild starts such a mailbox there.
+//!
 //! Invariants: appends to the store go through one lock (sequence numbers are assigned and made
 //! durable in order, so a mailbox's visible end only grows over durable records); an id already
-//! stored in a mailbox is answered as a duplicate without appending (the index knows every id),
-//! which makes router retries after a crash idempotent.
+//! stored in a mailbox is answered as a duplicate without appending (the index knows every id
+//! retention left), which makes router retries after a crash idempotent; a mailbox's sequence
+//! numbers never go back, also across retention and restarts.
 
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
@@ -45,6 +52,24 @@ use crate::{Error, Result};
 
 /// The physical topic that holds every mailbox.
 pub const STORE_TOPIC: &str = "justizbus.mailboxes";
+
+/// The reserved group under which the cursor store keeps a mailbox's end mark: a sequence
+/// number its next record gets at least, written before retention may delete its last record.
+pub const END_MARK_GROUP: &str = "justizbus.mailbox-end";
+
+/// How far ahead of the retention horizon end marks are written: on Kafka the broker deletes
+/// on its own schedule, so a mark must be in place before a record can become due between two
+/// retention passes of the bus (`log_settings.retention_check_ms`, one minute by default).
+const END_MARK_AHEAD_MS: i64 = 10 * 60 * 1000;
+
+/// Bits of a store position that hold the offset; the store partition is above them.
+const POSITION_OFFSET_BITS: u32 = 48;
+
+/// A store record's position in one number: partition and offset.
+fn store_position(partition: u32, offset: u64) -> u64 {
+    debug_assert!(offset < 1 << POSITION_OFFSET_BITS);
+    (u64::from(partition) << POSITION_OFFSET_BITS) | offset
+}
 
 /// Format byte of a store record whose value holds the event itself.
 const ENTRY_FORMAT: u8 = 1;
@@ -68,7 +93,12 @@ struct Mailbox {
 
 impl Mailbox {
     fn new() -> Self {
-        Mailbox { start: 0, entries: Vec::new(), end: watch::channel(0).0 }
+        Self::starting_at(0)
+    }
+
+    /// An empty mailbox whose next record gets sequence number `seq`.
+    fn starting_at(seq: u64) -> Self {
+        Mailbox { start: seq, entries: Vec::new(), end: watch::channel(seq).0 }
     }
 
     fn next_seq(&self) -> u64 {
@@ -79,11 +109,15 @@ impl Mailbox {
 #[derive(Default)]
 struct Index {
     mailboxes: FastMap<String, Mailbox>,
-    /// (hash of (mailbox, record id), sequence number): what is stored already. Sharded: it
+    /// (hash of (mailbox, record id), [`store_position`]): what is stored already. Sharded: it
     /// grows with every delivery and receipt, under the lock every append takes.
     ids: ShardedTable<(u64, u64)>,
     /// Hashes the ids (seeded per process: the index is rebuilt at every start).
     hasher: foldhash::fast::RandomState,
+    /// Per store partition, the store start the index follows: nothing below it is indexed.
+    store_starts: Vec<u64>,
+    /// End marks in the cursor store, by mailbox.
+    end_marks: FastMap<String, u64>,
 }
 
 impl Index {
@@ -91,17 +125,21 @@ impl Index {
         self.hasher.hash_one((mailbox, id))
     }
 
-    /// The sequence number of the record whose id hash is `h`, if stored.
-    fn stored(&self, h: u64) -> Option<u64> {
-        self.ids.shard(h).find(h, |&(k, _)| k == h).map(|&(_, seq)| seq)
+    /// The sequence number in `mailbox` of the record whose id hash is `h`, if stored.
+    fn stored(&self, mailbox: &str, h: u64) -> Option<u64> {
+        let position = self.ids.shard(h).find(h, |&(k, _)| k == h).map(|&(_, position)| position)?;
+        let offset = position & ((1 << POSITION_OFFSET_BITS) - 1);
+        // A mailbox's entries are in store order (one partition, appended in order).
+        let mb = self.mailboxes.get(mailbox)?;
+        mb.entries.binary_search_by_key(&offset, |&(o, _)| o).ok().map(|i| mb.start + i as u64)
     }
 
-    /// Records that the record whose id hash is `h` has sequence number `seq`.
-    fn remember(&mut self, h: u64, seq: u64) {
+    /// Records that the record whose id hash is `h` is stored at `position`.
+    fn remember(&mut self, h: u64, position: u64) {
         match self.ids.shard_mut(h).entry(h, |&(k, _)| k == h, |&(k, _)| k) {
-            Entry::Occupied(mut stored) => stored.get_mut().1 = seq,
+            Entry::Occupied(mut stored) => stored.get_mut().1 = position,
             Entry::Vacant(free) => {
-                free.insert((h, seq));
+                free.insert((h, position));
             }
         }
     }
@@ -114,6 +152,8 @@ pub struct MailboxLog {
     partitions: u32,
     /// The index; locked briefly, never across an await.
     index: SyncMutex<Index>,
+    /// How long the store keeps records (0: forever).
+    retention_ms: u64,
     /// One write lane per store partition. A mailbox lives in one store partition, so its
     /// sequence numbers are assigned in one lane; lanes write independently, so a receipt
     /// waits only for the writes of its own partition.
@@ -281,26 +321,39 @@ fn copy_fields(encoded: &[u8], out: &mut Vec<u8>, keep: impl Fn(u32) -> bool) ->
 }
 
 impl MailboxLog {
-    /// Wraps `inner`, creating the store topic with `partitions` partitions if needed and
-    /// rebuilding the index from it.
-    pub async fn open(inner: Arc<dyn Log>, directory: DirectoryHandle, partitions: u32) -> Result<Self> {
-        let partitions = match inner.describe_topic(STORE_TOPIC).await {
-            Ok(info) => info.config.partitions,
+    /// Wraps `inner`, creating the store topic with `partitions` partitions if needed (existing
+    /// stores keep theirs), giving it `retention_ms`, and rebuilding the index from it.
+    pub async fn open(inner: Arc<dyn Log>, directory: DirectoryHandle, partitions: u32, retention_ms: u64) -> Result<Self> {
+        let config = match inner.describe_topic(STORE_TOPIC).await {
+            Ok(info) => info.config,
             Err(Error::UnknownTopic(_)) => {
-                inner.create_topic(STORE_TOPIC, TopicConfig { partitions, retention_ms: 0, retention_bytes: 0 }).await?.config.partitions
+                inner.create_topic(STORE_TOPIC, TopicConfig { partitions, retention_ms, retention_bytes: 0 }).await?.config
             }
             Err(e) => return Err(e),
         };
+        let partitions = config.partitions;
         let lanes = (0..partitions).map(|_| Lane { writer: Mutex::new(()), waiting: SyncMutex::new(Vec::new()) }).collect();
-        let log = MailboxLog { inner, directory, partitions, index: SyncMutex::new(Index::default()), lanes };
+        let log = MailboxLog { inner, directory, partitions, index: SyncMutex::new(Index::default()), retention_ms, lanes };
         log.rebuild().await?;
+        if (config.retention_ms, config.retention_bytes) != (retention_ms, 0) {
+            // Marks first: once set, the log may delete at once (a Kafka broker does).
+            log.mark_ends_at_risk(crate::event::now_ms()).await?;
+            log.inner.set_retention(STORE_TOPIC, retention_ms, 0).await.map_err(|e| {
+                Error::State(format!(
+                    "the mailbox store's retention could not be set to routing.mailbox_retention_ms = {retention_ms}: {e}"
+                ))
+            })?;
+            tracing::info!(retention_ms, was = config.retention_ms, "mailbox store retention changed");
+        }
         Ok(log)
     }
 
     async fn rebuild(&self) -> Result<()> {
         let mut records = 0u64;
+        self.lock().store_starts = vec![0; self.partitions as usize];
         for p in 0..self.partitions {
             let offsets = self.inner.offsets(STORE_TOPIC, p).await?;
+            self.lock().store_starts[p as usize] = offsets.start;
             let mut from = offsets.start;
             while from < offsets.end {
                 let batch = self.inner.read(STORE_TOPIC, p, from, 4096, 16 * 1024 * 1024).await?;
@@ -311,7 +364,7 @@ impl MailboxLog {
                     let (seq, _, _) = decode_entry(&r.value)?;
                     let name = String::from_utf8_lossy(&r.key).into_owned();
                     let h = index.id_hash(&name, &r.id);
-                    index.remember(h, seq);
+                    index.remember(h, store_position(p, r.offset));
                     let mb = index.mailboxes.entry(name).or_insert_with(Mailbox::new);
                     if mb.entries.is_empty() {
                         mb.start = seq;
@@ -324,12 +377,100 @@ impl MailboxLog {
                 }
             }
         }
+        // Mailboxes whose records retention deleted start at their end marks.
+        let mut marks = Vec::new();
+        for (topic, group) in self.inner.list_groups().await? {
+            if group == END_MARK_GROUP && is_mailbox_topic(&topic) {
+                if let Some(cursor) = self.inner.load_cursor(&topic, END_MARK_GROUP, 0).await? {
+                    marks.push((topic, cursor.committed));
+                }
+            }
+        }
         let mut index = self.lock();
+        for (topic, seq) in marks {
+            index.mailboxes.entry(topic.clone()).or_insert_with(|| Mailbox::starting_at(seq));
+            index.end_marks.insert(topic, seq);
+        }
         for mb in index.mailboxes.values_mut() {
             mb.end.send_replace(mb.next_seq());
         }
-        tracing::info!(mailboxes = index.mailboxes.len(), records, "mailbox index rebuilt");
+        tracing::info!(mailboxes = index.mailboxes.len(), records, end_marks = index.end_marks.len(), "mailbox index rebuilt");
         Ok(())
+    }
+
+    /// Writes the end mark of every mailbox whose last record retention could delete before
+    /// the next pass (older than the retention horizon, with [`END_MARK_AHEAD_MS`] to spare).
+    async fn mark_ends_at_risk(&self, now_ms: i64) -> Result<()> {
+        if self.retention_ms == 0 {
+            return Ok(());
+        }
+        let horizon = now_ms.saturating_add(END_MARK_AHEAD_MS).saturating_sub(self.retention_ms.min(i64::MAX as u64) as i64);
+        let due: Vec<(String, u64)> = {
+            let index = self.lock();
+            index
+                .mailboxes
+                .iter()
+                .filter(|(name, mb)| {
+                    mb.entries.last().is_some_and(|&(_, ts)| ts < horizon) && index.end_marks.get(*name) != Some(&mb.next_seq())
+                })
+                .map(|(name, mb)| (name.clone(), mb.next_seq()))
+                .collect()
+        };
+        for (name, seq) in due {
+            let mark = Cursor { committed: seq, scanned: seq, unacked: Vec::new(), attempts: Vec::new() };
+            self.inner.store_cursors(&name, END_MARK_GROUP, &[(0, mark)]).await?;
+            tracing::debug!(mailbox = %name, seq, "mailbox end marked");
+            self.lock().end_marks.insert(name, seq);
+        }
+        Ok(())
+    }
+
+    /// Drops from the index what the store no longer holds; returns the records dropped.
+    async fn follow_store_start(&self) -> Result<usize> {
+        let mut dropped = 0;
+        for p in 0..self.partitions {
+            let start = self.inner.offsets(STORE_TOPIC, p).await?.start;
+            dropped += self.trim(p, start);
+        }
+        Ok(dropped)
+    }
+
+    /// Drops the records of store partition `partition` below `start` from the index: the
+    /// mailboxes' entries (their start moves up) and their ids. Returns the records dropped.
+    fn trim(&self, partition: u32, start: u64) -> usize {
+        let mut dropped = 0;
+        {
+            let mut index = self.lock();
+            if index.store_starts[partition as usize] >= start {
+                return 0;
+            }
+            index.store_starts[partition as usize] = start;
+            for (name, mb) in index.mailboxes.iter_mut() {
+                if partition_for_key(name.as_bytes(), self.partitions) != partition {
+                    continue;
+                }
+                let gone = mb.entries.partition_point(|&(offset, _)| offset < start);
+                if gone > 0 {
+                    mb.entries.drain(..gone);
+                    mb.start += gone as u64;
+                    if mb.entries.capacity() > 4 * mb.entries.len() + 64 {
+                        mb.entries.shrink_to_fit();
+                    }
+                    dropped += gone;
+                }
+            }
+        }
+        // The ids a shard at a time: an append waits for one shard's pass at most.
+        for shard in 0..crate::sharded::SHARDS {
+            let mut index = self.lock();
+            index.ids.shard_at_mut(shard).retain(|&mut (_, position)| {
+                position >> POSITION_OFFSET_BITS != u64::from(partition) || position & ((1 << POSITION_OFFSET_BITS) - 1) >= start
+            });
+        }
+        let mut index = self.lock();
+        index.ids.shrink_sparse(0, |&(h, _)| h);
+        tracing::info!(store_partition = partition, start, dropped, ids = index.ids.len(), "mailbox index follows the store's retention");
+        dropped
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -360,7 +501,7 @@ impl MailboxLog {
         let (start, end) = index.mailboxes.get(topic).map(|m| (m.start, m.next_seq())).unwrap_or((0, 0));
         TopicInfo {
             name: topic.to_string(),
-            config: TopicConfig { partitions: 1, retention_ms: 0, retention_bytes: 0 },
+            config: TopicConfig { partitions: 1, retention_ms: self.retention_ms, retention_bytes: 0 },
             partitions: vec![PartitionOffsets { start, end }],
         }
     }
@@ -392,8 +533,8 @@ impl MailboxLog {
     }
 
     /// Appends records of one store partition, together with whatever else waits for it.
-    async fn append_lane(&self, lane: u32, records: Addressed) -> Result<Vec<Appended>> {
-        let lane = &self.lanes[lane as usize];
+    async fn append_lane(&self, partition: u32, records: Addressed) -> Result<Vec<Appended>> {
+        let lane = &self.lanes[partition as usize];
         let (reply, answer) = oneshot::channel();
         lane.waiting.lock().unwrap_or_else(|e| e.into_inner()).push(AppendJob { records, reply });
         {
@@ -433,7 +574,7 @@ impl MailboxLog {
             let mut batch_ids: FastMap<u64, u64> = FastMap::default();
             for (i, (topic, r)) in records.iter().enumerate() {
                 let h = index.id_hash(topic, &r.id);
-                if let Some(seq) = index.stored(h).or_else(|| batch_ids.get(&h).copied()) {
+                if let Some(seq) = index.stored(topic, h).or_else(|| batch_ids.get(&h).copied()) {
                     results[i] = Some(Appended { partition: 0, offset: seq, duplicate: true });
                     continue;
                 }
@@ -457,7 +598,7 @@ impl MailboxLog {
                 debug_assert_eq!(seq, mb.next_seq());
                 mb.entries.push((a.offset, ts));
                 mb.end.send_replace(mb.next_seq());
-                index.remember(h, seq);
+                index.remember(h, store_position(a.partition, a.offset));
                 results[i] = Some(Appended { partition: 0, offset: seq, duplicate: false });
             }
         }
@@ -490,6 +631,54 @@ impl MailboxLog {
             }
             None => (from, Vec::new()),
         }
+    }
+
+    /// Reads the records at `positions` (store offsets of `topic`'s sequence numbers from
+    /// `first`), at least one and up to `max_bytes`. `Err(offset)` when the store no longer
+    /// holds the record at `offset`.
+    async fn read_positions(
+        &self,
+        topic: &str,
+        store_partition: u32,
+        first: u64,
+        positions: &[(u64, i64)],
+        max_bytes: usize,
+    ) -> Result<std::result::Result<Vec<StoredRecord>, u64>> {
+        let mut out = Vec::with_capacity(positions.len());
+        let mut bytes = 0usize;
+        let mut i = 0;
+        // Runs of consecutive store offsets are read in one call.
+        while i < positions.len() && (out.is_empty() || bytes < max_bytes) {
+            let start = positions[i].0;
+            let mut run = 1;
+            while i + run < positions.len() && positions[i + run].0 == start + run as u64 {
+                run += 1;
+            }
+            let records = self.inner.read(STORE_TOPIC, store_partition, start, run, max_bytes.saturating_sub(bytes).max(1)).await?;
+            if records.is_empty() {
+                break;
+            }
+            for r in records {
+                if r.offset > positions[i].0 {
+                    return Ok(Err(positions[i].0));
+                }
+                if r.offset != positions[i].0 || r.key != topic.as_bytes() {
+                    return Err(Error::State(format!("mailbox index of {topic} points at a foreign store record {}", r.offset)));
+                }
+                let (seq, key, content) = decode_entry(&r.value)?;
+                debug_assert_eq!(seq, first + i as u64);
+                let value = match content {
+                    Content::Event(value) => value,
+                    Content::Reference { topic: source, partition, offset, overlay } => {
+                        self.referenced(&r.id, &source, partition, offset, &overlay).await?
+                    }
+                };
+                bytes += value.len();
+                out.push(StoredRecord { partition: 0, offset: seq, timestamp_ms: r.timestamp_ms, id: r.id, key, value, chain: None });
+                i += 1;
+            }
+        }
+        Ok(Ok(out))
     }
 }
 
@@ -556,40 +745,21 @@ impl Log for MailboxLog {
             return self.inner.read(topic, partition, from, max_records, max_bytes).await;
         }
         self.check(topic, partition)?;
-        let (first, positions) = self.positions(topic, from, max_records.max(1));
         let store_partition = partition_for_key(topic.as_bytes(), self.partitions);
-        let mut out = Vec::with_capacity(positions.len());
-        let mut bytes = 0usize;
-        let mut i = 0;
-        // Runs of consecutive store offsets are read in one call.
-        while i < positions.len() && (out.is_empty() || bytes < max_bytes) {
-            let start = positions[i].0;
-            let mut run = 1;
-            while i + run < positions.len() && positions[i + run].0 == start + run as u64 {
-                run += 1;
-            }
-            let records = self.inner.read(STORE_TOPIC, store_partition, start, run, max_bytes.saturating_sub(bytes).max(1)).await?;
-            if records.is_empty() {
-                break;
-            }
-            for r in records {
-                if r.offset != positions[i].0 || r.key != topic.as_bytes() {
-                    return Err(Error::State(format!("mailbox index of {topic} points at a foreign store record {}", r.offset)));
-                }
-                let (seq, key, content) = decode_entry(&r.value)?;
-                debug_assert_eq!(seq, first + i as u64);
-                let value = match content {
-                    Content::Event(value) => value,
-                    Content::Reference { topic: source, partition, offset, overlay } => {
-                        self.referenced(&r.id, &source, partition, offset, &overlay).await?
+        loop {
+            let (first, positions) = self.positions(topic, from, max_records.max(1));
+            match self.read_positions(topic, store_partition, first, &positions, max_bytes).await? {
+                Ok(records) => return Ok(records),
+                // Retention deleted store records the index still pointed at: follow it, again.
+                Err(missing) => {
+                    let start = self.inner.offsets(STORE_TOPIC, store_partition).await?.start;
+                    if start <= missing {
+                        return Err(Error::State(format!("mailbox index of {topic} points at store record {missing}, which is missing")));
                     }
-                };
-                bytes += value.len();
-                out.push(StoredRecord { partition: 0, offset: seq, timestamp_ms: r.timestamp_ms, id: r.id, key, value, chain: None });
-                i += 1;
+                    self.trim(store_partition, start);
+                }
             }
         }
-        Ok(out)
     }
 
     async fn read_transient(
@@ -611,7 +781,7 @@ impl Log for MailboxLog {
             return self.inner.keeps_everything(topic).await;
         }
         self.check(topic, 0)?;
-        Ok(true)
+        Ok(self.retention_ms == 0)
     }
 
     async fn offsets(&self, topic: &str, partition: u32) -> Result<PartitionOffsets> {
@@ -643,8 +813,11 @@ impl Log for MailboxLog {
     }
 
     async fn apply_retention(&self) -> Result<usize> {
-        // The store topic keeps everything (retention 0), so mailbox indexes stay complete.
-        self.inner.apply_retention().await
+        // No deletion before the marks are stored: a mailbox must not lose its numbering.
+        self.mark_ends_at_risk(crate::event::now_ms()).await?;
+        let removed = self.inner.apply_retention().await?;
+        self.follow_store_start().await?;
+        Ok(removed)
     }
 
     async fn load_cursor(&self, topic: &str, group: &str, partition: u32) -> Result<Option<Cursor>> {
@@ -652,6 +825,9 @@ impl Log for MailboxLog {
     }
 
     async fn store_cursors(&self, topic: &str, group: &str, cursors: &[(u32, Cursor)]) -> Result<()> {
+        if group == END_MARK_GROUP {
+            return Err(Error::invalid("group", format!("{END_MARK_GROUP} holds the mailboxes' end marks")));
+        }
         self.inner.store_cursors(topic, group, cursors).await
     }
 
@@ -664,7 +840,8 @@ impl Log for MailboxLog {
     }
 
     async fn list_groups(&self) -> Result<Vec<(String, String)>> {
-        self.inner.list_groups().await
+        // The end marks are kept as cursors, but belong to no group anyone reads with.
+        Ok(self.inner.list_groups().await?.into_iter().filter(|(_, group)| group != END_MARK_GROUP).collect())
     }
 
     async fn put_quarantine(&self, topic: &str, group: &str, entry: &Quarantine) -> Result<()> {
@@ -737,9 +914,13 @@ mod tests {
     use crate::routing::directory::numbered_courts;
 
     async fn open(dir: &Path, participants: usize) -> Arc<MailboxLog> {
+        open_with(dir, participants, 4, 0).await
+    }
+
+    async fn open_with(dir: &Path, participants: usize, partitions: u32, retention_ms: u64) -> Arc<MailboxLog> {
         let settings = LogSettings { segment_bytes: 64 * 1024, index_interval_bytes: 512, ..LogSettings::default() };
         let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir, settings).await.expect("open"));
-        Arc::new(MailboxLog::open(inner, numbered_courts(participants), 4).await.expect("mailboxes"))
+        Arc::new(MailboxLog::open(inner, numbered_courts(participants), partitions, retention_ms).await.expect("mailboxes"))
     }
 
     fn record(id: &str, case: &str) -> NewRecord {
@@ -808,6 +989,90 @@ mod tests {
         log.create_topic(dlq, TopicConfig { partitions: 1, retention_ms: 0, retention_bytes: 0 }).await.expect("dlq");
         log.append(dlq, vec![record("e1", "case-1")]).await.expect("append");
         assert_eq!(log.read(dlq, 0, 0, 10, 1 << 20).await.expect("read").len(), 1);
+    }
+
+    /// A record of about 1 KB with the given timestamp.
+    fn stamped(id: &str, timestamp_ms: i64) -> NewRecord {
+        NewRecord { id: id.into(), key: Bytes::from_static(b"case"), timestamp_ms, value: vec![b'x'; 1000].into() }
+    }
+
+    async fn append_stamped(log: &MailboxLog, mailbox: &str, prefix: &str, range: std::ops::Range<u32>, timestamp_ms: i64) {
+        let records = range.map(|i| (mailbox.to_string(), stamped(&format!("{prefix}-{i}"), timestamp_ms))).collect();
+        log.append_many::<NewRecord>(records).await.expect("append");
+    }
+
+    #[tokio::test]
+    async fn retention_drops_old_records_and_their_ids_and_mailboxes_keep_their_numbering() {
+        const HOUR_MS: i64 = 3_600_000;
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Retention set on a store created without: the setting reaches the existing store.
+        open_with(dir.path(), 4, 1, 0).await.close().await.expect("close");
+        let log = open_with(dir.path(), 4, 1, HOUR_MS as u64).await;
+        assert_eq!(log.inner.describe_topic(STORE_TOPIC).await.expect("store").config.retention_ms, HOUR_MS as u64);
+        let (a, b, c) = ("mailbox.DE.Justiz.p0.1", "mailbox.DE.Justiz.p1.1", "mailbox.DE.Justiz.p2.1");
+        let now = crate::event::now_ms();
+        // Two hours old: a's first 300, all 50 of b, a's next 200; then recent ones for a and c.
+        // The old records fill sealed 64 KiB segments, which retention deletes whole.
+        append_stamped(&log, a, "old", 0..300, now - 2 * HOUR_MS).await;
+        append_stamped(&log, b, "old", 0..50, now - 2 * HOUR_MS).await;
+        append_stamped(&log, a, "old", 300..500, now - 2 * HOUR_MS).await;
+        append_stamped(&log, a, "new", 0..10, now).await;
+        append_stamped(&log, c, "new", 0..5, now).await;
+        let ids_before = log.lock().ids.len();
+        assert_eq!(ids_before, 565);
+
+        assert!(log.apply_retention().await.expect("retention") > 0, "old segments are deleted");
+        let a_offsets = log.offsets(a, 0).await.expect("offsets");
+        assert!(a_offsets.start > 300 && a_offsets.start <= 500, "a's start {} moved past b's records", a_offsets.start);
+        assert_eq!(a_offsets.end, 510);
+        assert_eq!(
+            log.offsets(b, 0).await.expect("offsets"),
+            PartitionOffsets { start: 50, end: 50 },
+            "b is empty and keeps its numbering"
+        );
+        assert_eq!(log.offsets(c, 0).await.expect("offsets"), PartitionOffsets { start: 0, end: 5 });
+        let read = log.read(a, 0, 0, 1000, 1 << 30).await.expect("read");
+        assert_eq!(read.first().map(|r| r.offset), Some(a_offsets.start), "reading below the start begins at the start");
+        assert_eq!(read.len() as u64, 510 - a_offsets.start);
+        let kept = (510 - a_offsets.start + 5) as usize;
+        assert_eq!(log.lock().ids.len(), kept, "the ids of deleted records are forgotten");
+        let again = log.append(a, vec![stamped("new-3", now), stamped("old-0", now)]).await.expect("append");
+        assert_eq!((again[0].offset, again[0].duplicate), (503, true), "kept ids are still known, with their numbers");
+        assert_eq!((again[1].offset, again[1].duplicate), (510, false), "a deleted id is new again");
+        log.close().await.expect("close");
+        drop(log);
+
+        // After a restart the index is what it was, and b goes on from its end mark.
+        let log = open_with(dir.path(), 4, 1, HOUR_MS as u64).await;
+        assert_eq!(log.offsets(a, 0).await.expect("offsets"), PartitionOffsets { start: a_offsets.start, end: 511 });
+        assert_eq!(log.offsets(b, 0).await.expect("offsets"), PartitionOffsets { start: 50, end: 50 });
+        assert_eq!(log.append(b, vec![stamped("late", now)]).await.expect("append")[0].offset, 50);
+        assert!(log.list_groups().await.expect("groups").iter().all(|(_, g)| g != END_MARK_GROUP), "end marks are no group");
+        assert!(log.store_cursors(b, END_MARK_GROUP, &[]).await.is_err(), "nobody else writes end marks");
+    }
+
+    #[tokio::test]
+    async fn a_read_follows_deletions_the_index_has_not_seen() {
+        const HOUR_MS: i64 = 3_600_000;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open_with(dir.path(), 4, 1, HOUR_MS as u64).await;
+        let (a, c) = ("mailbox.DE.Justiz.p0.1", "mailbox.DE.Justiz.p2.1");
+        let now = crate::event::now_ms();
+        // In batches of 50 KB: a batch goes into one segment, so the last shares one with a's.
+        for from in (0..200).step_by(50) {
+            append_stamped(&log, c, "old", from..from + 50, now - 2 * HOUR_MS).await;
+        }
+        append_stamped(&log, a, "new", 0..5, now).await;
+        // The log deletes segments the index still points at, as a Kafka broker does on its own
+        // schedule: a read follows the store's new start instead of failing.
+        assert!(log.inner.apply_retention().await.expect("retention") > 0);
+        assert_eq!(log.lock().store_starts[0], 0, "the index has not followed yet");
+        let read = log.read(c, 0, 0, 1000, 1 << 30).await.expect("read after a deletion behind the index");
+        let c_start = log.offsets(c, 0).await.expect("offsets").start;
+        assert!(c_start > 0 && c_start < 200, "c's start {c_start} moved to its first kept record");
+        assert_eq!(read.first().map(|r| r.offset), Some(c_start));
+        assert_eq!(read.last().map(|r| r.offset), Some(199));
+        assert_eq!(log.read(a, 0, 0, 10, 1 << 20).await.expect("read").len(), 5);
     }
 
     #[tokio::test]

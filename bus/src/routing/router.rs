@@ -57,6 +57,11 @@ pub struct RoutingSettings {
     /// with its own durable writes: on the embedded log every partition costs an `fdatasync`
     /// per group commit, so one partition (the largest group commits) routes fastest there.
     pub mailbox_partitions: u32,
+    /// How long the mailbox store keeps deliveries, receipts and error events, in
+    /// milliseconds, by their timestamps (0: forever). Whole store segments go at once, so
+    /// records stay up to a segment's filling longer. A mailbox keeps its numbering when all
+    /// its records are gone.
+    pub mailbox_retention_ms: u64,
     /// Most ingest events routed in one batch (one durable mailbox write).
     pub batch: u32,
     /// How often the directory file is checked for changes.
@@ -74,6 +79,7 @@ impl Default for RoutingSettings {
             ingest_topic: "xjustiz.ingest".into(),
             ingest_partitions: 4,
             mailbox_partitions: 1,
+            mailbox_retention_ms: 0,
             batch: 1000,
             reload_ms: 1000,
             mailboxes: true,
@@ -600,7 +606,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir.path(), LogSettings::default()).await.expect("open"));
         let directory = numbered_courts(2);
-        let mailboxes = Arc::new(MailboxLog::open(inner, directory.clone(), 1).await.expect("mailboxes"));
+        let mailboxes = Arc::new(MailboxLog::open(inner, directory.clone(), 1, 0).await.expect("mailboxes"));
         let settings = RoutingSettings::default();
         let ingest = TopicConfig { partitions: 1, retention_ms, retention_bytes: 0 };
         mailboxes.create_topic(&settings.ingest_topic, ingest).await.expect("ingest topic");
