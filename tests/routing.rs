@@ -291,3 +291,79 @@ async fn unroutable_addresses_go_to_the_dead_letter_topic_and_the_sender_hears_o
     let hijack = Subscriber::open(&channel, init).await.err().expect("the router's group is reserved");
     assert_eq!(hijack.code(), tonic::Code::InvalidArgument, "{hijack}");
 }
+
+/// The stored range of a mailbox, through the admin API.
+async fn mailbox_range(server: &TestServer, participant: &str) -> (u64, u64) {
+    let topic = format!("mailbox.{participant}");
+    let info = justizbus_e2e::admin(server.channel().await)
+        .describe_topic(pb::DescribeTopicRequest { topic })
+        .await
+        .expect("describe the mailbox")
+        .into_inner();
+    (info.partition_info[0].start_offset, info.partition_info[0].end_offset)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_deliveries_leave_with_the_mailbox_retention_and_a_mailbox_keeps_its_numbering() {
+    if justizbus_e2e::kafka_backend().is_some() {
+        eprintln!("skipped on Kafka: the test broker (tansu 0.6) deletes nothing by retention");
+        return;
+    }
+    // Small segments, so a few hundred deliveries fill several; retention checked every 100 ms.
+    let config = "[log_settings]\nsegment_bytes = 4096\nmax_event_bytes = 3000\nretention_check_ms = 100\n\n[routing]\nmailbox_retention_ms = 1000\n";
+    let mut server = TestServer::start_configured(config, &["--directory", &example_directory().display().to_string()]);
+    let channel = server.channel().await;
+    let directory = Directory::load(&example_directory()).expect("example directory");
+    let court = directory.resolve("court:T6076").expect("in the example").id.clone();
+    let event = |id: String, recipient: &str| pb::Event {
+        subject: format!("court:F1106|{id}"),
+        id,
+        r#type: "nachricht.gds.basisnachricht.0005006".into(),
+        sender: "court:F1106".into(),
+        recipients: vec![recipient.to_string()],
+        data: b"{}".to_vec().into(),
+        data_content_type: "application/json".into(),
+        ..Default::default()
+    };
+    // Ten deliveries to the court, read and acknowledged.
+    for i in 0..10 {
+        justizbus_e2e::publish(&channel, "xjustiz.ingest", event(format!("early-{i}"), "court:T6076")).await.expect("publish");
+    }
+    let mut inbox = Subscriber::simple(&channel, &format!("mailbox.{court}"), "app", 100).await;
+    let early = inbox.take(10, ARRIVES).await;
+    assert_eq!(early.len(), 10);
+    inbox.ack(&early.iter().map(|d| d.delivery_id).collect::<Vec<_>>()).await;
+    // Then deliveries to another court fill store segments after them.
+    for i in 0..60 {
+        justizbus_e2e::publish(&channel, "xjustiz.ingest", event(format!("fill-{i}"), "court:D6265")).await.expect("publish");
+    }
+    // Once the retention has passed, the court's deliveries leave the store; its mailbox is
+    // empty then but keeps its numbering.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    justizbus_e2e::publish(&channel, "xjustiz.ingest", event("fill-last".into(), "court:D6265")).await.expect("publish");
+    let started = std::time::Instant::now();
+    while mailbox_range(&server, &court).await != (10, 10) {
+        assert!(started.elapsed() < ARRIVES, "the court's old deliveries stayed: {:?}", mailbox_range(&server, &court).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = server.process.log();
+    assert!(log.contains("mailbox index follows the store's retention"), "{log}");
+    inbox.close().await;
+
+    // Also after kill -9: the mailbox goes on at 10, and its group receives what comes next.
+    server.process.kill9();
+    server.process.restart().expect("restart after kill -9");
+    assert_eq!(mailbox_range(&server, &court).await, (10, 10));
+    let channel = server.channel().await;
+    justizbus_e2e::publish(&channel, "xjustiz.ingest", event("late-0".into(), "court:T6076")).await.expect("publish");
+    let mut inbox = Subscriber::simple(&channel, &format!("mailbox.{court}"), "app", 100).await;
+    let late = inbox.take(1, ARRIVES).await;
+    let got: Vec<(u64, &str)> = late.iter().map(|d| (d.offset, d.event.as_ref().map_or("", |e| e.id.as_str()))).collect();
+    assert_eq!(got, vec![(10, "late-0")]);
+    inbox.ack(&[late[0].delivery_id]).await;
+    // A group reading from the start of the mailbox finds only what retention kept.
+    let mut fresh = Subscriber::simple(&channel, &format!("mailbox.{court}"), "fresh", 100).await;
+    let kept = fresh.take(1, ARRIVES).await;
+    assert_eq!(kept.iter().map(|d| d.offset).collect::<Vec<_>>(), vec![10]);
+    assert!(fresh.next(Duration::from_millis(300)).await.is_none(), "nothing older comes back");
+}
