@@ -1,6 +1,8 @@
 //! The README walk-through, run with the real binary: topics, publish, subscribe, replay,
 //! groups, and clear errors with a non-zero exit on bad input.
 
+use std::time::Duration;
+
 use justizbus_e2e::{run_cli, TestServer};
 
 #[test]
@@ -142,4 +144,66 @@ fn a_failed_benchmark_leaves_no_data_behind() {
         let left: Vec<_> = std::fs::read_dir(&scratch).expect("read scratch").flatten().map(|e| e.path()).collect();
         assert!(left.is_empty(), "{bench:?} left {left:?}");
     }
+}
+
+/// The stored range and retention of a topic, through the CLI.
+fn described(server: &TestServer, topic: &str) -> serde_json::Value {
+    let out = server.cli(&["topics", "describe", "--topic", topic]);
+    assert!(out.ok, "{}", out.stderr);
+    out.json_lines().remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_s_retention_can_be_changed_and_old_segments_then_go() {
+    // Small segments, retention checked every 100 ms.
+    let config = "[log_settings]\nsegment_bytes = 4096\nmax_event_bytes = 3000\nretention_check_ms = 100\n";
+    let mut server = TestServer::start_configured(config, &[]);
+    assert!(server.cli(&["topics", "create", "--topic", "filings", "--partitions", "1"]).ok);
+    let channel = server.channel().await;
+    for i in 0..40 {
+        let e = justizbus_e2e::event(&format!("old-{i}"), "case", &"x".repeat(500));
+        justizbus_e2e::publish(&channel, "filings", e).await.expect("publish");
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for i in 0..3 {
+        justizbus_e2e::publish(&channel, "filings", justizbus_e2e::event(&format!("new-{i}"), "case", "{}")).await.expect("publish");
+    }
+    assert_eq!(described(&server, "filings")["offsets"][0]["start"], 0, "a topic without retention keeps everything");
+
+    // Bad input: a clear error, nothing changed.
+    for (args, needle) in [
+        (vec!["topics", "set-retention", "--topic", "missing", "--retention-ms", "1000"], "does not exist"),
+        (vec!["topics", "set-retention", "--topic", "filings"], "give --retention-ms"),
+    ] {
+        let out = server.cli(&args);
+        assert!(!out.ok && out.stderr.contains(needle), "{args:?}: {}", out.stderr);
+    }
+    assert_eq!(described(&server, "filings")["retention_ms"], 0);
+
+    let changed = server.cli(&["topics", "set-retention", "--topic", "filings", "--retention-ms", "1000"]);
+    assert!(changed.ok, "{}", changed.stderr);
+    assert_eq!(
+        (changed.json_lines()[0]["retention_ms"].as_u64(), changed.json_lines()[0]["retention_bytes"].as_u64()),
+        (Some(1000), Some(0))
+    );
+    // The segments of the 40 old events go at the next check; the newest stay.
+    let started = std::time::Instant::now();
+    let start = loop {
+        let start = described(&server, "filings")["offsets"][0]["start"].as_u64().expect("start");
+        if start > 0 {
+            break start;
+        }
+        assert!(started.elapsed() < justizbus_e2e::ARRIVES, "old segments stayed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(start <= 40, "start {start}: the new events stay");
+    assert_eq!(described(&server, "filings")["offsets"][0]["end"], 43);
+
+    // Only the size: the time stays. Both survive a restart.
+    let sized = server.cli(&["topics", "set-retention", "--topic", "filings", "--retention-bytes", "1000000"]);
+    assert!(sized.ok, "{}", sized.stderr);
+    server.process.stop().expect("stop");
+    server.process.restart().expect("restart");
+    let after = described(&server, "filings");
+    assert_eq!((after["retention_ms"].as_u64(), after["retention_bytes"].as_u64()), (Some(1000), Some(1_000_000)));
 }

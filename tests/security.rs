@@ -190,6 +190,9 @@ async fn mtls_identities_and_authorization() {
     let mut auditor_admin = justizbus_e2e::admin(as_auditor.clone());
     auditor_admin.list_topics(pb::ListTopicsRequest {}).await.expect("the auditor lists");
     assert_eq!(auditor_admin.create_topic(create.clone()).await.expect_err("auditor creates").code(), Code::PermissionDenied);
+    let retention = pb::SetRetentionRequest { topic: "xjustiz.ingest".into(), retention_ms: Some(1), retention_bytes: None };
+    let refused = auditor_admin.set_retention(retention).await.expect_err("auditor changes retention");
+    assert_eq!(refused.code(), Code::PermissionDenied);
     let as_admin = channel(&server, &tls(&pki, &pki, &admin_id)).await;
     justizbus_e2e::admin(as_admin).create_topic(create).await.expect("the admin creates");
 

@@ -145,6 +145,20 @@ enum TopicsCommand {
         #[arg(long, default_value_t = 0)]
         retention_bytes: u64,
     },
+    /// Change a topic's retention (what is not given stays).
+    SetRetention {
+        #[command(flatten)]
+        server: ServerArg,
+        /// Topic name.
+        #[arg(long)]
+        topic: String,
+        /// Delete segments older than this many milliseconds (0: keep).
+        #[arg(long)]
+        retention_ms: Option<u64>,
+        /// Keep about this many bytes per partition (0: unlimited).
+        #[arg(long)]
+        retention_bytes: Option<u64>,
+    },
     /// List topics, one JSON object per line.
     List {
         #[command(flatten)]
@@ -505,6 +519,14 @@ async fn topics(command: TopicsCommand) -> anyhow::Result<()> {
         TopicsCommand::Create { server, topic, partitions, retention_ms, retention_bytes } => {
             let mut admin = pb::admin_client::AdminClient::new(server.connect().await?);
             let t = admin.create_topic(pb::CreateTopicRequest { topic, partitions, retention_ms, retention_bytes }).await?.into_inner();
+            print_json(&topic_json(&t))
+        }
+        TopicsCommand::SetRetention { server, topic, retention_ms, retention_bytes } => {
+            if retention_ms.is_none() && retention_bytes.is_none() {
+                anyhow::bail!("give --retention-ms, --retention-bytes or both");
+            }
+            let mut admin = pb::admin_client::AdminClient::new(server.connect().await?);
+            let t = admin.set_retention(pb::SetRetentionRequest { topic, retention_ms, retention_bytes }).await?.into_inner();
             print_json(&topic_json(&t))
         }
         TopicsCommand::List { server } => {

@@ -109,6 +109,14 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(self.bus.log.create_topic(&r.topic, config).await?.into()))
     }
 
+    async fn set_retention(&self, request: Request<pb::SetRetentionRequest>) -> Result<Response<pb::TopicInfo>, Status> {
+        self.allow(&request, "Admin.SetRetention", ADMINS)?;
+        let r = request.into_inner();
+        let now = self.bus.log.describe_topic(&r.topic).await?.config;
+        let (ms, bytes) = (r.retention_ms.unwrap_or(now.retention_ms), r.retention_bytes.unwrap_or(now.retention_bytes));
+        Ok(Response::new(self.bus.log.set_retention(&r.topic, ms, bytes).await?.into()))
+    }
+
     async fn list_topics(&self, request: Request<pb::ListTopicsRequest>) -> Result<Response<pb::ListTopicsResponse>, Status> {
         self.allow(&request, "Admin.ListTopics", READERS)?;
         let topics = self.bus.log.list_topics().await?.into_iter().map(Into::into).collect();

@@ -700,8 +700,10 @@ impl Log for MailboxLog {
     }
 
     async fn set_retention(&self, name: &str, retention_ms: u64, retention_bytes: u64) -> Result<TopicInfo> {
-        if is_mailbox_topic(name) || name == STORE_TOPIC {
+        if is_mailbox_topic(name) {
             self.check(name, 0)?;
+        }
+        if is_mailbox_topic(name) || name == STORE_TOPIC {
             return Err(Error::invalid("topic", "mailboxes keep what routing.mailbox_retention_ms says"));
         }
         self.inner.set_retention(name, retention_ms, retention_bytes).await
@@ -1049,6 +1051,10 @@ mod tests {
         assert_eq!(log.append(b, vec![stamped("late", now)]).await.expect("append")[0].offset, 50);
         assert!(log.list_groups().await.expect("groups").iter().all(|(_, g)| g != END_MARK_GROUP), "end marks are no group");
         assert!(log.store_cursors(b, END_MARK_GROUP, &[]).await.is_err(), "nobody else writes end marks");
+        for topic in [a, STORE_TOPIC] {
+            assert!(matches!(log.set_retention(topic, 1, 0).await, Err(Error::InvalidArgument { .. })), "{topic} follows the setting");
+        }
+        assert_eq!(log.describe_topic(a).await.expect("describe").config.retention_ms, HOUR_MS as u64);
     }
 
     #[tokio::test]
