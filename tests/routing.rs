@@ -348,6 +348,10 @@ async fn old_deliveries_leave_with_the_mailbox_retention_and_a_mailbox_keeps_its
     }
     let log = server.process.log();
     assert!(log.contains("mailbox index follows the store's retention"), "{log}");
+    // Deliveries reference the ingest topic's records: it keeps everything while routed.
+    let ingest_retention = pb::SetRetentionRequest { topic: "xjustiz.ingest".into(), retention_ms: Some(1000), retention_bytes: None };
+    let refused = justizbus_e2e::admin(channel.clone()).set_retention(ingest_retention).await.expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
     inbox.close().await;
 
     // Also after kill -9: the mailbox goes on at 10, and its group receives what comes next.

@@ -82,10 +82,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     };
     let routing = match &directory {
         Some(directory) if config.routing.mailboxes => {
-            let mailboxes = Arc::new(
-                MailboxLog::open(log.clone(), directory.clone(), config.routing.mailbox_partitions, config.routing.mailbox_retention_ms)
-                    .await?,
-            );
+            let mailboxes = Arc::new(MailboxLog::open(log.clone(), directory.clone(), &config.routing).await?);
             log = mailboxes.clone();
             Some((directory.clone(), mailboxes))
         }

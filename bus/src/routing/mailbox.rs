@@ -42,6 +42,7 @@ use hashbrown::hash_table::Entry;
 use tokio::sync::{oneshot, watch, Mutex};
 
 use super::directory::{DirectoryHandle, MAILBOX_PREFIX};
+use super::router::RoutingSettings;
 use crate::audit::chain::ChainHash;
 use crate::audit::checkpoint::Checkpoint;
 use crate::log::{Appended, Cursor, GroupConfig, Log, NewRecord, PartitionOffsets, Quarantine, StoredRecord, TopicConfig, TopicInfo};
@@ -154,6 +155,8 @@ pub struct MailboxLog {
     index: SyncMutex<Index>,
     /// How long the store keeps records (0: forever).
     retention_ms: u64,
+    /// The router's input, whose records deliveries reference: it must keep everything.
+    ingest_topic: String,
     /// One write lane per store partition. A mailbox lives in one store partition, so its
     /// sequence numbers are assigned in one lane; lanes write independently, so a receipt
     /// waits only for the writes of its own partition.
@@ -321,9 +324,11 @@ fn copy_fields(encoded: &[u8], out: &mut Vec<u8>, keep: impl Fn(u32) -> bool) ->
 }
 
 impl MailboxLog {
-    /// Wraps `inner`, creating the store topic with `partitions` partitions if needed (existing
-    /// stores keep theirs), giving it `retention_ms`, and rebuilding the index from it.
-    pub async fn open(inner: Arc<dyn Log>, directory: DirectoryHandle, partitions: u32, retention_ms: u64) -> Result<Self> {
+    /// Wraps `inner`, creating the store topic with `settings.mailbox_partitions` partitions if
+    /// needed (existing stores keep theirs), giving it `settings.mailbox_retention_ms`, and
+    /// rebuilding the index from it.
+    pub async fn open(inner: Arc<dyn Log>, directory: DirectoryHandle, settings: &RoutingSettings) -> Result<Self> {
+        let (partitions, retention_ms) = (settings.mailbox_partitions, settings.mailbox_retention_ms);
         let config = match inner.describe_topic(STORE_TOPIC).await {
             Ok(info) => info.config,
             Err(Error::UnknownTopic(_)) => {
@@ -333,7 +338,8 @@ impl MailboxLog {
         };
         let partitions = config.partitions;
         let lanes = (0..partitions).map(|_| Lane { writer: Mutex::new(()), waiting: SyncMutex::new(Vec::new()) }).collect();
-        let log = MailboxLog { inner, directory, partitions, index: SyncMutex::new(Index::default()), retention_ms, lanes };
+        let ingest_topic = settings.ingest_topic.clone();
+        let log = MailboxLog { inner, directory, partitions, index: SyncMutex::new(Index::default()), retention_ms, ingest_topic, lanes };
         log.rebuild().await?;
         if (config.retention_ms, config.retention_bytes) != (retention_ms, 0) {
             // Marks first: once set, the log may delete at once (a Kafka broker does).
@@ -706,6 +712,9 @@ impl Log for MailboxLog {
         if is_mailbox_topic(name) || name == STORE_TOPIC {
             return Err(Error::invalid("topic", "mailboxes keep what routing.mailbox_retention_ms says"));
         }
+        if name == self.ingest_topic && (retention_ms, retention_bytes) != (0, 0) {
+            return Err(Error::invalid("topic", format!("{name} keeps everything while it is routed: deliveries reference its records")));
+        }
         self.inner.set_retention(name, retention_ms, retention_bytes).await
     }
 
@@ -922,7 +931,8 @@ mod tests {
     async fn open_with(dir: &Path, participants: usize, partitions: u32, retention_ms: u64) -> Arc<MailboxLog> {
         let settings = LogSettings { segment_bytes: 64 * 1024, index_interval_bytes: 512, ..LogSettings::default() };
         let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir, settings).await.expect("open"));
-        Arc::new(MailboxLog::open(inner, numbered_courts(participants), partitions, retention_ms).await.expect("mailboxes"))
+        let settings = RoutingSettings { mailbox_partitions: partitions, mailbox_retention_ms: retention_ms, ..RoutingSettings::default() };
+        Arc::new(MailboxLog::open(inner, numbered_courts(participants), &settings).await.expect("mailboxes"))
     }
 
     fn record(id: &str, case: &str) -> NewRecord {
@@ -1054,6 +1064,12 @@ mod tests {
         for topic in [a, STORE_TOPIC] {
             assert!(matches!(log.set_retention(topic, 1, 0).await, Err(Error::InvalidArgument { .. })), "{topic} follows the setting");
         }
+        let ingest = RoutingSettings::default().ingest_topic;
+        log.create_topic(&ingest, TopicConfig { partitions: 1, retention_ms: 0, retention_bytes: 0 }).await.expect("ingest");
+        let refused = log.set_retention(&ingest, HOUR_MS as u64, 0).await;
+        assert!(matches!(refused, Err(Error::InvalidArgument { .. })), "deliveries reference the ingest topic: {refused:?}");
+        assert!(log.keeps_everything(&ingest).await.expect("keeps everything"));
+        log.set_retention(&ingest, 0, 0).await.expect("keeping everything is allowed");
         assert_eq!(log.describe_topic(a).await.expect("describe").config.retention_ms, HOUR_MS as u64);
     }
 
