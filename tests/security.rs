@@ -81,19 +81,40 @@ async fn logged(server: &TestServer, needle: &str) -> bool {
     logged_times(server, needle, 1).await
 }
 
+/// Certificates for the example directory's participants and `extra` ids under `pki`, and a
+/// server with mTLS that reads the participants directory `directory`.
+fn mtls_server(pki: &Path, directory: &Path, extra: &[&str]) -> TestServer {
+    let args = CertsArgs {
+        out: pki.to_path_buf(),
+        directory: Some(example_directory()),
+        participants: extra.iter().map(|id| id.to_string()).collect(),
+        hosts: vec!["localhost".into(), "127.0.0.1".into()],
+        days: 30,
+    };
+    certs::run(&args).expect("certs");
+    let (server_cert, server_key) = certs::paths(pki, "server");
+    let p = |p: &Path| p.display().to_string();
+    TestServer::start(&[
+        "--directory",
+        &p(directory),
+        "--tls-cert",
+        &p(&server_cert),
+        "--tls-key",
+        &p(&server_key),
+        "--tls-client-ca",
+        &p(&certs::paths(pki, "ca").0),
+    ])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_identities_and_authorization() {
     let directory = Directory::load(&example_directory()).expect("example directory");
     let work = tempfile::tempdir().expect("tempdir");
     let pki = work.path().join("pki");
-    let args = CertsArgs {
-        out: pki.clone(),
-        directory: Some(example_directory()),
-        participants: vec!["DE.Justiz.unknown.1".into()],
-        hosts: vec!["localhost".into(), "127.0.0.1".into()],
-        days: 30,
-    };
-    certs::run(&args).expect("certs");
+    // The server reads a copy of the example directory, which the test changes later.
+    let live_directory = work.path().join("directory.toml");
+    std::fs::copy(example_directory(), &live_directory).expect("copy the directory");
+    let server = mtls_server(&pki, &live_directory, &["DE.Justiz.unknown.1"]);
     // A certificate from the right CA that has expired, and one from a CA the server does not know.
     let bayern = court(&directory, "9D0000");
     let ca = Authority::load(&certs::paths(&pki, "ca").0, &certs::paths(&pki, "ca").1).expect("load CA");
@@ -107,22 +128,7 @@ async fn mtls_identities_and_authorization() {
         days: 30,
     })
     .expect("foreign CA");
-
-    // The server reads a copy of the example directory, which the test changes later.
-    let live_directory = work.path().join("directory.toml");
-    std::fs::copy(example_directory(), &live_directory).expect("copy the directory");
-    let (server_cert, server_key) = certs::paths(&pki, "server");
     let p = |p: PathBuf| p.display().to_string();
-    let server = TestServer::start(&[
-        "--directory",
-        &p(live_directory.clone()),
-        "--tls-cert",
-        &p(server_cert),
-        "--tls-key",
-        &p(server_key),
-        "--tls-client-ca",
-        &p(certs::paths(&pki, "ca").0),
-    ]);
     let bw = court(&directory, "9B0000");
     let (auditor, admin_id) = (with_role(&directory, "auditor"), with_role(&directory, "admin"));
     let as_bayern = channel(&server, &tls(&pki, &pki, &bayern)).await;
@@ -283,4 +289,57 @@ fn without_tls_the_server_refuses_to_listen_beyond_loopback() {
     assert!(!out.ok, "serve must fail");
     assert!(out.stderr.contains("loopback"), "{}", out.stderr);
     assert!(!data.exists(), "nothing is created");
+}
+
+/// Downloads a blob; the status when refused.
+async fn download(channel: &Channel, sha256: &str) -> Result<Vec<u8>, tonic::Status> {
+    let mut blobs = pb::blobs_client::BlobsClient::new(channel.clone());
+    let mut stream = blobs.download(pb::DownloadRequest { sha256: sha256.into() }).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        out.extend_from_slice(&chunk.chunk);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_is_read_by_its_uploader_the_recipients_of_its_events_and_auditors_only() {
+    let directory = Directory::load(&example_directory()).expect("example directory");
+    let work = tempfile::tempdir().expect("tempdir");
+    let pki = work.path().join("pki");
+    let server = mtls_server(&pki, &example_directory(), &[]);
+    let (bayern, bw, bund) = (court(&directory, "9D0000"), court(&directory, "9B0000"), court(&directory, "9A0000"));
+    let as_bayern = channel(&server, &tls(&pki, &pki, &bayern)).await;
+    let as_bw = channel(&server, &tls(&pki, &pki, &bw)).await;
+    let as_bund = channel(&server, &tls(&pki, &pki, &bund)).await;
+    let as_auditor = channel(&server, &tls(&pki, &pki, &with_role(&directory, "auditor"))).await;
+
+    let content = b"Schriftsatz vom 26.11.2026, Anlage K1".to_vec();
+    let attachment = justizbus_xjustiz::client::upload(&as_bayern, "anlage-k1.txt", "text/plain", content.clone()).await.expect("upload");
+    assert_eq!(download(&as_bayern, &attachment.sha256).await.expect("the uploader reads it"), content);
+    // Knowing the hash is not enough: not to read it, nor to attach it to an event of one's own
+    // (whose recipients would be let in).
+    for ch in [&as_bw, &as_bund] {
+        assert_eq!(download(ch, &attachment.sha256).await.expect_err("not granted").code(), Code::PermissionDenied);
+        let stat = pb::blobs_client::BlobsClient::new(ch.clone()).stat(pb::DownloadRequest { sha256: attachment.sha256.clone() }).await;
+        assert_eq!(stat.expect_err("not granted").code(), Code::PermissionDenied);
+    }
+    let mut stolen = xjustiz_event("steal-1", "court:9A0000", "court:9A0000");
+    stolen.attachments = vec![attachment.clone()];
+    let err = publish(&as_bund, "xjustiz.ingest", stolen).await.expect_err("attaching a blob one may not read");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    // A blob nobody stored is refused alike: a refusal tells nothing about what is stored.
+    assert_eq!(download(&as_bund, &"0".repeat(64)).await.expect_err("unknown").code(), Code::PermissionDenied);
+
+    // Sent to Baden-Württemberg, the document is BW's to read once it is delivered.
+    let mut event = xjustiz_event("with-doc-1", "court:9D0000", "court:9B0000");
+    event.attachments = vec![attachment.clone()];
+    publish(&as_bayern, "xjustiz.ingest", event).await.expect("the uploader attaches it");
+    let mut inbox = Subscriber::simple(&as_bw, &mailbox_topic(&bw), "inbox", 10).await;
+    let delivered = inbox.next(ARRIVES).await.expect("delivered");
+    assert_eq!(delivered.event.as_ref().map(|e| e.attachments.clone()), Some(vec![attachment.clone()]));
+    assert_eq!(download(&as_bw, &attachment.sha256).await.expect("the recipient reads it"), content);
+    assert_eq!(download(&as_auditor, &attachment.sha256).await.expect("an auditor reads every blob"), content);
+    assert_eq!(download(&as_bund, &attachment.sha256).await.expect_err("still not granted").code(), Code::PermissionDenied);
+    assert!(logged(&server, "may read only blobs it uploaded or that came with its deliveries").await);
 }

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Bus;
 use crate::blob::{BlobInfo, CHUNK};
+use crate::security::auth::Caller;
 use crate::{Error, Result};
 
 /// The `Blobs` service.
@@ -39,7 +40,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 #[tonic::async_trait]
 impl pb::blobs_server::Blobs for BlobsService {
     async fn upload(&self, request: Request<Streaming<pb::UploadRequest>>) -> std::result::Result<Response<pb::Attachment>, Status> {
-        self.bus.gate.caller(&request, "Blobs.Upload")?;
+        let caller = self.bus.gate.caller(&request, "Blobs.Upload")?;
         let mut stream = request.into_inner();
         let header = match stream.next().await {
             Some(Ok(pb::UploadRequest { part: Some(pb::upload_request::Part::Header(h)) })) => h,
@@ -70,14 +71,18 @@ impl pb::blobs_server::Blobs for BlobsService {
         let info = blocking(move || store.commit(up, &sha, size)).await?;
         // Acknowledged only once the log holds it too (on Kafka: where every node can serve it).
         self.bus.log.put_blob(&info.sha256, info.size, &self.bus.blobs.path_of(&info.sha256)).await?;
+        if let Caller::Participant(p) = &caller {
+            self.bus.log.grant_blobs(&[(info.sha256.clone(), p.id.clone())]).await?;
+        }
         Ok(Response::new(attachment(info, header.name, header.media_type)))
     }
 
     type DownloadStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::DownloadResponse, Status>> + Send>>;
 
     async fn download(&self, request: Request<pb::DownloadRequest>) -> std::result::Result<Response<Self::DownloadStream>, Status> {
-        self.bus.gate.caller(&request, "Blobs.Download")?;
+        let caller = self.bus.gate.caller(&request, "Blobs.Download")?;
         let sha256 = request.into_inner().sha256;
+        self.bus.check_blob_read(&caller, "Blobs.Download", &sha256).await?;
         let file = self.bus.open_blob(&sha256).await?.ok_or_else(|| Status::from(Error::UnknownBlob(sha256.clone())))?;
         let (tx, rx) = mpsc::channel(4);
         // Reads on a blocking thread; the hash is checked as the last chunk goes out.
@@ -113,8 +118,9 @@ impl pb::blobs_server::Blobs for BlobsService {
     }
 
     async fn stat(&self, request: Request<pb::DownloadRequest>) -> std::result::Result<Response<pb::Attachment>, Status> {
-        self.bus.gate.caller(&request, "Blobs.Stat")?;
+        let caller = self.bus.gate.caller(&request, "Blobs.Stat")?;
         let sha256 = request.into_inner().sha256;
+        self.bus.check_blob_read(&caller, "Blobs.Stat", &sha256).await?;
         let info = self.bus.blob_info(&sha256).await?.ok_or_else(|| Status::from(Error::UnknownBlob(sha256)))?;
         Ok(Response::new(attachment(info, String::new(), String::new())))
     }

@@ -48,6 +48,16 @@ impl Bus {
         Ok(self.log.blob_size(sha256).await?.map(|size| crate::blob::BlobInfo { sha256: sha256.to_string(), size }))
     }
 
+    /// Allows `caller` to read blob `sha256`: one that reads every blob, or one it was granted
+    /// ([`Log::grant_blobs`]). A blob that does not exist is refused alike, so a refusal tells
+    /// nothing about what is stored.
+    pub async fn check_blob_read(&self, caller: &crate::security::auth::Caller, call: &str, sha256: &str) -> Result<()> {
+        if caller.reads_every_blob() || self.log.blob_granted(sha256, caller.id()).await? {
+            return Ok(());
+        }
+        Err(caller.blob_refused(call, sha256))
+    }
+
     /// Opens a blob for reading; one that only the log holds (stored through another node) is
     /// fetched into this node's store first, and checked against its hash on the way.
     pub async fn open_blob(&self, sha256: &str) -> Result<Option<std::fs::File>> {

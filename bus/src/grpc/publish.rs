@@ -50,8 +50,10 @@ impl PublisherService {
             other => other,
         })?;
         self.bus.gate.check_sender(caller, call, &event.wire.sender)?;
-        // Attachments must reference stored blobs of the stated size (a stat per attachment).
+        // Attachments must reference stored blobs of the stated size (a stat per attachment)
+        // that the caller may read: routing hands them to the recipients.
         for (i, a) in event.wire.attachments.iter().enumerate() {
+            self.bus.check_blob_read(caller, call, &a.sha256).await?;
             match self.bus.blob_info(&a.sha256).await? {
                 None => return Err(Error::UnknownBlob(a.sha256.clone())),
                 Some(info) if info.size != a.size => {

@@ -38,6 +38,7 @@ where
     offset_for_time(&*log).await;
     watch_end(&*log).await;
     group_state(&*log).await;
+    blob_grants(&*log).await;
     hash_chain(&log).await;
     log.close().await.expect("close");
     drop(log);
@@ -184,7 +185,19 @@ pub async fn group_state(log: &dyn Log) {
     assert_eq!(log.load_group_config("conf-order", "g1").await.expect("load"), Some(config));
 }
 
-/// After close and reopen: topics (with changed retention), records, dedup ids, cursors, quarantine and group settings are all there,
+/// The blob a grant names is granted to its participant only.
+pub async fn blob_grants(log: &dyn Log) {
+    let (doc, other) = ("ab".repeat(32), "cd".repeat(32));
+    assert!(!log.blob_granted(&doc, "DE.Justiz.p1.1").await.expect("granted?"));
+    log.grant_blobs(&[]).await.expect("nothing to grant");
+    log.grant_blobs(&[(doc.clone(), "DE.Justiz.p1.1".into()), (doc.clone(), "DE.Justiz.p2.1".into())]).await.expect("grant");
+    assert!(log.blob_granted(&doc, "DE.Justiz.p1.1").await.expect("granted?"));
+    assert!(log.blob_granted(&doc, "DE.Justiz.p2.1").await.expect("granted?"));
+    assert!(!log.blob_granted(&doc, "DE.Justiz.p3.1").await.expect("granted?"), "granted to its participants only");
+    assert!(!log.blob_granted(&other, "DE.Justiz.p1.1").await.expect("granted?"), "a grant names one blob");
+}
+
+/// After close and reopen: topics (with changed retention), blob grants, records, dedup ids, cursors, quarantine and group settings are all there,
 /// and offsets continue.
 pub async fn survives_restart(log: &dyn Log, retention_changes: bool) {
     let topic = log.describe_topic("conf-topics").await.expect("describe").config;
@@ -196,6 +209,8 @@ pub async fn survives_restart(log: &dyn Log, retention_changes: bool) {
     assert_eq!(next.offset, 50);
     let dup = log.append("conf-dedup", vec![record("evt-1", "k1", 5)]).await.expect("append")[0];
     assert!(dup.duplicate, "dedup ids survive a restart");
+    assert!(log.blob_granted(&"ab".repeat(32), "DE.Justiz.p2.1").await.expect("granted?"), "blob grants survive a restart");
+    assert!(!log.blob_granted(&"ab".repeat(32), "DE.Justiz.p3.1").await.expect("granted?"));
     assert_eq!(log.load_cursor("conf-order", "g1", 0).await.expect("load").map(|c| c.committed), Some(3));
     assert_eq!(log.list_quarantine("conf-order", "g1").await.expect("list").len(), 1);
     assert_eq!(log.load_group_config("conf-order", "g1").await.expect("load").and_then(|c| c.max_attempts), Some(7));

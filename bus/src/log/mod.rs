@@ -300,6 +300,11 @@ pub trait Log: Send + Sync + 'static {
         let _ = (sha256, sink);
         Ok(false)
     }
+    /// Lets each participant read the blob paired with it, `(sha256, participant)`; durable
+    /// when it returns (the router grants before it stores the deliveries that carry a blob).
+    async fn grant_blobs(&self, grants: &[(String, String)]) -> Result<()>;
+    /// Whether `participant` was granted blob `sha256` (see [`Log::grant_blobs`]).
+    async fn blob_granted(&self, sha256: &str, participant: &str) -> Result<bool>;
 
     /// The hash chain value before `offset` where the backend stores the chain with its
     /// records (embedded); None where it must be computed ([`crate::audit::Chains`]).

@@ -879,6 +879,14 @@ impl Log for MailboxLog {
         self.inner.read_blob(sha256, sink).await
     }
 
+    async fn grant_blobs(&self, grants: &[(String, String)]) -> Result<()> {
+        self.inner.grant_blobs(grants).await
+    }
+
+    async fn blob_granted(&self, sha256: &str, participant: &str) -> Result<bool> {
+        self.inner.blob_granted(sha256, participant).await
+    }
+
     fn shares_groups(&self, topic: &str) -> bool {
         !is_mailbox_topic(topic) && self.inner.shares_groups(topic)
     }

@@ -443,6 +443,8 @@ impl Router {
         let mut deliveries: Vec<(String, MailboxRecord)> = Vec::new();
         let mut unroutable: Vec<NewRecord> = Vec::new();
         let mut journal: Vec<JournalEntry> = Vec::new();
+        // (blob, recipient): who may fetch the attachments of what is delivered.
+        let mut grants: Vec<(String, String)> = Vec::new();
         // The ingest record as it was, for the unroutable topic.
         let as_received = |r: &crate::log::StoredRecord| NewRecord {
             id: r.id.clone(),
@@ -474,6 +476,7 @@ impl Router {
             }
             let ingest = format!("{}/{}/{}", self.settings.ingest_topic, record.partition, record.offset);
             for recipient in &resolution.recipients {
+                grants.extend(event.attachments.iter().map(|a| (a.sha256.clone(), recipient.clone())));
                 // What a delivery changes of the event: sender and recipients resolved to
                 // participants, and headers saying for whom, from which address, from where.
                 let overlay = pb::Event {
@@ -530,6 +533,10 @@ impl Router {
         }
         if !unroutable.is_empty() {
             self.mailboxes.append(&unroutable_topic(&self.settings.ingest_topic), unroutable).await?;
+        }
+        // Granted first: a recipient may fetch the attachments as soon as it sees a delivery.
+        if !grants.is_empty() {
+            self.mailboxes.grant_blobs(&grants).await?;
         }
         if !deliveries.is_empty() {
             self.mailboxes.append_many(deliveries).await?;

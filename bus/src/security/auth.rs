@@ -2,13 +2,14 @@
 //!
 //! | call | operator (no TLS, loopback) | participant (mTLS) |
 //! |---|---|---|
-//! | `Publish*` | any sender | only senders the directory maps to the participant |
+//! | `Publish*` | any sender | only senders the directory maps to the participant, and only attachments it may read |
 //! | `Subscribe` | any topic | its own mailbox; other topics need `admin` |
 //! | `Replay` | yes | `auditor` or `admin` |
 //! | `Admin.DescribeTopic` | yes | yes (clients learn partition counts) |
 //! | other `Admin` reads | yes | `auditor` or `admin` |
 //! | `Admin` changes | yes | `admin` |
-//! | `Blobs` | yes | yes (content-addressed: a hash is known only from an event) |
+//! | `Blobs.Upload` | yes | yes |
+//! | `Blobs.Download`, `Blobs.Stat` | yes | blobs it uploaded or that came with its deliveries; `auditor` or `admin`: all |
 //!
 //! Every refusal is logged (participant, call, reason) and answered with `PERMISSION_DENIED`,
 //! or `UNAUTHENTICATED` when the certificate names no known participant.
@@ -107,6 +108,26 @@ impl Caller {
                 let names: Vec<String> = roles.iter().map(|r| format!("{r:?}").to_lowercase()).collect();
                 Err(deny(p, call, format!("{call} needs the role {}", names.join(" or "))))
             }
+        }
+    }
+
+    /// Whether the caller may read every blob: the operator, an auditor or an admin. Other
+    /// participants read the blobs granted to them (those they uploaded, and those that came
+    /// with their deliveries).
+    pub fn reads_every_blob(&self) -> bool {
+        match self {
+            Caller::Operator => true,
+            Caller::Participant(p) => p.roles.iter().any(|r| matches!(r, Role::Auditor | Role::Admin)),
+        }
+    }
+
+    /// The refusal of blob `sha256`, which was not granted to the caller (logged).
+    pub fn blob_refused(&self, call: &str, sha256: &str) -> Error {
+        match self {
+            Caller::Participant(p) => {
+                deny(p, call, format!("{} may read only blobs it uploaded or that came with its deliveries, not {sha256}", p.id))
+            }
+            Caller::Operator => Error::Internal("the operator reads every blob".into()),
         }
     }
 

@@ -62,6 +62,8 @@ pub struct EmbeddedLog {
     cursors: sled::Tree,
     /// `topic \0 group \0 key` -> JSON [`Quarantine`].
     quarantine: sled::Tree,
+    /// Blob grants: `<sha256>/<participant>`, no value.
+    blob_grants: sled::Tree,
     /// `topic \0 group \0` -> JSON [`GroupConfig`].
     group_configs: sled::Tree,
     /// Recently read batches, shared by all partitions.
@@ -103,6 +105,7 @@ impl EmbeddedLog {
             topic_configs: db.open_tree("topics")?,
             cursors: db.open_tree("cursors")?,
             quarantine: db.open_tree("quarantine")?,
+            blob_grants: db.open_tree("blob_grants")?,
             group_configs: db.open_tree("group_configs")?,
             db,
             dir,
@@ -330,6 +333,21 @@ impl Log for EmbeddedLog {
             }
         }
         Ok(out)
+    }
+
+    async fn grant_blobs(&self, grants: &[(String, String)]) -> Result<()> {
+        if grants.is_empty() {
+            return Ok(());
+        }
+        for (sha256, participant) in grants {
+            self.blob_grants.insert(format!("{sha256}/{participant}"), &[])?;
+        }
+        self.blob_grants.flush_async().await?;
+        Ok(())
+    }
+
+    async fn blob_granted(&self, sha256: &str, participant: &str) -> Result<bool> {
+        Ok(self.blob_grants.contains_key(format!("{sha256}/{participant}"))?)
     }
 
     async fn put_quarantine(&self, topic: &str, group: &str, entry: &Quarantine) -> Result<()> {

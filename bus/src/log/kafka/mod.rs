@@ -877,6 +877,17 @@ impl Log for KafkaLog {
         Ok(())
     }
 
+    async fn grant_blobs(&self, grants: &[(String, String)]) -> Result<()> {
+        // A value, not an empty one: an empty value could read back as a deletion.
+        let entries =
+            grants.iter().map(|(sha256, participant)| (state::blob_grant_key(sha256, participant), Some(b"1".to_vec()))).collect();
+        self.inner.state.put_all(entries).await
+    }
+
+    async fn blob_granted(&self, sha256: &str, participant: &str) -> Result<bool> {
+        Ok(self.inner.state.get(&state::blob_grant_key(sha256, participant)).await?.is_some())
+    }
+
     async fn blob_size(&self, sha256: &str) -> Result<Option<u64>> {
         Ok(self.inner.state.get_json::<StoredBlob>(&state::blob_key(sha256)).await?.map(|b| b.size))
     }

@@ -43,6 +43,10 @@ pub(super) fn blob_key(sha256: &str) -> String {
     format!("blob/{sha256}")
 }
 
+pub(super) fn blob_grant_key(sha256: &str, participant: &str) -> String {
+    format!("blob-grant/{sha256}/{participant}")
+}
+
 pub(super) fn group_config_key(topic: &str, group: &str) -> String {
     format!("group/{topic}/{group}")
 }
