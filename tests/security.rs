@@ -330,6 +330,7 @@ async fn a_blob_is_read_by_its_uploader_the_recipients_of_its_events_and_auditor
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     // A blob nobody stored is refused alike: a refusal tells nothing about what is stored.
     assert_eq!(download(&as_bund, &"0".repeat(64)).await.expect_err("unknown").code(), Code::PermissionDenied);
+    assert_eq!(download(&as_bund, "not-a-hash").await.expect_err("bad input").code(), Code::InvalidArgument);
 
     // Sent to Baden-Württemberg, the document is BW's to read once it is delivered.
     let mut event = xjustiz_event("with-doc-1", "court:9D0000", "court:9B0000");

@@ -52,6 +52,9 @@ impl Bus {
     /// ([`Log::grant_blobs`]). A blob that does not exist is refused alike, so a refusal tells
     /// nothing about what is stored.
     pub async fn check_blob_read(&self, caller: &crate::security::auth::Caller, call: &str, sha256: &str) -> Result<()> {
+        if !crate::blob::is_sha256_hex(sha256) {
+            return Err(crate::Error::invalid("sha256", "must be 64 lower-case hex digits"));
+        }
         if caller.reads_every_blob() || self.log.blob_granted(sha256, caller.id()).await? {
             return Ok(());
         }
