@@ -344,3 +344,30 @@ async fn a_blob_is_read_by_its_uploader_the_recipients_of_its_events_and_auditor
     assert_eq!(download(&as_bund, &attachment.sha256).await.expect_err("still not granted").code(), Code::PermissionDenied);
     assert!(logged(&server, "may read only blobs it uploaded or that came with its deliveries").await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_reads_its_own_mailbox_dead_letters_but_no_others() {
+    let directory = Directory::load(&example_directory()).expect("example directory");
+    let work = tempfile::tempdir().expect("tempdir");
+    let pki = work.path().join("pki");
+    let server = mtls_server(&pki, &example_directory(), &[]);
+    let (bayern, bw) = (court(&directory, "9D0000"), court(&directory, "9B0000"));
+    let as_bayern = channel(&server, &tls(&pki, &pki, &bayern)).await;
+    let as_bw = channel(&server, &tls(&pki, &pki, &bw)).await;
+    publish(&as_bayern, "xjustiz.ingest", xjustiz_event("poison-1", "court:9D0000", "court:9B0000")).await.expect("publish");
+    // BW's application gives up on the delivery: after one attempt it is a dead letter.
+    let init = pb::SubscribeInit { topic: mailbox_topic(&bw), group: "app".into(), max_unacked: 1, max_attempts: 1, ..Default::default() };
+    let mut app = Subscriber::open(&as_bw, init).await.expect("own mailbox");
+    let d = app.next(ARRIVES).await.expect("delivered");
+    app.nack(&[d.delivery_id]).await;
+    let dead_letters = format!("{}.app.dlq", mailbox_topic(&bw));
+    let mut dlq = Subscriber::simple(&as_bw, &dead_letters, "review", 10).await;
+    let dead = dlq.next(ARRIVES).await.expect("the dead letter, to its mailbox's owner");
+    assert_eq!(dead.event.as_ref().map(|e| e.id.as_str()), Some("poison-1"));
+    // Nobody else's: neither another participant's dead letters nor a topic shaped like them.
+    for topic in [dead_letters.clone(), format!("{}.app.dlq", mailbox_topic(&bayern)).replace(&bayern, &format!("{bayern}x"))] {
+        let init = pb::SubscribeInit { topic, group: "peek".into(), max_unacked: 1, ..Default::default() };
+        let err = Subscriber::open(&as_bayern, init).await.err().expect("refused");
+        assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    }
+}

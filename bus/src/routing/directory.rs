@@ -181,6 +181,10 @@ impl Directory {
         let mut dir = Directory { rules: file.rules, ..Directory::default() };
         for (i, p) in file.participants.into_iter().enumerate() {
             validate_name("participant id", &p.id)?;
+            // Its mailbox would read as another mailbox's dead-letter topic (`<mailbox>.<group>.dlq`).
+            if p.id.ends_with(".dlq") {
+                return Err(Error::invalid("directory", format!("participant id {} ends in .dlq, as dead-letter topics do", p.id)));
+            }
             if dir.by_id.insert(p.id.clone(), i).is_some() {
                 return Err(Error::invalid("directory", format!("participant {} is listed twice", p.id)));
             }
@@ -391,6 +395,8 @@ copy_to = ["DE.Justiz.sta.1"]
         assert!(Directory::parse(rule).expect_err("unknown").to_string().contains("unknown participant"));
         assert!(Directory::parse("[[participant]]\nid = \"a b\"\nkind = \"court\"\nname = \"x\"\n").is_err());
         assert!(Directory::parse("[[participant]]\nid = \"a\"\nkind = \"judge\"\nname = \"x\"\n").is_err());
+        let dead_letters = "[[participant]]\nid = \"DE.Justiz.court-a.1.inbox.dlq\"\nkind = \"court\"\nname = \"x\"\n";
+        assert!(Directory::parse(dead_letters).expect_err("looks like a dead-letter topic").to_string().contains(".dlq"));
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! | call | operator (no TLS, loopback) | participant (mTLS) |
 //! |---|---|---|
 //! | `Publish*` | any sender | only senders the directory maps to the participant, and only attachments it may read |
-//! | `Subscribe` | any topic | its own mailbox; other topics need `admin` |
+//! | `Subscribe` | any topic | its own mailbox and its dead letters; other topics need `admin` |
 //! | `Replay` | yes | `auditor` or `admin` |
 //! | `Admin.DescribeTopic` | yes | yes (clients learn partition counts) |
 //! | other `Admin` reads | yes | `auditor` or `admin` |
@@ -131,14 +131,20 @@ impl Caller {
         }
     }
 
-    /// Allowed to subscribe to `topic`: a participant's own mailbox; any other topic (its
-    /// mailbox's dead letters too) needs `admin`.
+    /// Allowed to subscribe to `topic`: a participant's own mailbox and its dead letters
+    /// (`<mailbox>.<group>.dlq`, for a group name without dots: no participant id ends in
+    /// `.dlq`, so no other mailbox has such a name); any other topic needs `admin`.
     pub fn check_read(&self, call: &str, topic: &str) -> Result<()> {
         let Caller::Participant(p) = self else { return Ok(()) };
         let own = p.mailbox();
-        if topic == own || p.roles.contains(&Role::Admin) {
+        let own_dead_letters = topic
+            .strip_prefix(own.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|rest| rest.strip_suffix(".dlq"))
+            .is_some_and(|group| !group.is_empty() && !group.contains('.'));
+        if topic == own || own_dead_letters || p.roles.contains(&Role::Admin) {
             return Ok(());
         }
-        Err(deny(p, call, format!("{} may read only its own mailbox {own:?}, not {topic:?}", p.id)))
+        Err(deny(p, call, format!("{} may read only its own mailbox {own:?} and its dead letters, not {topic:?}", p.id)))
     }
 }
