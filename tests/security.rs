@@ -346,7 +346,7 @@ async fn a_blob_is_read_by_its_uploader_the_recipients_of_its_events_and_auditor
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_participant_reads_its_own_mailbox_dead_letters_but_no_others() {
+async fn a_participant_runs_its_own_mailbox_groups_and_reads_their_dead_letters_but_no_others() {
     let directory = Directory::load(&example_directory()).expect("example directory");
     let work = tempfile::tempdir().expect("tempdir");
     let pki = work.path().join("pki");
@@ -364,6 +364,36 @@ async fn a_participant_reads_its_own_mailbox_dead_letters_but_no_others() {
     let mut dlq = Subscriber::simple(&as_bw, &dead_letters, "review", 10).await;
     let dead = dlq.next(ARRIVES).await.expect("the dead letter, to its mailbox's owner");
     assert_eq!(dead.event.as_ref().map(|e| e.id.as_str()), Some("poison-1"));
+    // The owner runs its mailbox's groups: describes them, lists dead letters and quarantined
+    // cases, and lets a case flow on; another participant may do none of it.
+    let (topic, group) = (mailbox_topic(&bw), "app".to_string());
+    let (mut bw_admin, mut bayern_admin) = (justizbus_e2e::admin(as_bw.clone()), justizbus_e2e::admin(as_bayern.clone()));
+    // The case is quarantined just after its dead letter is stored.
+    let started = std::time::Instant::now();
+    loop {
+        let described = bw_admin.describe_group(pb::DescribeGroupRequest { topic: topic.clone(), group: group.clone() }).await;
+        if described.expect("own group").get_ref().quarantined_keys == 1 {
+            break;
+        }
+        assert!(started.elapsed() < ARRIVES, "the case was not quarantined");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let listed = pb::ListDeadLettersRequest { topic: topic.clone(), group: group.clone(), max: 10 };
+    assert_eq!(bw_admin.list_dead_letters(listed.clone()).await.expect("own dead letters").get_ref().records.len(), 1);
+    let quarantine = pb::ListQuarantineRequest { topic: topic.clone(), group: group.clone() };
+    let keys = bw_admin.list_quarantine(quarantine.clone()).await.expect("own quarantine").into_inner().keys;
+    assert_eq!(keys.len(), 1);
+    let skip = pb::QuarantineActionRequest { topic: topic.clone(), group: group.clone(), key: keys[0].key.clone() };
+    let denied = [
+        bayern_admin.describe_group(pb::DescribeGroupRequest { topic: topic.clone(), group: group.clone() }).await.map(|_| ()),
+        bayern_admin.list_dead_letters(listed).await.map(|_| ()),
+        bayern_admin.list_quarantine(quarantine).await.map(|_| ()),
+        bayern_admin.skip_quarantine(skip.clone()).await.map(|_| ()),
+    ];
+    for refused in denied {
+        assert_eq!(refused.expect_err("not its mailbox").code(), Code::PermissionDenied);
+    }
+    bw_admin.skip_quarantine(skip).await.expect("the owner lets the case flow on");
     // Nobody else's: neither another participant's dead letters nor a topic shaped like them.
     for topic in [dead_letters.clone(), format!("{}.app.dlq", mailbox_topic(&bayern)).replace(&bayern, &format!("{bayern}x"))] {
         let init = pb::SubscribeInit { topic, group: "peek".into(), max_unacked: 1, ..Default::default() };

@@ -40,6 +40,13 @@ impl AdminService {
         Ok(())
     }
 
+    /// Refuses a call on the groups of `topic` unless the caller holds one of `roles` or owns
+    /// the mailbox `topic` is.
+    fn allow_on<T>(&self, request: &Request<T>, call: &str, roles: &[Role], topic: &str) -> Result<(), Status> {
+        self.bus.gate.caller(request, call)?.require_role_or_own_mailbox(call, roles, topic)?;
+        Ok(())
+    }
+
     /// Releases (`skip` false) or skips a quarantined key.
     async fn resolve(&self, r: pb::QuarantineActionRequest, skip: bool) -> Result<Response<pb::QuarantineActionResponse>, Status> {
         let q = self.bus.delivery.resolve_quarantine(&r.topic, &r.group, Bytes::from(r.key.into_bytes()), skip).await?;
@@ -135,7 +142,7 @@ impl pb::admin_server::Admin for AdminService {
     }
 
     async fn describe_group(&self, request: Request<pb::DescribeGroupRequest>) -> Result<Response<pb::GroupInfo>, Status> {
-        self.allow(&request, "Admin.DescribeGroup", READERS)?;
+        self.allow_on(&request, "Admin.DescribeGroup", READERS, &request.get_ref().topic)?;
         let r = request.into_inner();
         Ok(Response::new(self.bus.delivery.describe(&r.topic, &r.group).await?.into()))
     }
@@ -144,7 +151,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
-        self.allow(&request, "Admin.ListDeadLetters", READERS)?;
+        self.allow_on(&request, "Admin.ListDeadLetters", READERS, &request.get_ref().topic)?;
         let r = request.into_inner();
         validate_name("topic", &r.topic)?;
         validate_name("group", &r.group)?;
@@ -166,7 +173,7 @@ impl pb::admin_server::Admin for AdminService {
     }
 
     async fn list_quarantine(&self, request: Request<pb::ListQuarantineRequest>) -> Result<Response<pb::ListQuarantineResponse>, Status> {
-        self.allow(&request, "Admin.ListQuarantine", READERS)?;
+        self.allow_on(&request, "Admin.ListQuarantine", READERS, &request.get_ref().topic)?;
         let r = request.into_inner();
         let keys = self.bus.delivery.quarantine(&r.topic, &r.group).await?.into_iter().map(Into::into).collect();
         Ok(Response::new(pb::ListQuarantineResponse { keys }))
@@ -176,7 +183,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::QuarantineActionRequest>,
     ) -> Result<Response<pb::QuarantineActionResponse>, Status> {
-        self.allow(&request, "Admin.ReleaseQuarantine", ADMINS)?;
+        self.allow_on(&request, "Admin.ReleaseQuarantine", ADMINS, &request.get_ref().topic)?;
         self.resolve(request.into_inner(), false).await
     }
 
@@ -184,7 +191,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::QuarantineActionRequest>,
     ) -> Result<Response<pb::QuarantineActionResponse>, Status> {
-        self.allow(&request, "Admin.SkipQuarantine", ADMINS)?;
+        self.allow_on(&request, "Admin.SkipQuarantine", ADMINS, &request.get_ref().topic)?;
         self.resolve(request.into_inner(), true).await
     }
 }

@@ -6,8 +6,8 @@
 //! | `Subscribe` | any topic | its own mailbox and its dead letters; other topics need `admin` |
 //! | `Replay` | yes | `auditor` or `admin` |
 //! | `Admin.DescribeTopic` | yes | yes (clients learn partition counts) |
-//! | other `Admin` reads | yes | `auditor` or `admin` |
-//! | `Admin` changes | yes | `admin` |
+//! | other `Admin` reads | yes | `auditor` or `admin`; a group's description, dead letters and quarantine also the mailbox's owner |
+//! | `Admin` changes | yes | `admin`; releasing and skipping quarantined cases of its mailbox's groups also the owner |
 //! | `Blobs.Upload` | yes | yes |
 //! | `Blobs.Download`, `Blobs.Stat` | yes | blobs it uploaded or that came with its deliveries; `auditor` or `admin`: all |
 //!
@@ -108,6 +108,15 @@ impl Caller {
                 let names: Vec<String> = roles.iter().map(|r| format!("{r:?}").to_lowercase()).collect();
                 Err(deny(p, call, format!("{call} needs the role {}", names.join(" or "))))
             }
+        }
+    }
+
+    /// Allowed a call on the groups of `topic`: the operator, a holder of one of `roles`, or the
+    /// participant whose mailbox `topic` is (it runs its own mailbox's groups).
+    pub fn require_role_or_own_mailbox(&self, call: &str, roles: &[Role], topic: &str) -> Result<()> {
+        match self {
+            Caller::Participant(p) if topic == p.mailbox() => Ok(()),
+            _ => self.require_role(call, roles),
         }
     }
 
