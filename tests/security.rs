@@ -291,6 +291,16 @@ fn without_tls_the_server_refuses_to_listen_beyond_loopback() {
     assert!(!data.exists(), "nothing is created");
 }
 
+/// The example directory, a temporary directory (kept while the guard lives) with certificates
+/// for its participants under `pki`, and a server with mTLS on it.
+fn example_mtls_server() -> (Directory, tempfile::TempDir, PathBuf, TestServer) {
+    let directory = Directory::load(&example_directory()).expect("example directory");
+    let work = tempfile::tempdir().expect("tempdir");
+    let pki = work.path().join("pki");
+    let server = mtls_server(&pki, &example_directory(), &[]);
+    (directory, work, pki, server)
+}
+
 /// Downloads a blob; the status when refused.
 async fn download(channel: &Channel, sha256: &str) -> Result<Vec<u8>, tonic::Status> {
     let mut blobs = pb::blobs_client::BlobsClient::new(channel.clone());
@@ -304,10 +314,7 @@ async fn download(channel: &Channel, sha256: &str) -> Result<Vec<u8>, tonic::Sta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_is_read_by_its_uploader_the_recipients_of_its_events_and_auditors_only() {
-    let directory = Directory::load(&example_directory()).expect("example directory");
-    let work = tempfile::tempdir().expect("tempdir");
-    let pki = work.path().join("pki");
-    let server = mtls_server(&pki, &example_directory(), &[]);
+    let (directory, _work, pki, server) = example_mtls_server();
     let (bayern, bw, bund) = (court(&directory, "9D0000"), court(&directory, "9B0000"), court(&directory, "9A0000"));
     let as_bayern = channel(&server, &tls(&pki, &pki, &bayern)).await;
     let as_bw = channel(&server, &tls(&pki, &pki, &bw)).await;
@@ -347,10 +354,7 @@ async fn a_blob_is_read_by_its_uploader_the_recipients_of_its_events_and_auditor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_participant_runs_its_own_mailbox_groups_and_reads_their_dead_letters_but_no_others() {
-    let directory = Directory::load(&example_directory()).expect("example directory");
-    let work = tempfile::tempdir().expect("tempdir");
-    let pki = work.path().join("pki");
-    let server = mtls_server(&pki, &example_directory(), &[]);
+    let (directory, _work, pki, server) = example_mtls_server();
     let (bayern, bw) = (court(&directory, "9D0000"), court(&directory, "9B0000"));
     let as_bayern = channel(&server, &tls(&pki, &pki, &bayern)).await;
     let as_bw = channel(&server, &tls(&pki, &pki, &bw)).await;
