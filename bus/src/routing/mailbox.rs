@@ -6,8 +6,9 @@
 //! every topic named `mailbox.*` from one physical store topic:
 //!
 //! - An append to a mailbox becomes one record of the store topic whose key is the mailbox
-//!   name (so a mailbox lives in one store partition) and whose value carries the mailbox
-//!   sequence number, the record's own key (the case) and its content. Appends to many
+//!   name (so a mailbox lives in one store partition), whose id is `<mailbox>/<id>` (the log
+//!   deduplicates ids per partition; mailboxes may share ids) and whose value carries the
+//!   mailbox sequence number, the record's own key (the case) and its content. Appends to many
 //!   mailboxes go down in one group commit ([`MailboxLog::append_many`]).
 //! - The content is either the event itself or, for the router's deliveries, a reference to the
 //!   ingest record it delivers plus the delivery's own fields (sender, recipients, headers):
@@ -70,6 +71,18 @@ const POSITION_OFFSET_BITS: u32 = 48;
 fn store_position(partition: u32, offset: u64) -> u64 {
     debug_assert!(offset < 1 << POSITION_OFFSET_BITS);
     (u64::from(partition) << POSITION_OFFSET_BITS) | offset
+}
+
+/// The id of a mailbox record in the store: `<mailbox>/<id>`. The log deduplicates ids per
+/// store partition, and two mailboxes may hold records of the same id (mailbox names have no
+/// `/`). Stores written before carry the bare id, which [`mailbox_id`] leaves as it is.
+fn store_id(mailbox: &str, id: &str) -> String {
+    format!("{mailbox}/{id}")
+}
+
+/// The mailbox record id of a store record of `mailbox`.
+fn mailbox_id<'a>(mailbox: &str, stored: &'a str) -> &'a str {
+    stored.strip_prefix(mailbox).and_then(|rest| rest.strip_prefix('/')).unwrap_or(stored)
 }
 
 /// Format byte of a store record whose value holds the event itself.
@@ -369,7 +382,7 @@ impl MailboxLog {
                 for r in &batch {
                     let (seq, _, _) = decode_entry(&r.value)?;
                     let name = String::from_utf8_lossy(&r.key).into_owned();
-                    let h = index.id_hash(&name, &r.id);
+                    let h = index.id_hash(&name, mailbox_id(&name, &r.id));
                     index.remember(h, store_position(p, r.offset));
                     let mb = index.mailboxes.entry(name).or_insert_with(Mailbox::new);
                     if mb.entries.is_empty() {
@@ -587,7 +600,7 @@ impl MailboxLog {
                 let seq = next.entry(topic.as_str()).or_insert_with(|| index.mailboxes.get(topic.as_str()).map_or(0, Mailbox::next_seq));
                 batch_ids.insert(h, *seq);
                 fresh.push(NewRecord {
-                    id: r.id.clone(),
+                    id: store_id(topic, &r.id),
                     key: Bytes::copy_from_slice(topic.as_bytes()),
                     timestamp_ms: r.timestamp_ms,
                     value: encode_entry(*seq, &r.key, &r.content),
@@ -673,14 +686,16 @@ impl MailboxLog {
                 }
                 let (seq, key, content) = decode_entry(&r.value)?;
                 debug_assert_eq!(seq, first + i as u64);
+                let mut id = r.id;
+                id.drain(..id.len() - mailbox_id(topic, &id).len());
                 let value = match content {
                     Content::Event(value) => value,
                     Content::Reference { topic: source, partition, offset, overlay } => {
-                        self.referenced(&r.id, &source, partition, offset, &overlay).await?
+                        self.referenced(&id, &source, partition, offset, &overlay).await?
                     }
                 };
                 bytes += value.len();
-                out.push(StoredRecord { partition: 0, offset: seq, timestamp_ms: r.timestamp_ms, id: r.id, key, value, chain: None });
+                out.push(StoredRecord { partition: 0, offset: seq, timestamp_ms: r.timestamp_ms, id, key, value, chain: None });
                 i += 1;
             }
         }
@@ -1103,6 +1118,24 @@ mod tests {
         assert_eq!(read.first().map(|r| r.offset), Some(c_start));
         assert_eq!(read.last().map(|r| r.offset), Some(199));
         assert_eq!(log.read(a, 0, 0, 10, 1 << 20).await.expect("read").len(), 5);
+    }
+
+    #[tokio::test]
+    async fn one_id_in_two_mailboxes_of_one_store_partition_is_two_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = ("mailbox.DE.Justiz.p0.1", "mailbox.DE.Justiz.p1.1");
+        for round in 0..2 {
+            // The second round after a restart, from the rebuilt index.
+            let log = open_with(dir.path(), 3, 1, 0).await;
+            let first = log.append(a, vec![record("e1", "case-a")]).await.expect("append")[0];
+            let second = log.append(b, vec![record("e1", "case-b")]).await.expect("append")[0];
+            assert_eq!((first.offset, first.duplicate, second.offset, second.duplicate), (0, round == 1, 0, round == 1));
+            for (mailbox, case) in [(a, &b"case-a"[..]), (b, &b"case-b"[..])] {
+                let read = log.read(mailbox, 0, 0, 10, 1 << 20).await.expect("read");
+                assert_eq!(read.iter().map(|r| (r.id.as_str(), &r.key[..])).collect::<Vec<_>>(), vec![("e1", case)], "{mailbox}");
+            }
+            log.close().await.expect("close");
+        }
     }
 
     #[tokio::test]
