@@ -634,11 +634,9 @@ impl Log for KafkaLog {
         if let Some(partitions) = inner.fetch_partitions(&kafka_name).await? {
             return Err(Error::TopicExists { name: name.to_string(), partitions });
         }
-        let [(k1, v1), (k2, v2), (k3, v3)] = inner.topic_settings(&config);
-        let topic = NewTopic::new(&kafka_name, config.partitions as i32, TopicReplication::Fixed(inner.settings.replication_factor))
-            .set(k1, &v1)
-            .set(k2, &v2)
-            .set(k3, &v3);
+        let settings = inner.topic_settings(&config);
+        let replication = TopicReplication::Fixed(inner.settings.replication_factor);
+        let topic = settings.iter().fold(NewTopic::new(&kafka_name, config.partitions as i32, replication), |t, (k, v)| t.set(k, v));
         match inner.create(&topic).await {
             Ok(()) => {}
             Err(Error::TopicExists { partitions, .. }) => return Err(Error::TopicExists { name: name.to_string(), partitions }),
