@@ -82,7 +82,8 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     };
     let routing = match &directory {
         Some(directory) if config.routing.mailboxes => {
-            let mailboxes = Arc::new(MailboxLog::open(log.clone(), directory.clone(), &config.routing).await?);
+            let mailboxes =
+                Arc::new(MailboxLog::open(log.clone(), directory.clone(), &config.routing, config.log_settings.retention_check_ms).await?);
             log = mailboxes.clone();
             Some((directory.clone(), mailboxes))
         }

@@ -59,10 +59,17 @@ pub const STORE_TOPIC: &str = "justizbus.mailboxes";
 /// number its next record gets at least, written before retention may delete its last record.
 pub const END_MARK_GROUP: &str = "justizbus.mailbox-end";
 
-/// How far ahead of the retention horizon end marks are written: on Kafka the broker deletes
-/// on its own schedule, so a mark must be in place before a record can become due between two
-/// retention passes of the bus (`log_settings.retention_check_ms`, one minute by default).
+/// How far ahead of the retention horizon end marks are written at least: on Kafka the broker
+/// deletes on its own schedule, so a mark must be in place before a record can become due
+/// between two retention passes of the bus; with passes further apart than a third of this,
+/// three pass intervals ([`end_mark_ahead_ms`]).
 const END_MARK_AHEAD_MS: i64 = 10 * 60 * 1000;
+
+/// How far ahead of the retention horizon end marks are written when the bus runs retention
+/// every `retention_check_ms`.
+fn end_mark_ahead_ms(retention_check_ms: u64) -> i64 {
+    END_MARK_AHEAD_MS.max(retention_check_ms.saturating_mul(3).min(i64::MAX as u64) as i64)
+}
 
 /// Bits of a store position that hold the offset; the store partition is above them.
 const POSITION_OFFSET_BITS: u32 = 48;
@@ -168,6 +175,8 @@ pub struct MailboxLog {
     index: SyncMutex<Index>,
     /// How long the store keeps records (0: forever).
     retention_ms: u64,
+    /// How far ahead of the retention horizon end marks are written.
+    end_mark_ahead_ms: i64,
     /// The router's input, whose records deliveries reference: it must keep everything.
     ingest_topic: String,
     /// One write lane per store partition. A mailbox lives in one store partition, so its
@@ -339,8 +348,13 @@ fn copy_fields(encoded: &[u8], out: &mut Vec<u8>, keep: impl Fn(u32) -> bool) ->
 impl MailboxLog {
     /// Wraps `inner`, creating the store topic with `settings.mailbox_partitions` partitions if
     /// needed (existing stores keep theirs), giving it `settings.mailbox_retention_ms`, and
-    /// rebuilding the index from it.
-    pub async fn open(inner: Arc<dyn Log>, directory: DirectoryHandle, settings: &RoutingSettings) -> Result<Self> {
+    /// rebuilding the index from it. The bus applies retention every `retention_check_ms`.
+    pub async fn open(
+        inner: Arc<dyn Log>,
+        directory: DirectoryHandle,
+        settings: &RoutingSettings,
+        retention_check_ms: u64,
+    ) -> Result<Self> {
         let (partitions, retention_ms) = (settings.mailbox_partitions, settings.mailbox_retention_ms);
         let config = match inner.describe_topic(STORE_TOPIC).await {
             Ok(info) => info.config,
@@ -352,7 +366,9 @@ impl MailboxLog {
         let partitions = config.partitions;
         let lanes = (0..partitions).map(|_| Lane { writer: Mutex::new(()), waiting: SyncMutex::new(Vec::new()) }).collect();
         let ingest_topic = settings.ingest_topic.clone();
-        let log = MailboxLog { inner, directory, partitions, index: SyncMutex::new(Index::default()), retention_ms, ingest_topic, lanes };
+        let end_mark_ahead_ms = end_mark_ahead_ms(retention_check_ms);
+        let index = SyncMutex::new(Index::default());
+        let log = MailboxLog { inner, directory, partitions, index, retention_ms, end_mark_ahead_ms, ingest_topic, lanes };
         log.rebuild().await?;
         if (config.retention_ms, config.retention_bytes) != (retention_ms, 0) {
             // Marks first: once set, the log may delete at once (a Kafka broker does).
@@ -418,12 +434,12 @@ impl MailboxLog {
     }
 
     /// Writes the end mark of every mailbox whose last record retention could delete before
-    /// the next pass (older than the retention horizon, with [`END_MARK_AHEAD_MS`] to spare).
+    /// the next pass (older than the retention horizon, with `end_mark_ahead_ms` to spare).
     async fn mark_ends_at_risk(&self, now_ms: i64) -> Result<()> {
         if self.retention_ms == 0 {
             return Ok(());
         }
-        let horizon = now_ms.saturating_add(END_MARK_AHEAD_MS).saturating_sub(self.retention_ms.min(i64::MAX as u64) as i64);
+        let horizon = now_ms.saturating_add(self.end_mark_ahead_ms).saturating_sub(self.retention_ms.min(i64::MAX as u64) as i64);
         let due: Vec<(String, u64)> = {
             let index = self.lock();
             index
@@ -951,11 +967,16 @@ mod tests {
         open_with(dir, participants, 4, 0).await
     }
 
+    /// Settings with one store partition, keeping records for `retention_ms`.
+    fn retaining(retention_ms: i64) -> RoutingSettings {
+        RoutingSettings { mailbox_partitions: 1, mailbox_retention_ms: retention_ms as u64, ..RoutingSettings::default() }
+    }
+
     async fn open_with(dir: &Path, participants: usize, partitions: u32, retention_ms: u64) -> Arc<MailboxLog> {
         let settings = LogSettings { segment_bytes: 64 * 1024, index_interval_bytes: 512, ..LogSettings::default() };
         let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir, settings).await.expect("open"));
         let settings = RoutingSettings { mailbox_partitions: partitions, mailbox_retention_ms: retention_ms, ..RoutingSettings::default() };
-        Arc::new(MailboxLog::open(inner, numbered_courts(participants), &settings).await.expect("mailboxes"))
+        Arc::new(MailboxLog::open(inner, numbered_courts(participants), &settings, 60_000).await.expect("mailboxes"))
     }
 
     fn record(id: &str, case: &str) -> NewRecord {
@@ -1094,6 +1115,26 @@ mod tests {
         assert!(log.keeps_everything(&ingest).await.expect("keeps everything"));
         log.set_retention(&ingest, 0, 0).await.expect("keeping everything is allowed");
         assert_eq!(log.describe_topic(a).await.expect("describe").config.retention_ms, HOUR_MS as u64);
+    }
+
+    #[tokio::test]
+    async fn end_marks_run_three_retention_passes_ahead_when_passes_are_far_apart() {
+        const HOUR_MS: i64 = 3_600_000;
+        assert_eq!(end_mark_ahead_ms(60_000), END_MARK_AHEAD_MS);
+        assert_eq!(end_mark_ahead_ms(HOUR_MS as u64), 3 * HOUR_MS);
+        let now = crate::event::now_ms();
+        // Retention two hours, the last record half an hour old: hourly passes could miss the
+        // moment it becomes due, so it is marked now; passes every minute mark it later.
+        for (check_ms, marked) in [(60_000, None), (HOUR_MS as u64, Some(3))] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let log_settings = LogSettings { segment_bytes: 64 * 1024, index_interval_bytes: 512, ..LogSettings::default() };
+            let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir.path(), log_settings).await.expect("open"));
+            let log = MailboxLog::open(inner, numbered_courts(2), &retaining(2 * HOUR_MS), check_ms).await.expect("mailboxes");
+            let a = "mailbox.DE.Justiz.p0.1";
+            append_stamped(&log, a, "r", 0..3, now - HOUR_MS / 2).await;
+            log.apply_retention().await.expect("retention");
+            assert_eq!(log.lock().end_marks.get(a).copied(), marked, "retention every {check_ms} ms");
+        }
     }
 
     #[tokio::test]
