@@ -74,6 +74,11 @@ fn end_mark_ahead_ms(retention_check_ms: u64) -> i64 {
 /// Bits of a store position that hold the offset; the store partition is above them.
 const POSITION_OFFSET_BITS: u32 = 48;
 
+/// The store offset of a [`store_position`].
+fn position_offset(position: u64) -> u64 {
+    position & ((1 << POSITION_OFFSET_BITS) - 1)
+}
+
 /// A store record's position in one number: partition and offset.
 fn store_position(partition: u32, offset: u64) -> u64 {
     debug_assert!(offset < 1 << POSITION_OFFSET_BITS);
@@ -149,7 +154,7 @@ impl Index {
     /// The sequence number in `mailbox` of the record whose id hash is `h`, if stored.
     fn stored(&self, mailbox: &str, h: u64) -> Option<u64> {
         let position = self.ids.shard(h).find(h, |&(k, _)| k == h).map(|&(_, position)| position)?;
-        let offset = position & ((1 << POSITION_OFFSET_BITS) - 1);
+        let offset = position_offset(position);
         // A mailbox's entries are in store order (one partition, appended in order).
         let mb = self.mailboxes.get(mailbox)?;
         mb.entries.binary_search_by_key(&offset, |&(o, _)| o).ok().map(|i| mb.start + i as u64)
@@ -499,7 +504,7 @@ impl MailboxLog {
         for shard in 0..crate::sharded::SHARDS {
             let mut index = self.lock();
             index.ids.shard_at_mut(shard).retain(|&mut (_, position)| {
-                position >> POSITION_OFFSET_BITS != u64::from(partition) || position & ((1 << POSITION_OFFSET_BITS) - 1) >= start
+                position >> POSITION_OFFSET_BITS != u64::from(partition) || position_offset(position) >= start
             });
         }
         let mut index = self.lock();
@@ -964,7 +969,8 @@ mod tests {
     use crate::routing::directory::numbered_courts;
 
     async fn open(dir: &Path, participants: usize) -> Arc<MailboxLog> {
-        open_with(dir, participants, 4, 0).await
+        let settings = RoutingSettings { mailbox_partitions: 4, ..RoutingSettings::default() };
+        open_with(dir, participants, &settings, 60_000).await
     }
 
     /// Settings with one store partition, keeping records for `retention_ms`.
@@ -972,11 +978,11 @@ mod tests {
         RoutingSettings { mailbox_partitions: 1, mailbox_retention_ms: retention_ms as u64, ..RoutingSettings::default() }
     }
 
-    async fn open_with(dir: &Path, participants: usize, partitions: u32, retention_ms: u64) -> Arc<MailboxLog> {
-        let settings = LogSettings { segment_bytes: 64 * 1024, index_interval_bytes: 512, ..LogSettings::default() };
-        let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir, settings).await.expect("open"));
-        let settings = RoutingSettings { mailbox_partitions: partitions, mailbox_retention_ms: retention_ms, ..RoutingSettings::default() };
-        Arc::new(MailboxLog::open(inner, numbered_courts(participants), &settings, 60_000).await.expect("mailboxes"))
+    /// Mailboxes over an embedded log of 64 KiB segments, retention applied every `check_ms`.
+    async fn open_with(dir: &Path, participants: usize, settings: &RoutingSettings, check_ms: u64) -> Arc<MailboxLog> {
+        let log_settings = LogSettings { segment_bytes: 64 * 1024, index_interval_bytes: 512, ..LogSettings::default() };
+        let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir, log_settings).await.expect("open"));
+        Arc::new(MailboxLog::open(inner, numbered_courts(participants), settings, check_ms).await.expect("mailboxes"))
     }
 
     fn record(id: &str, case: &str) -> NewRecord {
@@ -1062,8 +1068,8 @@ mod tests {
         const HOUR_MS: i64 = 3_600_000;
         let dir = tempfile::tempdir().expect("tempdir");
         // Retention set on a store created without: the setting reaches the existing store.
-        open_with(dir.path(), 4, 1, 0).await.close().await.expect("close");
-        let log = open_with(dir.path(), 4, 1, HOUR_MS as u64).await;
+        open_with(dir.path(), 4, &retaining(0), 60_000).await.close().await.expect("close");
+        let log = open_with(dir.path(), 4, &retaining(HOUR_MS), 60_000).await;
         assert_eq!(log.inner.describe_topic(STORE_TOPIC).await.expect("store").config.retention_ms, HOUR_MS as u64);
         let (a, b, c) = ("mailbox.DE.Justiz.p0.1", "mailbox.DE.Justiz.p1.1", "mailbox.DE.Justiz.p2.1");
         let now = crate::event::now_ms();
@@ -1099,7 +1105,7 @@ mod tests {
         drop(log);
 
         // After a restart the index is what it was, and b goes on from its end mark.
-        let log = open_with(dir.path(), 4, 1, HOUR_MS as u64).await;
+        let log = open_with(dir.path(), 4, &retaining(HOUR_MS), 60_000).await;
         assert_eq!(log.offsets(a, 0).await.expect("offsets"), PartitionOffsets { start: a_offsets.start, end: 511 });
         assert_eq!(log.offsets(b, 0).await.expect("offsets"), PartitionOffsets { start: 50, end: 50 });
         assert_eq!(log.append(b, vec![stamped("late", now)]).await.expect("append")[0].offset, 50);
@@ -1127,9 +1133,7 @@ mod tests {
         // moment it becomes due, so it is marked now; passes every minute mark it later.
         for (check_ms, marked) in [(60_000, None), (HOUR_MS as u64, Some(3))] {
             let dir = tempfile::tempdir().expect("tempdir");
-            let log_settings = LogSettings { segment_bytes: 64 * 1024, index_interval_bytes: 512, ..LogSettings::default() };
-            let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir.path(), log_settings).await.expect("open"));
-            let log = MailboxLog::open(inner, numbered_courts(2), &retaining(2 * HOUR_MS), check_ms).await.expect("mailboxes");
+            let log = open_with(dir.path(), 2, &retaining(2 * HOUR_MS), check_ms).await;
             let a = "mailbox.DE.Justiz.p0.1";
             append_stamped(&log, a, "r", 0..3, now - HOUR_MS / 2).await;
             log.apply_retention().await.expect("retention");
@@ -1141,7 +1145,7 @@ mod tests {
     async fn a_read_follows_deletions_the_index_has_not_seen() {
         const HOUR_MS: i64 = 3_600_000;
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = open_with(dir.path(), 4, 1, HOUR_MS as u64).await;
+        let log = open_with(dir.path(), 4, &retaining(HOUR_MS), 60_000).await;
         let (a, c) = ("mailbox.DE.Justiz.p0.1", "mailbox.DE.Justiz.p2.1");
         let now = crate::event::now_ms();
         // In batches of 50 KB: a batch goes into one segment, so the last shares one with a's.
@@ -1167,7 +1171,7 @@ mod tests {
         let (a, b) = ("mailbox.DE.Justiz.p0.1", "mailbox.DE.Justiz.p1.1");
         for round in 0..2 {
             // The second round after a restart, from the rebuilt index.
-            let log = open_with(dir.path(), 3, 1, 0).await;
+            let log = open_with(dir.path(), 3, &retaining(0), 60_000).await;
             let first = log.append(a, vec![record("e1", "case-a")]).await.expect("append")[0];
             let second = log.append(b, vec![record("e1", "case-b")]).await.expect("append")[0];
             assert_eq!((first.offset, first.duplicate, second.offset, second.duplicate), (0, round == 1, 0, round == 1));
