@@ -405,3 +405,64 @@ async fn a_participant_runs_its_own_mailbox_groups_and_reads_their_dead_letters_
         assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     }
 }
+
+/// End offsets of the bus's own topics the embedded log and Kafka both show.
+async fn reserved_ends(admin: &Channel) -> Vec<Vec<u64>> {
+    let mut ends = Vec::new();
+    for topic in ["justizbus.mailboxes", "justizbus.audit"] {
+        let info = justizbus_e2e::admin(admin.clone()).describe_topic(pb::DescribeTopicRequest { topic: topic.into() }).await;
+        ends.push(info.expect(topic).into_inner().partition_info.iter().map(|p| p.end_offset).collect());
+    }
+    ends
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bus_s_own_topics_take_nothing_from_clients() {
+    let (directory, _work, pki, mut server) = example_mtls_server();
+    let (bayern, bw) = (court(&directory, "9D0000"), court(&directory, "9B0000"));
+    let as_bayern = channel(&server, &tls(&pki, &pki, &bayern)).await;
+    let as_admin = channel(&server, &tls(&pki, &pki, &with_role(&directory, "admin"))).await;
+    publish(&as_bayern, "xjustiz.ingest", xjustiz_event("first-1", "court:9D0000", "court:9B0000")).await.expect("publish");
+    let mut inbox = Subscriber::simple(&channel(&server, &tls(&pki, &pki, &bw)).await, &mailbox_topic(&bw), "inbox", 10).await;
+    let first = inbox.next(ARRIVES).await.expect("routed");
+    inbox.ack(&[first.delivery_id]).await;
+    inbox.close().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (before, ingest_before) = (reserved_ends(&as_admin).await, ingest_end(&as_admin).await);
+
+    // The mailbox store (an event there would stop the next start), the journal (it would
+    // forge the audit trail) and, on Kafka, the bus's state topic (it would forge positions and
+    // blob grants): refused to every client, an admin too.
+    for ch in [&as_bayern, &as_admin] {
+        for topic in ["justizbus.mailboxes", "justizbus.audit", "__justizbus_state"] {
+            let err = publish(ch, topic, xjustiz_event("forged-1", "court:9D0000", "court:9B0000")).await.expect_err(topic);
+            assert_eq!(err.code(), Code::InvalidArgument, "{topic}: {err}");
+            assert!(err.message().contains("reserved"), "{topic}: {err}");
+        }
+    }
+    let batch = vec![
+        pb::PublishRequest { topic: "xjustiz.ingest".into(), event: Some(xjustiz_event("batch-1", "court:9D0000", "court:9B0000")) },
+        pb::PublishRequest { topic: "justizbus.audit".into(), event: Some(xjustiz_event("batch-2", "court:9D0000", "court:9B0000")) },
+    ];
+    let err = justizbus_e2e::publisher(as_bayern.clone()).publish_batch(tokio_stream::iter(batch)).await.expect_err("batch");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("events[1].topic"), "{err}");
+    let mut admin = justizbus_e2e::admin(as_admin.clone());
+    for topic in ["justizbus.extra", "__extra"] {
+        let err = admin.create_topic(pb::CreateTopicRequest { topic: topic.into(), partitions: 1, ..Default::default() }).await;
+        assert_eq!(err.expect_err(topic).code(), Code::InvalidArgument);
+    }
+    let shorten = pb::SetRetentionRequest { topic: "justizbus.audit".into(), retention_ms: Some(1000), retention_bytes: None };
+    assert_eq!(admin.set_retention(shorten).await.expect_err("the journal's retention").code(), Code::InvalidArgument);
+    assert_eq!(reserved_ends(&as_admin).await, before, "nothing stored in the bus's own topics");
+    assert_eq!(ingest_end(&as_admin).await, ingest_before, "nothing of the refused batch stored");
+
+    // It starts again and routes as before.
+    server.process.stop().expect("stop");
+    server.process.restart().expect("the server starts again");
+    let as_bayern = channel(&server, &tls(&pki, &pki, &bayern)).await;
+    publish(&as_bayern, "xjustiz.ingest", xjustiz_event("after-1", "court:9D0000", "court:9B0000")).await.expect("publish");
+    let mut inbox = Subscriber::simple(&channel(&server, &tls(&pki, &pki, &bw)).await, &mailbox_topic(&bw), "inbox", 10).await;
+    let after = inbox.next(ARRIVES).await.expect("routed after the restart");
+    assert_eq!(after.event.as_ref().map(|e| e.id.as_str()), Some("after-1"));
+}

@@ -119,6 +119,22 @@ pub fn validate_name(field: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether a topic is the bus's own: `justizbus.*` (the delivery journal, the mailbox store) and
+/// `__*` (Kafka's internal topics and, on Kafka, the bus's state, blob and checkpoint topics).
+pub fn is_reserved_topic(topic: &str) -> bool {
+    topic.starts_with("justizbus.") || topic.starts_with("__")
+}
+
+/// Refuses a reserved topic as the target of a client's publish, topic creation or retention
+/// change: only the bus writes them (an event in the mailbox store would stop the next start;
+/// one in the journal would forge the audit trail).
+pub fn check_client_topic(field: &str, topic: &str) -> Result<()> {
+    if is_reserved_topic(topic) {
+        return Err(Error::invalid(field, format!("{topic} is reserved: topics named justizbus.* or __* are written by the bus itself")));
+    }
+    Ok(())
+}
+
 /// Current time as milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -197,5 +213,11 @@ mod tests {
         assert!(validate_name("topic", "a/b").is_err());
         assert!(validate_name("topic", "..").is_err());
         assert!(validate_name("topic", "").is_err());
+        for reserved in ["justizbus.audit", "justizbus.mailboxes", "__justizbus_state", "__consumer_offsets"] {
+            assert!(check_client_topic("topic", reserved).is_err(), "{reserved}");
+        }
+        for ordinary in ["xjustiz.ingest", "justizbus", "ingest.justizbus.x", "_single"] {
+            assert!(check_client_topic("topic", ordinary).is_ok(), "{ordinary}");
+        }
     }
 }

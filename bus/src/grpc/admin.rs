@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::{replay_record, Bus};
 use crate::delivery::{dead_letter_topic, GroupStatus};
-use crate::event::{ms_timestamp, validate_name};
+use crate::event::{check_client_topic, ms_timestamp, validate_name};
 use crate::log::{Quarantine, TopicConfig, TopicInfo};
 use crate::routing::directory::Role;
 use crate::Error;
@@ -112,6 +112,7 @@ impl pb::admin_server::Admin for AdminService {
     async fn create_topic(&self, request: Request<pb::CreateTopicRequest>) -> Result<Response<pb::TopicInfo>, Status> {
         self.allow(&request, "Admin.CreateTopic", ADMINS)?;
         let r = request.into_inner();
+        check_client_topic("topic", &r.topic)?;
         let config = TopicConfig { partitions: r.partitions, retention_ms: r.retention_ms, retention_bytes: r.retention_bytes };
         Ok(Response::new(self.bus.log.create_topic(&r.topic, config).await?.into()))
     }
@@ -119,6 +120,7 @@ impl pb::admin_server::Admin for AdminService {
     async fn set_retention(&self, request: Request<pb::SetRetentionRequest>) -> Result<Response<pb::TopicInfo>, Status> {
         self.allow(&request, "Admin.SetRetention", ADMINS)?;
         let r = request.into_inner();
+        check_client_topic("topic", &r.topic)?;
         let now = self.bus.log.describe_topic(&r.topic).await?.config;
         let (ms, bytes) = (r.retention_ms.unwrap_or(now.retention_ms), r.retention_bytes.unwrap_or(now.retention_bytes));
         Ok(Response::new(self.bus.log.set_retention(&r.topic, ms, bytes).await?.into()))

@@ -44,6 +44,7 @@ impl PublisherService {
         if crate::routing::mailbox::is_mailbox_topic(&req.topic) {
             return Err(Error::invalid(at("topic"), "mailbox topics are written by the router: publish to the ingest topic"));
         }
+        crate::event::check_client_topic(&at("topic"), &req.topic)?;
         let wire = req.event.ok_or_else(|| Error::invalid(at("event"), "the event is required"))?;
         let event = Event::from_wire(wire, self.bus.config.log_settings.max_event_bytes).map_err(|e| match e {
             Error::InvalidArgument { field, reason } => Error::invalid(at(&field), reason),
