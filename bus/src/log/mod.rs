@@ -22,6 +22,8 @@ use crate::{Error, Result};
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod embedded;
+#[cfg(test)]
+pub mod fault;
 pub mod kafka;
 
 /// A record to append. The log assigns partition (from the key) and offset.

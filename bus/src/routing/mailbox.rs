@@ -35,6 +35,7 @@
 
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 
 use async_trait::async_trait;
@@ -142,6 +143,8 @@ struct Index {
     hasher: foldhash::fast::RandomState,
     /// Per store partition, the store start the index follows: nothing below it is indexed.
     store_starts: Vec<u64>,
+    /// Per store partition, the store offset after the last record indexed.
+    store_ends: Vec<u64>,
     /// End marks in the cursor store, by mailbox.
     end_marks: FastMap<String, u64>,
 }
@@ -158,6 +161,26 @@ impl Index {
         // A mailbox's entries are in store order (one partition, appended in order).
         let mb = self.mailboxes.get(mailbox)?;
         mb.entries.binary_search_by_key(&offset, |&(o, _)| o).ok().map(|i| mb.start + i as u64)
+    }
+
+    /// Indexes a record read from store partition `partition` (at start, or catching up after
+    /// a write whose outcome was unknown), checking that it continues its mailbox's numbering.
+    fn index_stored(&mut self, partition: u32, r: &StoredRecord) -> Result<()> {
+        let (seq, _, _) = decode_entry(&r.value)?;
+        let name = String::from_utf8_lossy(&r.key).into_owned();
+        let h = self.id_hash(&name, mailbox_id(&name, &r.id));
+        self.remember(h, store_position(partition, r.offset));
+        let mb = self.mailboxes.entry(name).or_insert_with(Mailbox::new);
+        if mb.entries.is_empty() {
+            mb.start = seq;
+        }
+        if seq != mb.next_seq() {
+            return Err(Error::State(format!("mailbox store: sequence {seq} found where {} was expected", mb.next_seq())));
+        }
+        mb.entries.push((r.offset, r.timestamp_ms));
+        let end = &mut self.store_ends[partition as usize];
+        *end = (*end).max(r.offset + 1);
+        Ok(())
     }
 
     /// Records that the record whose id hash is `h` is stored at `position`.
@@ -198,6 +221,9 @@ struct Lane {
     /// concurrent appends (receipts from many subscribers, the router) share one durable
     /// write instead of queueing for one each.
     waiting: SyncMutex<Vec<AppendJob>>,
+    /// A store append failed: the store may hold some of its records anyway (a Kafka producer
+    /// that timed out, say), which the index must take in before numbering anything more.
+    unsure: AtomicBool,
 }
 
 /// Records, each with the mailbox it goes to.
@@ -369,7 +395,9 @@ impl MailboxLog {
             Err(e) => return Err(e),
         };
         let partitions = config.partitions;
-        let lanes = (0..partitions).map(|_| Lane { writer: Mutex::new(()), waiting: SyncMutex::new(Vec::new()) }).collect();
+        let lanes = (0..partitions)
+            .map(|_| Lane { writer: Mutex::new(()), waiting: SyncMutex::new(Vec::new()), unsure: Default::default() })
+            .collect();
         let ingest_topic = settings.ingest_topic.clone();
         let end_mark_ahead_ms = end_mark_ahead_ms(retention_check_ms);
         let index = SyncMutex::new(Index::default());
@@ -389,33 +417,20 @@ impl MailboxLog {
     }
 
     async fn rebuild(&self) -> Result<()> {
-        let mut records = 0u64;
-        self.lock().store_starts = vec![0; self.partitions as usize];
+        let mut records = 0;
+        {
+            let mut index = self.lock();
+            index.store_starts = vec![0; self.partitions as usize];
+            index.store_ends = vec![0; self.partitions as usize];
+        }
         for p in 0..self.partitions {
-            let offsets = self.inner.offsets(STORE_TOPIC, p).await?;
-            self.lock().store_starts[p as usize] = offsets.start;
-            let mut from = offsets.start;
-            while from < offsets.end {
-                let batch = self.inner.read(STORE_TOPIC, p, from, 4096, 16 * 1024 * 1024).await?;
-                let Some(last) = batch.last() else { break };
-                from = last.offset + 1;
+            let start = self.inner.offsets(STORE_TOPIC, p).await?.start;
+            {
                 let mut index = self.lock();
-                for r in &batch {
-                    let (seq, _, _) = decode_entry(&r.value)?;
-                    let name = String::from_utf8_lossy(&r.key).into_owned();
-                    let h = index.id_hash(&name, mailbox_id(&name, &r.id));
-                    index.remember(h, store_position(p, r.offset));
-                    let mb = index.mailboxes.entry(name).or_insert_with(Mailbox::new);
-                    if mb.entries.is_empty() {
-                        mb.start = seq;
-                    }
-                    if seq != mb.next_seq() {
-                        return Err(Error::State(format!("mailbox store: sequence {seq} found where {} was expected", mb.next_seq())));
-                    }
-                    mb.entries.push((r.offset, r.timestamp_ms));
-                    records += 1;
-                }
+                index.store_starts[p as usize] = start;
+                index.store_ends[p as usize] = start;
             }
+            records += self.index_store_tail(p).await?;
         }
         // Mailboxes whose records retention deleted start at their end marks.
         let mut marks = Vec::new();
@@ -436,6 +451,27 @@ impl MailboxLog {
         }
         tracing::info!(mailboxes = index.mailboxes.len(), records, end_marks = index.end_marks.len(), "mailbox index rebuilt");
         Ok(())
+    }
+
+    /// Indexes the records of store partition `partition` from where the index ends to the
+    /// store's end; returns how many. Callers hold the partition's writer (or are the start).
+    async fn index_store_tail(&self, partition: u32) -> Result<usize> {
+        let offsets = self.inner.offsets(STORE_TOPIC, partition).await?;
+        let mut from = self.lock().store_ends[partition as usize].max(offsets.start);
+        let mut records = 0;
+        while from < offsets.end {
+            let batch = self.inner.read(STORE_TOPIC, partition, from, 4096, 16 * 1024 * 1024).await?;
+            let Some(last) = batch.last() else { break };
+            from = last.offset + 1;
+            {
+                let mut index = self.lock();
+                for r in &batch {
+                    index.index_stored(partition, r)?;
+                }
+            }
+            records += batch.len();
+        }
+        Ok(records)
     }
 
     /// Writes the end mark of every mailbox whose last record retention could delete before
@@ -584,7 +620,7 @@ impl MailboxLog {
             if !jobs.is_empty() {
                 let lengths: Vec<usize> = jobs.iter().map(|j| j.records.len()).collect();
                 let (records, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.records, j.reply)).unzip();
-                match self.write(records.into_iter().flatten().collect()).await {
+                match self.write(partition, records.into_iter().flatten().collect()).await {
                     Ok(results) => {
                         let mut results = results.into_iter();
                         for (reply, n) in replies.into_iter().zip(lengths) {
@@ -603,8 +639,19 @@ impl MailboxLog {
     }
 
     /// Assigns sequence numbers, writes the fresh records in one store append, and indexes
-    /// them. Callers hold the writer.
-    async fn write(&self, records: Addressed) -> Result<Vec<Appended>> {
+    /// them. Callers hold the writer of store partition `partition`.
+    async fn write(&self, partition: u32, records: Addressed) -> Result<Vec<Appended>> {
+        let lane = &self.lanes[partition as usize];
+        if lane.unsure.load(Ordering::Acquire) {
+            // What the failed append stored has the numbers this write would give again.
+            let found = self.index_store_tail(partition).await?;
+            for mb in self.lock().mailboxes.values() {
+                let next = mb.next_seq();
+                mb.end.send_if_modified(|end| std::mem::replace(end, next) != next);
+            }
+            lane.unsure.store(false, Ordering::Release);
+            tracing::warn!(store_partition = partition, records = found, "mailbox index took in what a failed store append stored");
+        }
         let mut results: Vec<Option<Appended>> = vec![None; records.len()];
         let mut fresh = Vec::new();
         let mut placed = Vec::new();
@@ -631,7 +678,7 @@ impl MailboxLog {
             }
         }
         if !fresh.is_empty() {
-            let stored = self.inner.append(STORE_TOPIC, fresh).await?;
+            let stored = self.inner.append(STORE_TOPIC, fresh).await.inspect_err(|_| lane.unsure.store(true, Ordering::Release))?;
             let mut index = self.lock();
             for ((i, topic, seq, h, ts), a) in placed.into_iter().zip(stored) {
                 let mb = index.mailboxes.entry(topic).or_insert_with(Mailbox::new);
@@ -639,6 +686,8 @@ impl MailboxLog {
                 mb.entries.push((a.offset, ts));
                 mb.end.send_replace(mb.next_seq());
                 index.remember(h, store_position(a.partition, a.offset));
+                let end = &mut index.store_ends[partition as usize];
+                *end = (*end).max(a.offset + 1);
                 results[i] = Some(Appended { partition: 0, offset: seq, duplicate: false });
             }
         }
@@ -1006,6 +1055,37 @@ mod tests {
             true,
         )
         .await;
+    }
+
+    #[tokio::test]
+    async fn an_append_stored_despite_its_error_keeps_the_numbering_dense() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = RoutingSettings { mailbox_partitions: 1, ..RoutingSettings::default() };
+        let embedded: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir.path(), LogSettings::default()).await.expect("open"));
+        let faulty = Arc::new(crate::log::fault::StoredButFailed::new(embedded, STORE_TOPIC));
+        let log = MailboxLog::open(faulty.clone(), numbered_courts(2), &settings, 60_000).await.expect("mailboxes");
+        let a = "mailbox.DE.Justiz.p0.1";
+        let mut end = log.watch_end(a, 0).expect("watch");
+        log.append(a, vec![record("d1", "case-1")]).await.expect("append");
+        // Stored, but the caller hears of a failure (a Kafka producer that timed out).
+        faulty.fail_next(1);
+        assert!(log.append(a, vec![record("d2", "case-1")]).await.is_err());
+        // The next record follows what is stored: it must not get the number d2 holds.
+        let r1 = log.append(a, vec![record("r1", "case-2")]).await.expect("append");
+        assert_eq!((r1[0].offset, r1[0].duplicate), (2, false));
+        // The retry of the failed append finds d2 stored.
+        let d2 = log.append(a, vec![record("d2", "case-1")]).await.expect("retry");
+        assert_eq!((d2[0].offset, d2[0].duplicate), (1, true));
+        end.mark_unchanged();
+        assert_eq!(*end.borrow(), 3, "subscribers see every stored record");
+        let ids = |records: Vec<StoredRecord>| records.iter().map(|r| (r.offset, r.id.clone())).collect::<Vec<_>>();
+        let expected = vec![(0, "d1".to_string()), (1, "d2".to_string()), (2, "r1".to_string())];
+        assert_eq!(ids(log.read(a, 0, 0, 10, 1 << 20).await.expect("read")), expected);
+        log.close().await.expect("close");
+        drop((log, faulty));
+        // The index rebuilt from the store agrees (a store with a number twice would not open).
+        let log = open_with(dir.path(), 2, &settings, 60_000).await;
+        assert_eq!(ids(log.read(a, 0, 0, 10, 1 << 20).await.expect("read after restart")), expected);
     }
 
     #[tokio::test]
