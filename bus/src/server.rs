@@ -82,8 +82,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     };
     let routing = match &directory {
         Some(directory) if config.routing.mailboxes => {
-            let mailboxes =
-                Arc::new(MailboxLog::open(log.clone(), directory.clone(), &config.routing, config.log_settings.retention_check_ms).await?);
+            let mailboxes = Arc::new(MailboxLog::open(log.clone(), directory.clone(), &config.routing, &config.log_settings).await?);
             log = mailboxes.clone();
             Some((directory.clone(), mailboxes))
         }

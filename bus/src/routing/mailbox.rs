@@ -47,6 +47,7 @@ use super::directory::{DirectoryHandle, MAILBOX_PREFIX};
 use super::router::RoutingSettings;
 use crate::audit::chain::ChainHash;
 use crate::audit::checkpoint::Checkpoint;
+use crate::config::LogSettings;
 use crate::log::{Appended, Cursor, GroupConfig, Log, NewRecord, PartitionOffsets, Quarantine, StoredRecord, TopicConfig, TopicInfo};
 use crate::partitioner::partition_for_key;
 use crate::sharded::ShardedTable;
@@ -133,18 +134,48 @@ impl Mailbox {
     }
 }
 
+/// What the index holds of one store partition.
+#[derive(Default)]
+struct StorePartition {
+    /// The store start the index follows: nothing below it is indexed.
+    start: u64,
+    /// The store offset after the last record indexed.
+    end: u64,
+    /// Records indexed.
+    records: u64,
+    /// (records indexed before it, offset) of every [`Index::mark_every`]-th record indexed:
+    /// where the ids older than the id window begin.
+    marks: std::collections::VecDeque<(u64, u64)>,
+    /// Records indexed before the oldest record whose id is kept.
+    ids_forgotten: u64,
+}
+
+/// Records per store partition whose ids the index keeps: at least the log's own dedup window
+/// of the store topic (`dedup_max_ids` records per partition, on both backends), so an id the
+/// log would call a duplicate is always known here (else the log would drop a record the index
+/// had numbered, leaving a gap), and never fewer than [`MIN_ID_WINDOW`].
+fn id_window(log_settings: &LogSettings) -> u64 {
+    let log_window = if log_settings.dedup_window_ms == 0 { 0 } else { log_settings.dedup_max_ids as u64 };
+    log_window.max(MIN_ID_WINDOW)
+}
+
+/// Fewest records per store partition whose ids are kept: many router batches (a router that
+/// failed mid-batch routes the batch again) and the receipts of as many acknowledgements.
+const MIN_ID_WINDOW: u64 = 10_000;
+
 #[derive(Default)]
 struct Index {
     mailboxes: FastMap<String, Mailbox>,
-    /// (hash of (mailbox, record id), [`store_position`]): what is stored already. Sharded: it
-    /// grows with every delivery and receipt, under the lock every append takes.
+    /// (hash of (mailbox, record id), [`store_position`]) of the records in each store
+    /// partition's id window: what a retry finds stored. Sharded: it takes every delivery
+    /// and receipt, under the lock every append takes.
     ids: ShardedTable<(u64, u64)>,
     /// Hashes the ids (seeded per process: the index is rebuilt at every start).
     hasher: foldhash::fast::RandomState,
-    /// Per store partition, the store start the index follows: nothing below it is indexed.
-    store_starts: Vec<u64>,
-    /// Per store partition, the store offset after the last record indexed.
-    store_ends: Vec<u64>,
+    /// What the index holds of each store partition.
+    store: Vec<StorePartition>,
+    /// Records per store partition whose ids are kept, at least (see [`id_window`]).
+    id_window: u64,
     /// End marks in the cursor store, by mailbox.
     end_marks: FastMap<String, u64>,
 }
@@ -169,7 +200,7 @@ impl Index {
         let (seq, _, _) = decode_entry(&r.value)?;
         let name = String::from_utf8_lossy(&r.key).into_owned();
         let h = self.id_hash(&name, mailbox_id(&name, &r.id));
-        self.remember(h, store_position(partition, r.offset));
+        self.indexed(partition, r.offset, h);
         let mb = self.mailboxes.entry(name).or_insert_with(Mailbox::new);
         if mb.entries.is_empty() {
             mb.start = seq;
@@ -178,9 +209,47 @@ impl Index {
             return Err(Error::State(format!("mailbox store: sequence {seq} found where {} was expected", mb.next_seq())));
         }
         mb.entries.push((r.offset, r.timestamp_ms));
-        let end = &mut self.store_ends[partition as usize];
-        *end = (*end).max(r.offset + 1);
         Ok(())
+    }
+
+    /// Marks go this many records apart: the ids kept exceed the window by a sixteenth at most
+    /// between passes.
+    fn mark_every(&self) -> u64 {
+        (self.id_window / 16).max(1)
+    }
+
+    /// Takes the record at `offset` of store partition `partition`, whose id hash is `h`.
+    fn indexed(&mut self, partition: u32, offset: u64, h: u64) {
+        self.remember(h, store_position(partition, offset));
+        let every = self.mark_every();
+        let store = &mut self.store[partition as usize];
+        store.end = store.end.max(offset + 1);
+        if store.records.is_multiple_of(every) {
+            store.marks.push_back((store.records, offset));
+        }
+        store.records += 1;
+    }
+
+    /// The offset below which the ids of store partition `partition` have left the id window,
+    /// once a quarter of the window has left it since the last pass (a pass reads every id).
+    fn ids_due(&mut self, partition: u32) -> Option<u64> {
+        let window = self.id_window;
+        let store = &mut self.store[partition as usize];
+        let mut due = None;
+        while let Some(&(before, offset)) = store.marks.front() {
+            if store.records - before < window {
+                break;
+            }
+            due = Some((before, offset));
+            store.marks.pop_front();
+        }
+        let (before, offset) = due?;
+        if before < store.ids_forgotten + window / 4 {
+            store.marks.push_front((before, offset));
+            return None;
+        }
+        store.ids_forgotten = before;
+        Some(offset)
     }
 
     /// Records that the record whose id hash is `h` is stored at `position`.
@@ -379,12 +448,13 @@ fn copy_fields(encoded: &[u8], out: &mut Vec<u8>, keep: impl Fn(u32) -> bool) ->
 impl MailboxLog {
     /// Wraps `inner`, creating the store topic with `settings.mailbox_partitions` partitions if
     /// needed (existing stores keep theirs), giving it `settings.mailbox_retention_ms`, and
-    /// rebuilding the index from it. The bus applies retention every `retention_check_ms`.
+    /// rebuilding the index from it. The bus applies retention every
+    /// `log_settings.retention_check_ms`.
     pub async fn open(
         inner: Arc<dyn Log>,
         directory: DirectoryHandle,
         settings: &RoutingSettings,
-        retention_check_ms: u64,
+        log_settings: &LogSettings,
     ) -> Result<Self> {
         let (partitions, retention_ms) = (settings.mailbox_partitions, settings.mailbox_retention_ms);
         let config = match inner.describe_topic(STORE_TOPIC).await {
@@ -399,8 +469,8 @@ impl MailboxLog {
             .map(|_| Lane { writer: Mutex::new(()), waiting: SyncMutex::new(Vec::new()), unsure: Default::default() })
             .collect();
         let ingest_topic = settings.ingest_topic.clone();
-        let end_mark_ahead_ms = end_mark_ahead_ms(retention_check_ms);
-        let index = SyncMutex::new(Index::default());
+        let end_mark_ahead_ms = end_mark_ahead_ms(log_settings.retention_check_ms);
+        let index = SyncMutex::new(Index { id_window: id_window(log_settings), ..Index::default() });
         let log = MailboxLog { inner, directory, partitions, index, retention_ms, end_mark_ahead_ms, ingest_topic, lanes };
         log.rebuild().await?;
         if (config.retention_ms, config.retention_bytes) != (retention_ms, 0) {
@@ -418,17 +488,13 @@ impl MailboxLog {
 
     async fn rebuild(&self) -> Result<()> {
         let mut records = 0;
-        {
-            let mut index = self.lock();
-            index.store_starts = vec![0; self.partitions as usize];
-            index.store_ends = vec![0; self.partitions as usize];
-        }
+        self.lock().store = (0..self.partitions).map(|_| StorePartition::default()).collect();
         for p in 0..self.partitions {
             let start = self.inner.offsets(STORE_TOPIC, p).await?.start;
             {
                 let mut index = self.lock();
-                index.store_starts[p as usize] = start;
-                index.store_ends[p as usize] = start;
+                index.store[p as usize].start = start;
+                index.store[p as usize].end = start;
             }
             records += self.index_store_tail(p).await?;
         }
@@ -457,7 +523,7 @@ impl MailboxLog {
     /// store's end; returns how many. Callers hold the partition's writer (or are the start).
     async fn index_store_tail(&self, partition: u32) -> Result<usize> {
         let offsets = self.inner.offsets(STORE_TOPIC, partition).await?;
-        let mut from = self.lock().store_ends[partition as usize].max(offsets.start);
+        let mut from = self.lock().store[partition as usize].end.max(offsets.start);
         let mut records = 0;
         while from < offsets.end {
             let batch = self.inner.read(STORE_TOPIC, partition, from, 4096, 16 * 1024 * 1024).await?;
@@ -469,6 +535,7 @@ impl MailboxLog {
                     index.index_stored(partition, r)?;
                 }
             }
+            self.forget_old_ids(partition);
             records += batch.len();
         }
         Ok(records)
@@ -517,10 +584,10 @@ impl MailboxLog {
         let mut dropped = 0;
         {
             let mut index = self.lock();
-            if index.store_starts[partition as usize] >= start {
+            if index.store[partition as usize].start >= start {
                 return 0;
             }
-            index.store_starts[partition as usize] = start;
+            index.store[partition as usize].start = start;
             for (name, mb) in index.mailboxes.iter_mut() {
                 if partition_for_key(name.as_bytes(), self.partitions) != partition {
                     continue;
@@ -536,17 +603,32 @@ impl MailboxLog {
                 }
             }
         }
-        // The ids a shard at a time: an append waits for one shard's pass at most.
+        let ids = self.forget_ids(partition, start);
+        tracing::info!(store_partition = partition, start, dropped, ids, "mailbox index follows the store's retention");
+        dropped
+    }
+
+    /// Forgets the ids of store partition `partition`'s records below `offset`; returns the ids
+    /// kept (all partitions). A shard at a time: an append waits for one shard's pass at most.
+    fn forget_ids(&self, partition: u32, offset: u64) -> usize {
         for shard in 0..crate::sharded::SHARDS {
             let mut index = self.lock();
             index.ids.shard_at_mut(shard).retain(|&mut (_, position)| {
-                position >> POSITION_OFFSET_BITS != u64::from(partition) || position_offset(position) >= start
+                position >> POSITION_OFFSET_BITS != u64::from(partition) || position_offset(position) >= offset
             });
         }
         let mut index = self.lock();
         index.ids.shrink_sparse(0, |&(h, _)| h);
-        tracing::info!(store_partition = partition, start, dropped, ids = index.ids.len(), "mailbox index follows the store's retention");
-        dropped
+        index.ids.len()
+    }
+
+    /// Forgets the ids that left store partition `partition`'s id window, when enough have.
+    fn forget_old_ids(&self, partition: u32) {
+        let due = self.lock().ids_due(partition);
+        if let Some(offset) = due {
+            let ids = self.forget_ids(partition, offset);
+            tracing::debug!(store_partition = partition, below = offset, ids, "mailbox ids older than the id window forgotten");
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -679,17 +761,22 @@ impl MailboxLog {
         }
         if !fresh.is_empty() {
             let stored = self.inner.append(STORE_TOPIC, fresh).await.inspect_err(|_| lane.unsure.store(true, Ordering::Release))?;
-            let mut index = self.lock();
-            for ((i, topic, seq, h, ts), a) in placed.into_iter().zip(stored) {
-                let mb = index.mailboxes.entry(topic).or_insert_with(Mailbox::new);
-                debug_assert_eq!(seq, mb.next_seq());
-                mb.entries.push((a.offset, ts));
-                mb.end.send_replace(mb.next_seq());
-                index.remember(h, store_position(a.partition, a.offset));
-                let end = &mut index.store_ends[partition as usize];
-                *end = (*end).max(a.offset + 1);
-                results[i] = Some(Appended { partition: 0, offset: seq, duplicate: false });
+            {
+                let mut index = self.lock();
+                for ((i, topic, seq, h, ts), a) in placed.into_iter().zip(stored) {
+                    if a.duplicate {
+                        // Cannot happen while the id window covers the log's dedup window.
+                        tracing::error!(mailbox = %topic, seq, store_offset = a.offset, "the mailbox store held a record the index did not know");
+                    }
+                    let mb = index.mailboxes.entry(topic).or_insert_with(Mailbox::new);
+                    debug_assert_eq!(seq, mb.next_seq());
+                    mb.entries.push((a.offset, ts));
+                    mb.end.send_replace(mb.next_seq());
+                    index.indexed(partition, a.offset, h);
+                    results[i] = Some(Appended { partition: 0, offset: seq, duplicate: false });
+                }
             }
+            self.forget_old_ids(partition);
         }
         Ok(results.into_iter().map(|r| r.expect("every record placed")).collect())
     }
@@ -1013,7 +1100,6 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::config::LogSettings;
     use crate::log::embedded::EmbeddedLog;
     use crate::routing::directory::numbered_courts;
 
@@ -1029,9 +1115,16 @@ mod tests {
 
     /// Mailboxes over an embedded log of 64 KiB segments, retention applied every `check_ms`.
     async fn open_with(dir: &Path, participants: usize, settings: &RoutingSettings, check_ms: u64) -> Arc<MailboxLog> {
-        let log_settings = LogSettings { segment_bytes: 64 * 1024, index_interval_bytes: 512, ..LogSettings::default() };
-        let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir, log_settings).await.expect("open"));
-        Arc::new(MailboxLog::open(inner, numbered_courts(participants), settings, check_ms).await.expect("mailboxes"))
+        open_on(dir, participants, settings, LogSettings { retention_check_ms: check_ms, ..small_segments() }).await
+    }
+
+    fn small_segments() -> LogSettings {
+        LogSettings { segment_bytes: 64 * 1024, index_interval_bytes: 512, ..LogSettings::default() }
+    }
+
+    async fn open_on(dir: &Path, participants: usize, settings: &RoutingSettings, log_settings: LogSettings) -> Arc<MailboxLog> {
+        let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir, log_settings.clone()).await.expect("open"));
+        Arc::new(MailboxLog::open(inner, numbered_courts(participants), settings, &log_settings).await.expect("mailboxes"))
     }
 
     fn record(id: &str, case: &str) -> NewRecord {
@@ -1063,7 +1156,7 @@ mod tests {
         let settings = RoutingSettings { mailbox_partitions: 1, ..RoutingSettings::default() };
         let embedded: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir.path(), LogSettings::default()).await.expect("open"));
         let faulty = Arc::new(crate::log::fault::StoredButFailed::new(embedded, STORE_TOPIC));
-        let log = MailboxLog::open(faulty.clone(), numbered_courts(2), &settings, 60_000).await.expect("mailboxes");
+        let log = MailboxLog::open(faulty.clone(), numbered_courts(2), &settings, &LogSettings::default()).await.expect("mailboxes");
         let a = "mailbox.DE.Justiz.p0.1";
         let mut end = log.watch_end(a, 0).expect("watch");
         log.append(a, vec![record("d1", "case-1")]).await.expect("append");
@@ -1086,6 +1179,39 @@ mod tests {
         // The index rebuilt from the store agrees (a store with a number twice would not open).
         let log = open_with(dir.path(), 2, &settings, 60_000).await;
         assert_eq!(ids(log.read(a, 0, 0, 10, 1 << 20).await.expect("read after restart")), expected);
+    }
+
+    #[tokio::test]
+    async fn the_id_table_keeps_the_log_s_dedup_window_and_forgets_older_ids() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = RoutingSettings { mailbox_partitions: 1, ..RoutingSettings::default() };
+        let log_settings = LogSettings { dedup_max_ids: 10_000, ..small_segments() };
+        let (a, b) = ("mailbox.DE.Justiz.p0.1", "mailbox.DE.Justiz.p1.1");
+        let mailbox = |i: u32| if i.is_multiple_of(2) { a } else { b };
+        let log = open_on(dir.path(), 2, &settings, log_settings.clone()).await;
+        for batch in 0..30u32 {
+            let records = (batch * 1000..(batch + 1) * 1000).map(|i| (mailbox(i).to_string(), record(&format!("e{i}"), "case"))).collect();
+            log.append_many(records).await.expect("append");
+        }
+        // The last 10,000 records' ids at least, and not many more.
+        let kept = log.lock().ids.len();
+        assert!((10_000..=14_000).contains(&kept), "{kept} ids kept");
+        let retries: Vec<(String, NewRecord)> =
+            (20_000..30_000).map(|i| (mailbox(i).to_string(), record(&format!("e{i}"), "case"))).collect();
+        let again = log.append_many(retries.clone()).await.expect("retry");
+        assert!(again.iter().all(|r| r.duplicate), "a retry within the window is stored once");
+        assert_eq!(again.last().map(|r| r.offset), Some(14_999), "with its number in its mailbox");
+        // An id older than the window (and the log's): at least once, stored again, numbered on.
+        let old = log.append(a, vec![record("e0", "case")]).await.expect("append");
+        assert_eq!((old[0].offset, old[0].duplicate), (15_000, false));
+        log.close().await.expect("close");
+        drop(log);
+        // The rebuild keeps the same window while it reads the store.
+        let log = open_on(dir.path(), 2, &settings, log_settings).await;
+        let kept = log.lock().ids.len();
+        assert!((10_000..=14_000).contains(&kept), "{kept} ids kept after the rebuild");
+        assert!(log.append_many(retries).await.expect("retry").iter().all(|r| r.duplicate));
+        assert_eq!(log.offsets(a, 0).await.expect("offsets"), PartitionOffsets { start: 0, end: 15_001 });
     }
 
     #[tokio::test]
@@ -1236,7 +1362,7 @@ mod tests {
         // The log deletes segments the index still points at, as a Kafka broker does on its own
         // schedule: a read follows the store's new start instead of failing.
         assert!(log.inner.apply_retention().await.expect("retention") > 0);
-        assert_eq!(log.lock().store_starts[0], 0, "the index has not followed yet");
+        assert_eq!(log.lock().store[0].start, 0, "the index has not followed yet");
         let read = log.read(c, 0, 0, 1000, 1 << 30).await.expect("read after a deletion behind the index");
         let c_start = log.offsets(c, 0).await.expect("offsets").start;
         assert!(c_start > 0 && c_start < 200, "c's start {c_start} moved to its first kept record");

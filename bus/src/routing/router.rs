@@ -613,7 +613,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir.path(), LogSettings::default()).await.expect("open"));
         let directory = numbered_courts(2);
-        let mailboxes = Arc::new(MailboxLog::open(inner, directory.clone(), &RoutingSettings::default(), 60_000).await.expect("mailboxes"));
+        let mailboxes = Arc::new(
+            MailboxLog::open(inner, directory.clone(), &RoutingSettings::default(), &Default::default()).await.expect("mailboxes"),
+        );
         let settings = RoutingSettings::default();
         let ingest = TopicConfig { partitions: 1, retention_ms, retention_bytes: 0 };
         mailboxes.create_topic(&settings.ingest_topic, ingest).await.expect("ingest topic");
