@@ -49,7 +49,17 @@ fn random_pause() -> Duration {
 /// Drops every valid sample (files and EGVP folders) into an inbound adapter, runs outbound
 /// adapters for every participant of the example directory, kills the bus `kills` times with
 /// `kill -9` meanwhile, and checks what each inbox holds.
-async fn route_samples(kills: usize) {
+/// How the bus goes down while it routes.
+#[derive(Clone, Copy, PartialEq)]
+enum Outage {
+    /// SIGTERM: it writes its mailbox index file, which the next start reads.
+    Stop,
+    /// No chance to write anything: the next start reads the file of an earlier clean stop (if
+    /// any) and the store records after it.
+    Kill9,
+}
+
+async fn route_samples(outages: &[Outage]) {
     let directory = Directory::load(&example_directory()).expect("example directory");
     let mut server = TestServer::start(&["--directory", &example_directory().display().to_string()]);
     let work = tempfile::tempdir().expect("tempdir");
@@ -88,10 +98,16 @@ async fn route_samples(kills: usize) {
         "50",
         "--once",
     ]));
-    for _ in 0..kills {
+    for outage in outages {
         std::thread::sleep(random_pause());
-        server.process.kill9();
-        server.process.restart().expect("restart after kill -9");
+        match outage {
+            Outage::Stop => server.process.stop().expect("stop"),
+            Outage::Kill9 => server.process.kill9(),
+        }
+        server.process.restart().expect("restart");
+    }
+    if outages.contains(&Outage::Stop) {
+        assert!(server.process.log().contains("from_file=true"), "a start after the clean stop read the index file");
     }
     assert!(wait_exit(&mut inbound, Duration::from_secs(120)).success());
 
@@ -216,12 +232,13 @@ impl Drop for Killed {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn samples_reach_exactly_their_recipients_and_senders_get_receipts() {
-    route_samples(0).await;
+    route_samples(&[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_bus_while_routing_loses_no_delivery_and_no_receipt() {
-    route_samples(3).await;
+    // A clean stop first: the restarts after the kills start from its index file.
+    route_samples(&[Outage::Stop, Outage::Kill9, Outage::Kill9, Outage::Kill9]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,7 +23,7 @@ use crate::grpc::{
     Bus,
 };
 use crate::routing::directory::DirectoryHandle;
-use crate::routing::mailbox::MailboxLog;
+use crate::routing::mailbox::{MailboxLog, MAILBOX_INDEX_FILE};
 use crate::routing::router::Router;
 use crate::security::auth::Gate;
 use crate::{log, Error, Result};
@@ -82,7 +82,16 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: impl Fut
     };
     let routing = match &directory {
         Some(directory) if config.routing.mailboxes => {
-            let mailboxes = Arc::new(MailboxLog::open(log.clone(), directory.clone(), &config.routing, &config.log_settings).await?);
+            let mailboxes = Arc::new(
+                MailboxLog::open(
+                    log.clone(),
+                    directory.clone(),
+                    &config.routing,
+                    &config.log_settings,
+                    Some(config.data_dir.join(MAILBOX_INDEX_FILE)),
+                )
+                .await?,
+            );
             log = mailboxes.clone();
             Some((directory.clone(), mailboxes))
         }

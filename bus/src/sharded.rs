@@ -47,6 +47,11 @@ impl<T> ShardedTable<T> {
         &mut self.shards[shard_of(hash)]
     }
 
+    /// Shard number `i` (below [`SHARDS`]), to read a shard at a time.
+    pub fn shard_at(&self, i: usize) -> &HashTable<T> {
+        &self.shards[i]
+    }
+
     /// Shard number `i` (below [`SHARDS`]), for work done a shard at a time.
     pub fn shard_at_mut(&mut self, i: usize) -> &mut HashTable<T> {
         &mut self.shards[i]

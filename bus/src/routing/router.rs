@@ -614,7 +614,7 @@ mod tests {
         let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir.path(), LogSettings::default()).await.expect("open"));
         let directory = numbered_courts(2);
         let mailboxes = Arc::new(
-            MailboxLog::open(inner, directory.clone(), &RoutingSettings::default(), &Default::default()).await.expect("mailboxes"),
+            MailboxLog::open(inner, directory.clone(), &RoutingSettings::default(), &Default::default(), None).await.expect("mailboxes"),
         );
         let settings = RoutingSettings::default();
         let ingest = TopicConfig { partitions: 1, retention_ms, retention_bytes: 0 };

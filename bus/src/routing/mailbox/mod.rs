@@ -33,8 +33,11 @@
 //! retention left), which makes router retries after a crash idempotent; a mailbox's sequence
 //! numbers never go back, also across retention and restarts.
 
+mod snapshot;
+
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 
@@ -56,6 +59,9 @@ use crate::{Error, Result};
 
 /// The physical topic that holds every mailbox.
 pub const STORE_TOPIC: &str = "justizbus.mailboxes";
+/// The file in the data directory that holds the mailbox index between a clean shutdown and the
+/// next start.
+pub const MAILBOX_INDEX_FILE: &str = "mailbox-index";
 
 /// The reserved group under which the cursor store keeps a mailbox's end mark: a sequence
 /// number its next record gets at least, written before retention may delete its last record.
@@ -170,8 +176,11 @@ struct Index {
     /// partition's id window: what a retry finds stored. Sharded: it takes every delivery
     /// and receipt, under the lock every append takes.
     ids: ShardedTable<(u64, u64)>,
-    /// Hashes the ids (seeded per process: the index is rebuilt at every start).
-    hasher: foldhash::fast::RandomState,
+    /// Seeds `hasher`: chosen at random when the index is built from the store, and kept in
+    /// the index file (ids from clients must not be able to aim at one hash bucket).
+    seed: u64,
+    /// Hashes the ids.
+    hasher: foldhash::fast::FixedState,
     /// What the index holds of each store partition.
     store: Vec<StorePartition>,
     /// Records per store partition whose ids are kept, at least (see [`id_window`]).
@@ -181,6 +190,11 @@ struct Index {
 }
 
 impl Index {
+    /// An empty index whose ids are hashed with `seed`, keeping `id_window` records' ids.
+    fn seeded(seed: u64, id_window: u64) -> Self {
+        Index { seed, hasher: foldhash::fast::FixedState::with_seed(seed), id_window, ..Index::default() }
+    }
+
     fn id_hash(&self, mailbox: &str, id: &str) -> u64 {
         self.hasher.hash_one((mailbox, id))
     }
@@ -280,6 +294,19 @@ pub struct MailboxLog {
     /// sequence numbers are assigned in one lane; lanes write independently, so a receipt
     /// waits only for the writes of its own partition.
     lanes: Vec<Lane>,
+    /// Where the index is written at a clean shutdown and read at start (see [`snapshot`]).
+    index_file: Option<PathBuf>,
+    /// How the index was built at start.
+    built: std::sync::OnceLock<IndexBuilt>,
+}
+
+/// How the index was built at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IndexBuilt {
+    /// From the index file (and the store records after it).
+    from_file: bool,
+    /// Store records read.
+    store_records_read: usize,
 }
 
 /// The writes of one store partition.
@@ -448,13 +475,15 @@ fn copy_fields(encoded: &[u8], out: &mut Vec<u8>, keep: impl Fn(u32) -> bool) ->
 impl MailboxLog {
     /// Wraps `inner`, creating the store topic with `settings.mailbox_partitions` partitions if
     /// needed (existing stores keep theirs), giving it `settings.mailbox_retention_ms`, and
-    /// rebuilding the index from it. The bus applies retention every
+    /// building the index: from `index_file` (written at the last clean shutdown) and the store
+    /// records after it, or else from the whole store. The bus applies retention every
     /// `log_settings.retention_check_ms`.
     pub async fn open(
         inner: Arc<dyn Log>,
         directory: DirectoryHandle,
         settings: &RoutingSettings,
         log_settings: &LogSettings,
+        index_file: Option<PathBuf>,
     ) -> Result<Self> {
         let (partitions, retention_ms) = (settings.mailbox_partitions, settings.mailbox_retention_ms);
         let config = match inner.describe_topic(STORE_TOPIC).await {
@@ -470,8 +499,20 @@ impl MailboxLog {
             .collect();
         let ingest_topic = settings.ingest_topic.clone();
         let end_mark_ahead_ms = end_mark_ahead_ms(log_settings.retention_check_ms);
-        let index = SyncMutex::new(Index { id_window: id_window(log_settings), ..Index::default() });
-        let log = MailboxLog { inner, directory, partitions, index, retention_ms, end_mark_ahead_ms, ingest_topic, lanes };
+        let seed = std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now());
+        let index = SyncMutex::new(Index::seeded(seed, id_window(log_settings)));
+        let log = MailboxLog {
+            inner,
+            directory,
+            partitions,
+            index,
+            retention_ms,
+            end_mark_ahead_ms,
+            ingest_topic,
+            lanes,
+            index_file,
+            built: Default::default(),
+        };
         log.rebuild().await?;
         if (config.retention_ms, config.retention_bytes) != (retention_ms, 0) {
             // Marks first: once set, the log may delete at once (a Kafka broker does).
@@ -487,11 +528,20 @@ impl MailboxLog {
     }
 
     async fn rebuild(&self) -> Result<()> {
+        let started = std::time::Instant::now();
         let mut records = 0;
-        self.lock().store = (0..self.partitions).map(|_| StorePartition::default()).collect();
+        let loaded = self.load_index_file().await;
+        let from_file = loaded.is_some();
+        match loaded {
+            Some(index) => *self.lock() = index,
+            None => self.lock().store = (0..self.partitions).map(|_| StorePartition::default()).collect(),
+        }
         for p in 0..self.partitions {
             let start = self.inner.offsets(STORE_TOPIC, p).await?.start;
-            {
+            if from_file {
+                // Retention deleted records since the file was written.
+                self.trim(p, start);
+            } else {
                 let mut index = self.lock();
                 index.store[p as usize].start = start;
                 index.store[p as usize].end = start;
@@ -515,7 +565,67 @@ impl MailboxLog {
         for mb in index.mailboxes.values_mut() {
             mb.end.send_replace(mb.next_seq());
         }
-        tracing::info!(mailboxes = index.mailboxes.len(), records, end_marks = index.end_marks.len(), "mailbox index rebuilt");
+        tracing::info!(
+            mailboxes = index.mailboxes.len(),
+            from_file,
+            store_records_read = records,
+            end_marks = index.end_marks.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "mailbox index rebuilt"
+        );
+        let _ = self.built.set(IndexBuilt { from_file, store_records_read: records });
+        Ok(())
+    }
+
+    /// The index in `index_file`, if there is one and the store still holds what it ends with
+    /// (the same records, none of those after it deleted); None (and why, logged) otherwise.
+    async fn load_index_file(&self) -> Option<Index> {
+        let path = self.index_file.as_ref()?;
+        if !path.exists() {
+            return None;
+        }
+        let id_window = self.lock().id_window;
+        let checked = async {
+            let (index, last_ids) = snapshot::read(path, self.partitions, id_window)?;
+            for (p, (store, last_id)) in (0..self.partitions).zip(index.store.iter().zip(&last_ids)) {
+                let offsets = self.inner.offsets(STORE_TOPIC, p).await?;
+                if store.end > offsets.end {
+                    return Err(Error::State(format!("store partition {p} ends at {}, before the file's {}", offsets.end, store.end)));
+                }
+                if store.end == 0 {
+                    continue;
+                }
+                let last = store.end - 1;
+                let stored = if last >= offsets.start { self.inner.read(STORE_TOPIC, p, last, 1, 1 << 20).await? } else { Vec::new() };
+                if stored.first().is_none_or(|r| r.offset != last || &r.id != last_id) {
+                    return Err(Error::State(format!("store partition {p} no longer holds record {last} as the file knew it")));
+                }
+            }
+            Ok(index)
+        };
+        match checked.await {
+            Ok(index) => Some(index),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "mailbox index file not used: reading the whole store");
+                None
+            }
+        }
+    }
+
+    /// Writes the index to `index_file`. Callers hold every lane's writer: nothing is appended
+    /// meanwhile, so the file matches the store up to its ends.
+    async fn write_index_file(&self, path: &std::path::Path) -> Result<()> {
+        let ends: Vec<u64> = self.lock().store.iter().map(|s| s.end).collect();
+        let mut last_ids = Vec::with_capacity(ends.len());
+        for (p, &end) in (0..self.partitions).zip(&ends) {
+            let last = match end {
+                0 => None,
+                end => self.inner.read(STORE_TOPIC, p, end - 1, 1, 1 << 20).await?.into_iter().next().filter(|r| r.offset == end - 1),
+            };
+            last_ids.push(last.map(|r| r.id).unwrap_or_default());
+        }
+        let bytes = snapshot::write(path, &self.lock(), &last_ids)?;
+        tracing::info!(path = %path.display(), bytes, "mailbox index written");
         Ok(())
     }
 
@@ -1088,6 +1198,12 @@ impl Log for MailboxLog {
         for lane in &self.lanes {
             writers.push(lane.writer.lock().await);
         }
+        if let Some(path) = &self.index_file {
+            // Not fatal: the next start reads the store instead.
+            if let Err(e) = self.write_index_file(path).await {
+                tracing::error!(path = %path.display(), error = %e, "mailbox index not written");
+            }
+        }
         self.inner.close().await
     }
 }
@@ -1124,7 +1240,16 @@ mod tests {
 
     async fn open_on(dir: &Path, participants: usize, settings: &RoutingSettings, log_settings: LogSettings) -> Arc<MailboxLog> {
         let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir, log_settings.clone()).await.expect("open"));
-        Arc::new(MailboxLog::open(inner, numbered_courts(participants), settings, &log_settings).await.expect("mailboxes"))
+        Arc::new(MailboxLog::open(inner, numbered_courts(participants), settings, &log_settings, None).await.expect("mailboxes"))
+    }
+
+    /// Mailboxes (one store partition) that keep their index in `dir`/mailbox-index between a
+    /// clean shutdown and the next start.
+    async fn open_indexed(dir: &Path) -> Arc<MailboxLog> {
+        let settings = RoutingSettings { mailbox_partitions: 1, ..RoutingSettings::default() };
+        let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir, small_segments()).await.expect("open"));
+        let file = Some(dir.join(MAILBOX_INDEX_FILE));
+        Arc::new(MailboxLog::open(inner, numbered_courts(3), &settings, &small_segments(), file).await.expect("mailboxes"))
     }
 
     fn record(id: &str, case: &str) -> NewRecord {
@@ -1156,7 +1281,7 @@ mod tests {
         let settings = RoutingSettings { mailbox_partitions: 1, ..RoutingSettings::default() };
         let embedded: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir.path(), LogSettings::default()).await.expect("open"));
         let faulty = Arc::new(crate::log::fault::StoredButFailed::new(embedded, STORE_TOPIC));
-        let log = MailboxLog::open(faulty.clone(), numbered_courts(2), &settings, &LogSettings::default()).await.expect("mailboxes");
+        let log = MailboxLog::open(faulty.clone(), numbered_courts(2), &settings, &LogSettings::default(), None).await.expect("mailboxes");
         let a = "mailbox.DE.Justiz.p0.1";
         let mut end = log.watch_end(a, 0).expect("watch");
         log.append(a, vec![record("d1", "case-1")]).await.expect("append");
@@ -1212,6 +1337,78 @@ mod tests {
         assert!((10_000..=14_000).contains(&kept), "{kept} ids kept after the rebuild");
         assert!(log.append_many(retries).await.expect("retry").iter().all(|r| r.duplicate));
         assert_eq!(log.offsets(a, 0).await.expect("offsets"), PartitionOffsets { start: 0, end: 15_001 });
+    }
+
+    /// Appends records `ids` to mailboxes a and b alternately.
+    async fn append_alternately(log: &MailboxLog, ids: std::ops::Range<u32>) {
+        let (a, b) = ("mailbox.DE.Justiz.p0.1", "mailbox.DE.Justiz.p1.1");
+        let records = ids.map(|i| ((if i.is_multiple_of(2) { a } else { b }).to_string(), record(&format!("e{i}"), "case"))).collect();
+        log.append_many(records).await.expect("append");
+    }
+
+    /// (end, ids in order) of mailboxes a and b; and whether retrying `e{retry}` stores nothing.
+    async fn contents(log: &MailboxLog, retry: u32) -> (Vec<(u64, Vec<String>)>, bool) {
+        let mut out = Vec::new();
+        for mailbox in ["mailbox.DE.Justiz.p0.1", "mailbox.DE.Justiz.p1.1"] {
+            let records = log.read(mailbox, 0, 0, 10_000, 1 << 24).await.expect("read");
+            out.push((log.offsets(mailbox, 0).await.expect("offsets").end, records.into_iter().map(|r| r.id).collect()));
+        }
+        let mailbox = if retry.is_multiple_of(2) { "mailbox.DE.Justiz.p0.1" } else { "mailbox.DE.Justiz.p1.1" };
+        let again = log.append(mailbox, vec![record(&format!("e{retry}"), "case")]).await.expect("retry");
+        (out, again[0].duplicate)
+    }
+
+    #[tokio::test]
+    async fn a_clean_shutdown_keeps_the_index_and_the_next_start_reads_only_the_records_after_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open_indexed(dir.path()).await;
+        append_alternately(&log, 0..300).await;
+        let before = contents(&log, 7).await;
+        assert!(before.1, "a retry is a duplicate");
+        log.close().await.expect("close");
+        drop(log);
+        assert!(dir.path().join(MAILBOX_INDEX_FILE).exists(), "written at the clean shutdown");
+
+        let log = open_indexed(dir.path()).await;
+        assert_eq!(log.built.get(), Some(&IndexBuilt { from_file: true, store_records_read: 0 }));
+        assert_eq!(contents(&log, 7).await, before, "the same index, the same duplicates");
+        // More records, then a crash: no new file, the old one and the records after it.
+        append_alternately(&log, 300..340).await;
+        let after = contents(&log, 320).await;
+        drop(log);
+        let log = open_indexed(dir.path()).await;
+        assert_eq!(log.built.get(), Some(&IndexBuilt { from_file: true, store_records_read: 40 }));
+        assert_eq!(contents(&log, 320).await, after);
+        assert!(contents(&log, 3).await.1, "ids from the file are known too");
+        log.close().await.expect("close");
+        drop(log);
+
+        // A damaged file, or one of another store, is not used: the whole store is read.
+        let file = dir.path().join(MAILBOX_INDEX_FILE);
+        let mut damaged = std::fs::read(&file).expect("file");
+        let middle = damaged.len() / 2;
+        damaged[middle] ^= 1;
+        std::fs::write(&file, &damaged).expect("damage");
+        let log = open_indexed(dir.path()).await;
+        assert_eq!(log.built.get(), Some(&IndexBuilt { from_file: false, store_records_read: 340 }));
+        assert_eq!(contents(&log, 320).await, after);
+        log.close().await.expect("close");
+        drop(log);
+        let whole = std::fs::read(&file).expect("file");
+        std::fs::write(&file, &whole[..whole.len() - 100]).expect("truncate");
+        let log = open_indexed(dir.path()).await;
+        assert_eq!(log.built.get(), Some(&IndexBuilt { from_file: false, store_records_read: 340 }));
+        log.close().await.expect("close");
+        drop(log);
+        assert_eq!(std::fs::read(&file).expect("file").len(), whole.len(), "written whole again");
+        let other = tempfile::tempdir().expect("tempdir");
+        let log = open_indexed(other.path()).await;
+        append_alternately(&log, 1000..1340).await;
+        log.close().await.expect("close");
+        drop(log);
+        std::fs::copy(&file, other.path().join(MAILBOX_INDEX_FILE)).expect("copy");
+        let log = open_indexed(other.path()).await;
+        assert_eq!(log.built.get(), Some(&IndexBuilt { from_file: false, store_records_read: 340 }));
     }
 
     #[tokio::test]
