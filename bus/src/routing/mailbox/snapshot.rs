@@ -158,16 +158,15 @@ pub(super) fn read(path: &Path, partitions: u32, id_window: u64) -> Result<(Inde
     for _ in 0..r.u64()? {
         let name = r.text()?;
         let mut mb = Mailbox::starting_at(r.u64()?);
-        for _ in 0..r.u64()? {
-            mb.entries.push((r.u64()?, r.u64()? as i64));
-        }
+        let count = r.u64()?;
+        r.pairs(count, |offset, timestamp_ms| mb.entries.push((offset, timestamp_ms as i64)))?;
         mb.end.send_replace(mb.next_seq());
         index.mailboxes.insert(name, mb);
     }
-    for _ in 0..r.u64()? {
-        let (h, position) = (r.u64()?, r.u64()?);
+    let count = r.u64()?;
+    r.pairs(count, |h, position| {
         index.ids.shard_mut(h).insert_unique(h, (h, position), |&(h, _)| h);
-    }
+    })?;
     let computed = r.crc;
     if r.u32()? != computed {
         return Err(unusable("checksum"));
@@ -215,6 +214,25 @@ impl Reader {
         let mut b = [0; 8];
         self.fill(&mut b)?;
         Ok(u64::from_le_bytes(b))
+    }
+
+    /// Reads `count` pairs of u64, a block at a time (a count from a damaged file must not
+    /// allocate before the checksum fails).
+    fn pairs(&mut self, count: u64, mut each: impl FnMut(u64, u64)) -> Result<()> {
+        const BLOCK: u64 = 64 * 1024;
+        let mut block = Vec::new();
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(BLOCK);
+            block.resize(n as usize * 16, 0);
+            self.fill(&mut block)?;
+            for pair in block.chunks_exact(16) {
+                let (a, b) = pair.split_at(8);
+                each(u64::from_le_bytes(a.try_into().expect("8 bytes")), u64::from_le_bytes(b.try_into().expect("8 bytes")));
+            }
+            left -= n;
+        }
+        Ok(())
     }
 
     fn text(&mut self) -> Result<String> {
