@@ -15,7 +15,8 @@
 //!   the payload is stored once, however many mailboxes it goes to, and a read puts the
 //!   delivery together from the ingest record ([`Content::Reference`]).
 //! - An in-memory index maps each mailbox's sequence numbers to store offsets; it is rebuilt at
-//!   start from the store records (which carry their sequence numbers, so it comes out the same).
+//!   start from the store records (which carry their sequence numbers, so it comes out the same),
+//!   or read from the file a clean shutdown wrote plus the store records after it ([`snapshot`]).
 //!   Reads of a mailbox follow its index: cost proportional to that mailbox's traffic.
 //! - A mailbox looks like a one-partition topic whose offsets are its sequence numbers, so
 //!   `Subscribe`, `Replay`, cursors, dead letters and quarantine work on it unchanged. Its dead
@@ -27,11 +28,13 @@
 //!   log may delete a mailbox's last record, its next sequence number is kept in the log's
 //!   cursor store (group [`END_MARK_GROUP`]), and the rebuild starts such a mailbox there.
 //!
-//! Invariants: appends to the store go through one lock (sequence numbers are assigned and made
-//! durable in order, so a mailbox's visible end only grows over durable records); an id already
-//! stored in a mailbox is answered as a duplicate without appending (the index knows every id
-//! retention left), which makes router retries after a crash idempotent; a mailbox's sequence
-//! numbers never go back, also across retention and restarts.
+//! Invariants: appends to the store go through one lock per store partition (sequence numbers
+//! are assigned and made durable in order, so a mailbox's visible end only grows over durable
+//! records; after a failed append the index first takes in whatever of it the store holds); an
+//! id stored in a mailbox within the id window (at least the log's own dedup window of the
+//! store) is answered as a duplicate without appending, which makes router retries after a
+//! crash idempotent; a mailbox's sequence numbers never go back, also across retention and
+//! restarts.
 
 mod snapshot;
 
