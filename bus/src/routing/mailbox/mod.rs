@@ -642,13 +642,14 @@ impl MailboxLog {
             let batch = self.inner.read(STORE_TOPIC, partition, from, 4096, 16 * 1024 * 1024).await?;
             let Some(last) = batch.last() else { break };
             from = last.offset + 1;
-            {
+            let due = {
                 let mut index = self.lock();
                 for r in &batch {
                     index.index_stored(partition, r)?;
                 }
-            }
-            self.forget_old_ids(partition);
+                index.ids_due(partition)
+            };
+            self.forget_old_ids(partition, due);
             records += batch.len();
         }
         Ok(records)
@@ -735,9 +736,9 @@ impl MailboxLog {
         index.ids.len()
     }
 
-    /// Forgets the ids that left store partition `partition`'s id window, when enough have.
-    fn forget_old_ids(&self, partition: u32) {
-        let due = self.lock().ids_due(partition);
+    /// Forgets the ids of store partition `partition` that left its id window, when
+    /// [`Index::ids_due`] said enough have (`due`).
+    fn forget_old_ids(&self, partition: u32, due: Option<u64>) {
         if let Some(offset) = due {
             let ids = self.forget_ids(partition, offset);
             tracing::debug!(store_partition = partition, below = offset, ids, "mailbox ids older than the id window forgotten");
@@ -874,7 +875,7 @@ impl MailboxLog {
         }
         if !fresh.is_empty() {
             let stored = self.inner.append(STORE_TOPIC, fresh).await.inspect_err(|_| lane.unsure.store(true, Ordering::Release))?;
-            {
+            let due = {
                 let mut index = self.lock();
                 for ((i, topic, seq, h, ts), a) in placed.into_iter().zip(stored) {
                     if a.duplicate {
@@ -888,8 +889,9 @@ impl MailboxLog {
                     index.indexed(partition, a.offset, h);
                     results[i] = Some(Appended { partition: 0, offset: seq, duplicate: false });
                 }
-            }
-            self.forget_old_ids(partition);
+                index.ids_due(partition)
+            };
+            self.forget_old_ids(partition, due);
         }
         Ok(results.into_iter().map(|r| r.expect("every record placed")).collect())
     }
