@@ -1251,10 +1251,14 @@ mod tests {
     /// Mailboxes (one store partition) that keep their index in `dir`/mailbox-index between a
     /// clean shutdown and the next start.
     async fn open_indexed(dir: &Path) -> Arc<MailboxLog> {
+        open_indexed_with(dir, small_segments()).await
+    }
+
+    async fn open_indexed_with(dir: &Path, log_settings: LogSettings) -> Arc<MailboxLog> {
         let settings = RoutingSettings { mailbox_partitions: 1, ..RoutingSettings::default() };
-        let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir, small_segments()).await.expect("open"));
+        let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir, log_settings.clone()).await.expect("open"));
         let file = Some(dir.join(MAILBOX_INDEX_FILE));
-        Arc::new(MailboxLog::open(inner, numbered_courts(3), &settings, &small_segments(), file).await.expect("mailboxes"))
+        Arc::new(MailboxLog::open(inner, numbered_courts(3), &settings, &log_settings, file).await.expect("mailboxes"))
     }
 
     fn record(id: &str, case: &str) -> NewRecord {
@@ -1406,6 +1410,12 @@ mod tests {
         log.close().await.expect("close");
         drop(log);
         assert_eq!(std::fs::read(&file).expect("file").len(), whole.len(), "written whole again");
+        // A file of a smaller id window forgot ids the log (configured with a larger one now)
+        // may still deduplicate: not used.
+        let log = open_indexed_with(dir.path(), LogSettings { dedup_max_ids: 2_000_000, ..small_segments() }).await;
+        assert_eq!(log.built.get(), Some(&IndexBuilt { from_file: false, store_records_read: 340 }));
+        log.close().await.expect("close");
+        drop(log);
         let other = tempfile::tempdir().expect("tempdir");
         let log = open_indexed(other.path()).await;
         append_alternately(&log, 1000..1340).await;

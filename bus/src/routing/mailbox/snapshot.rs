@@ -42,13 +42,12 @@ pub(super) fn write(path: &Path, index: &Index, last_ids: &[String]) -> Result<u
     }
     let file = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
     let mut w = Staged { file: std::io::BufWriter::new(file), buf: Vec::with_capacity(STAGE_BYTES), crc: 0, written: 0 };
-    let b = &mut w.buf;
-    b.put_slice(MAGIC);
-    b.put_u32_le(VERSION);
-    b.put_u64_le(index.seed);
-    b.put_u64_le(hasher_check(index));
-    b.put_u64_le(index.id_window);
-    b.put_u32_le(index.store.len() as u32);
+    w.buf.put_slice(MAGIC);
+    w.buf.put_u32_le(VERSION);
+    w.buf.put_u64_le(index.seed);
+    w.buf.put_u64_le(hasher_check(index));
+    w.buf.put_u64_le(index.id_window);
+    w.buf.put_u32_le(index.store.len() as u32);
     for (store, last_id) in index.store.iter().zip(last_ids) {
         for v in [store.start, store.end, store.records, store.ids_forgotten] {
             w.buf.put_u64_le(v);
